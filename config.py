@@ -1,0 +1,173 @@
+"""Run configuration: one frozen ``Config`` dataclass and the argparse parser built from it.
+
+Precedence, lowest to highest: dataclass defaults < ``--config FILE.yaml`` < command line.
+The seed project's flag names (``--arch --lr_base --batch_size --epochs --drop_rate
+--attn_drop_rate --drop_path_rate``) and defaults are kept exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from utils import UserError
+
+AUG_SCHEDULES = ("cosine", "linear", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def _default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def _opt(help_text: str, **extra: Any) -> Any:
+    """A dataclass field whose metadata carries its --help text (and argparse extras)."""
+    default = extra.pop("default")
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help_text, **extra})
+    return field(default=default, metadata={"help": help_text, **extra})
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- the seed's flags (names and defaults unchanged) ---
+    arch: str = _opt("model name from the arch/ registry (see README)", default="swin_tiny")
+    lr_base: float = _opt("peak learning rate of AdamW", default=2e-5)
+    batch_size: int = _opt("images per optimizer step", default=128)
+    epochs: int = _opt("number of training epochs", default=100)
+    drop_rate: float = _opt("dropout before the classifier", default=0.2)
+    attn_drop_rate: float = _opt("attention dropout (transformers only)", default=0.1)
+    drop_path_rate: float = _opt("stochastic depth rate", default=0.1)
+    # --- data and outputs ---
+    data_dir: str = _opt("Tiny-ImageNet-200 root folder", default="data/tiny-imagenet-200")
+    output_dir: str = _opt("where timestamped run folders are created", default="checkpoints")
+    img_size: int = _opt("training resolution; 64 is native, 224 resizes", default=64)
+    workers: int = _opt("DataLoader worker processes (0 = load in the main process)", default=_default_workers)
+    # --- optimisation ---
+    weight_decay: float = _opt("AdamW weight decay (not applied to norms and biases)", default=0.05)
+    warmup_epochs: float = _opt("linear learning-rate warm-up before the cosine decay", default=0.0)
+    min_lr: float = _opt("learning rate at the end of the cosine schedule", default=0.0)
+    label_smoothing: float = _opt("label smoothing of the training targets", default=0.1)
+    # --- progressive augmentation (strength s in [0, 1]) ---
+    aug_schedule: str = _opt("how s grows over epochs", default="cosine", choices=AUG_SCHEDULES)
+    aug_strength: float = _opt("s for --aug_schedule constant; the ceiling for the others", default=1.0)
+    mixup_alpha: float = _opt("MixUp Beta(a, a) parameter at s = 1 (0 disables MixUp)", default=0.8)
+    cutmix_alpha: float = _opt("CutMix Beta(a, a) parameter at s = 1 (0 disables CutMix)", default=1.0)
+    mix_prob: float = _opt("probability of mixing a batch at s = 1", default=1.0)
+    # --- runtime ---
+    seed: int = _opt("seed for python, numpy, torch and the data order", default=42)
+    device: str = _opt("where to train", default="auto", choices=DEVICES)
+    amp: bool = _opt("bf16 autocast where the device supports it", default=False)
+    wandb: str = _opt(
+        "wandb mode; auto = online when logged in, otherwise offline", default="auto", choices=WANDB_MODES
+    )
+    wandb_project: str = _opt("wandb project name", default="tiny-imagenet-200")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only, so checkpoints load with ``torch.load(weights_only=True)``."""
+        return dataclasses.asdict(self)
+
+
+def validate(cfg: Config) -> Config:
+    """Reject values that would fail later, naming the flag and the fix."""
+    checks = [
+        (cfg.epochs >= 1, f"--epochs must be >= 1 (got {cfg.epochs})"),
+        (cfg.batch_size >= 1, f"--batch_size must be >= 1 (got {cfg.batch_size})"),
+        (cfg.lr_base > 0, f"--lr_base must be > 0 (got {cfg.lr_base})"),
+        (cfg.img_size >= 16, f"--img_size must be >= 16 pixels (got {cfg.img_size})"),
+        (cfg.workers >= 0, f"--workers must be >= 0 (got {cfg.workers})"),
+        (0 <= cfg.aug_strength <= 1, f"--aug_strength must lie in [0, 1] (got {cfg.aug_strength})"),
+        (0 <= cfg.mix_prob <= 1, f"--mix_prob must lie in [0, 1] (got {cfg.mix_prob})"),
+        (cfg.mixup_alpha >= 0 and cfg.cutmix_alpha >= 0, "--mixup_alpha and --cutmix_alpha must be >= 0"),
+        (0 <= cfg.label_smoothing < 1, f"--label_smoothing must lie in [0, 1) (got {cfg.label_smoothing})"),
+        (0 <= cfg.warmup_epochs < cfg.epochs, f"--warmup_epochs must lie in [0, --epochs) (got {cfg.warmup_epochs})"),
+    ]
+    for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+        value = getattr(cfg, name)
+        checks.append((0 <= value < 1, f"--{name} must lie in [0, 1) (got {value})"))
+    mixing = cfg.mix_prob > 0 and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0)
+    checks.append(
+        (
+            not mixing or cfg.batch_size % 2 == 0,
+            f"CutMix/MixUp pair images within a batch, so --batch_size must be even (got {cfg.batch_size}); "
+            "or pass --mix_prob 0",
+        )
+    )
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train an image classifier on Tiny-ImageNet-200.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file whose keys become the defaults")
+    for f in fields(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs: dict[str, Any] = {"default": default, "help": f.metadata["help"]}
+        if f.type == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = {"int": int, "float": float, "str": str}[f.type]
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def load_yaml_defaults(path: str) -> dict[str, Any]:
+    """Read a YAML preset; unknown keys and wrong types are errors naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist; check the path given to --config")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {p} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p} must be a mapping of option: value, got {type(data).__name__}")
+    known = {f.name: f for f in fields(Config)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise UserError(f"config file {p}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
+    for key, value in data.items():
+        data[key] = _coerce(p, key, value, known[key].type)
+        choices = known[key].metadata.get("choices")
+        if choices is not None and data[key] not in choices:
+            raise UserError(f"config file {p}: {key} must be one of {list(choices)}, got {value!r}")
+    return data
+
+
+def _coerce(path: Path, key: str, value: Any, type_name: str) -> Any:
+    wanted = {"int": int, "float": float, "str": str, "bool": bool}[type_name]
+    if wanted is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if wanted is float and isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, wanted) and not (wanted is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"config file {path}: {key} must be {type_name}, got {value!r}")
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """argv -> validated Config. Bad input raises UserError (argparse errors exit with code 2)."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**load_yaml_defaults(pre.config))
+    args = vars(parser.parse_args(argv))
+    args.pop("config")
+    return validate(Config(**args))

@@ -1,0 +1,172 @@
+"""Train a classifier on Tiny-ImageNet-200: the CLI entry and the epoch loop.
+
+    python main.py --arch resnet18 --batch_size 128 --lr_base 1e-3 --epochs 100
+    python main.py --config configs/demo.yaml --epochs 3
+
+Writes checkpoints/<YYYY-MM-DD_HH-MM-SS>_<arch>/ with config.yaml, log.txt, metrics.csv,
+last.pth.tar, best.pth.tar, best_results.json and best_test_preds.csv (see README).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+
+import arch
+import batch_manager
+import transforms
+from config import Config, parse_config
+from train import train_one_epoch
+from utils import (
+    CsvSink,
+    UserError,
+    WandbSink,
+    amp_dtype,
+    atomic_save,
+    count_params,
+    make_run_dir,
+    resolve_device,
+    seed_everything,
+    setup_logging,
+)
+from val import evaluate, predict, write_predictions
+
+log = logging.getLogger("tin")
+
+METRIC_COLUMNS = [
+    "epoch", "lr", "aug_strength", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
+    "epoch_seconds", "images_per_second",
+]  # fmt: skip
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int) -> CosineLRScheduler:
+    """Cosine decay from lr_base to min_lr over all steps, after an optional linear warm-up."""
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(cfg.epochs * steps_per_epoch - warmup, 1),
+        lr_min=cfg.min_lr,
+        warmup_t=warmup,
+        warmup_lr_init=cfg.lr_base * 1e-3,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Parse argv, train, and return the run folder."""
+    setup_logging()
+    cfg = parse_config(argv)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    loaders = batch_manager.build_loaders(
+        cfg.data_dir, cfg.img_size, cfg.batch_size, cfg.workers, cfg.seed, pin_memory=device.type == "cuda"
+    )
+    classes = loaders.data.classes
+    model = arch.build_model(
+        cfg.arch, len(classes), cfg.img_size, cfg.drop_rate, cfg.attn_drop_rate, cfg.drop_path_rate
+    ).to(device)
+    # The run folder is created only once data and model are known to be good: no empty folders.
+    run_dir = make_run_dir(cfg.output_dir, cfg.arch)
+    setup_logging(run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    sinks = [CsvSink(run_dir / "metrics.csv", METRIC_COLUMNS)]
+    try:
+        if cfg.wandb != "disabled":
+            sinks.append(WandbSink(run_dir, cfg.wandb, cfg.wandb_project, cfg.to_dict()))
+        _fit(cfg, model, loaders, device, run_dir, sinks)
+    finally:
+        for sink in sinks:
+            sink.close()
+    return run_dir
+
+
+def _fit(cfg: Config, model, loaders, device, run_dir: Path, sinks) -> None:
+    classes, params = loaders.data.classes, count_params(model)
+    log.info(
+        "run folder %s | %s, %.2fM params, %d classes | train %d, val %d, test %d images | device %s%s",
+        run_dir, cfg.arch, params / 1e6, len(classes), len(loaders.data.train.paths), len(loaders.data.val.paths),
+        len(loaders.data.test.paths), device, " (bf16 autocast)" if cfg.amp else "",
+    )  # fmt: skip
+    optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr_base, weight_decay=cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg, len(loaders.train))
+    mixer = transforms.build_mixer(cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, mix_prob=cfg.mix_prob,
+                                   label_smoothing=cfg.label_smoothing, num_classes=len(classes))  # fmt: skip
+    normalize = transforms.Normalize().to(device)
+    dtype = amp_dtype(device, cfg.amp)
+    best: dict = {"val_top1": float("-inf")}
+    step, start = 0, time.perf_counter()
+    for epoch in range(cfg.epochs):
+        strength = transforms.strength_at(epoch, cfg.epochs, cfg.aug_schedule, cfg.aug_strength)
+        loaders.set_epoch(epoch, strength)
+        if mixer is not None:
+            mixer.set_strength(strength)
+        scheduler.step_update(num_updates=step)
+        lr = optimizer.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        tr = train_one_epoch(model, loaders.train, optimizer, scheduler, normalize, mixer, len(classes),
+                             cfg.label_smoothing, device, dtype, step, desc=f"epoch {epoch + 1}/{cfg.epochs}")  # fmt: skip
+        step = int(tr.pop("steps"))
+        va = evaluate(model, loaders.val, normalize, device, dtype)
+        row = {"epoch": epoch + 1, "lr": lr, "aug_strength": strength, **tr, **va,
+               "epoch_seconds": time.perf_counter() - t0}  # fmt: skip
+        ckpt = {
+            "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
+            "top1": va["val_top1"], "top5": va["val_top5"], "config": cfg.to_dict(), "classes": classes,
+        }  # fmt: skip
+        atomic_save(ckpt, run_dir / "last.pth.tar")
+        is_best = va["val_top1"] > best["val_top1"]
+        if is_best:
+            atomic_save(ckpt, run_dir / "best.pth.tar")
+            preds = predict(model, loaders.test, normalize, device, dtype)
+            write_predictions(loaders.data.test.paths, preds, classes, run_dir / "best_test_preds.csv")
+            best = {"best_epoch": epoch + 1, **{k: row[k] for k in ("val_top1", "val_top5", "val_loss")}}
+        _write_best_results(run_dir, cfg, params, best, time.perf_counter() - start, epoch + 1)
+        for sink in sinks:
+            sink.log({k: row[k] for k in METRIC_COLUMNS})
+        log.info(
+            "epoch %d/%d  lr %.2e  s %.2f | train loss %.3f top-1 %.2f%% | val loss %.3f top-1 %.2f%% top-5 %.2f%%"
+            " | %.0fs, %.0f img/s%s",
+            epoch + 1, cfg.epochs, lr, strength, tr["train_loss"], tr["train_top1"], va["val_loss"],
+            va["val_top1"], va["val_top5"], row["epoch_seconds"], tr["images_per_second"], "  *best*" if is_best else "",
+        )  # fmt: skip
+    log.info(
+        "done: best val top-1 %.2f%% (top-5 %.2f%%) at epoch %d in %.0fs | submit %s",
+        best["val_top1"], best["val_top5"], best["best_epoch"], time.perf_counter() - start,
+        run_dir / "best_test_preds.csv",
+    )  # fmt: skip
+
+
+def _write_best_results(run_dir: Path, cfg: Config, params: int, best: dict, wall: float, epochs_run: int) -> None:
+    results = {
+        "arch": cfg.arch,
+        "params": params,
+        **best,
+        "epochs_run": epochs_run,
+        "wall_time_seconds": round(wall, 2),
+    }
+    tmp = run_dir / "best_results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(run_dir / "best_results.json")
+
+
+def cli() -> None:
+    try:
+        main()
+    except UserError as exc:
+        # A DataLoader worker re-raises with the worker traceback in the message: keep the last line.
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        sys.exit(f"error: {lines[-1].split('Error: ', 1)[-1] if len(lines) > 1 else exc}")
+
+
+if __name__ == "__main__":
+    cli()

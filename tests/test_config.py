@@ -1,0 +1,90 @@
+"""Config: the seed's flags and defaults, YAML < command line precedence, clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from config import Config, parse_config
+from utils import UserError
+
+
+def test_seed_flags_and_defaults():
+    cfg = parse_config([])
+    assert (cfg.arch, cfg.lr_base, cfg.batch_size, cfg.epochs) == ("swin_tiny", 2e-5, 128, 100)
+    assert (cfg.drop_rate, cfg.attn_drop_rate, cfg.drop_path_rate) == (0.2, 0.1, 0.1)
+    assert (cfg.data_dir, cfg.output_dir, cfg.img_size) == ("data/tiny-imagenet-200", "checkpoints", 64)
+    assert (cfg.weight_decay, cfg.seed, cfg.device, cfg.aug_schedule) == (0.05, 42, "auto", "cosine")
+
+
+def test_seed_command_line_parses():
+    cfg = parse_config("--arch resnet18 --batch_size 128 --lr_base 1e-3 --epochs 100".split())
+    assert (cfg.arch, cfg.batch_size, cfg.lr_base, cfg.epochs) == ("resnet18", 128, 1e-3, 100)
+    assert parse_config(["--amp"]).amp and not parse_config(["--no-amp"]).amp
+
+
+def test_yaml_values_become_defaults_and_command_line_wins(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("arch: resnet34\nlr_base: 1e-3\nepochs: 7\namp: true\n")
+    cfg = parse_config(["--config", str(preset), "--epochs", "3"])
+    assert (cfg.arch, cfg.lr_base, cfg.epochs, cfg.amp) == ("resnet34", 1e-3, 3, True)
+    assert isinstance(cfg.lr_base, float)
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("archh: resnet18\n", "unknown key(s) archh"),
+        ("epochs: many\n", "epochs must be int"),
+        ("aug_schedule: wobbly\n", "aug_schedule must be one of"),
+        ("- just\n- a list\n", "must be a mapping"),
+        ("arch: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_yaml_is_a_one_line_error_naming_the_file(tmp_path, text, fragment):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text(text)
+    with pytest.raises(UserError) as err:
+        parse_config(["--config", str(preset)])
+    assert fragment in str(err.value) and str(preset) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_yaml_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        parse_config(["--config", str(tmp_path / "nope.yaml")])
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--aug_strength", "1.5"], "--aug_strength must lie in [0, 1]"),
+        (["--drop_path_rate", "1"], "--drop_path_rate must lie in [0, 1)"),
+        (["--batch_size", "7"], "--batch_size must be even"),
+        (["--warmup_epochs", "5", "--epochs", "5"], "--warmup_epochs"),
+    ],
+)
+def test_bad_values_name_the_flag(argv, fragment):
+    with pytest.raises(UserError) as err:
+        parse_config(argv)
+    assert fragment in str(err.value)
+
+
+def test_odd_batch_is_fine_without_mixing():
+    assert parse_config(["--batch_size", "7", "--mix_prob", "0"]).batch_size == 7
+
+
+def test_unparseable_value_exits_like_argparse(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_config(["--epochs", "ten"])
+    assert exc.value.code == 2 and "--epochs" in capsys.readouterr().err
+
+
+def test_config_is_frozen_and_plain():
+    cfg = parse_config([])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.arch = "x"  # type: ignore[misc]
+    assert all(isinstance(v, (int, float, str, bool)) for v in cfg.to_dict().values())
+    assert Config(**cfg.to_dict()) == cfg

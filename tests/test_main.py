@@ -1,0 +1,95 @@
+"""End to end: a real main() run writes a complete run folder; same seed, same numbers; it learns."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import main
+from conftest import FAST_RUN, ROOT, WNIDS
+from utils import UserError, make_run_dir
+
+CHECKPOINT_KEYS = {"state_dict", "optimizer", "scheduler", "epoch", "step", "top1", "top5", "config", "classes"}
+
+
+def _rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_run_folder_is_complete(trained_run, tiny_data):
+    assert trained_run.name.endswith("_resnet18") and ":" not in trained_run.name
+    cfg = yaml.safe_load((trained_run / "config.yaml").read_text())
+    assert cfg["arch"] == "resnet18" and cfg["epochs"] == 2 and cfg["data_dir"] == str(tiny_data)
+
+    metrics = _rows(trained_run / "metrics.csv")
+    assert len(metrics) == 2 and [r["epoch"] for r in metrics] == ["1", "2"]
+    assert list(metrics[0]) == main.METRIC_COLUMNS
+    assert all(0 <= float(r["val_top1"]) <= float(r["val_top5"]) <= 100 for r in metrics)
+    assert float(metrics[0]["aug_strength"]) == 0.0 < float(metrics[1]["aug_strength"])
+
+    for name in ("last.pth.tar", "best.pth.tar"):
+        ckpt = torch.load(trained_run / name, map_location="cpu", weights_only=True)
+        assert CHECKPOINT_KEYS <= set(ckpt)
+        assert ckpt["classes"] == sorted(WNIDS) and ckpt["config"]["arch"] == "resnet18"
+    assert torch.load(trained_run / "last.pth.tar", weights_only=True)["epoch"] == 2
+
+    best = json.loads((trained_run / "best_results.json").read_text())
+    assert {"best_epoch", "val_top1", "val_top5", "params", "wall_time_seconds"} <= set(best)
+    assert best["val_top1"] == max(float(r["val_top1"]) for r in metrics)
+
+    preds = _rows(trained_run / "best_test_preds.csv")
+    test_files = sorted(p.name for p in (tiny_data / "test" / "images").iterdir())
+    assert [r["image"] for r in preds] == test_files  # one row per test image, sorted
+    assert set(r["label"] for r in preds) <= set(WNIDS)
+    assert (trained_run / "best_test_preds.csv").read_text().splitlines()[0] == "image,label"
+
+    log_text = (trained_run / "log.txt").read_text()
+    assert "epoch 2/2" in log_text and "best val top-1" in log_text
+    assert list((trained_run / "wandb").glob("offline-run-*/run-*.wandb")), "wandb offline files in the run folder"
+
+
+def test_same_seed_same_metrics_whatever_the_worker_count(tiny_data, tmp_path):
+    args = [*FAST_RUN, "--data_dir", str(tiny_data), "--epochs", "2", "--wandb", "disabled"]
+    runs = [main.main([*args, "--output_dir", str(tmp_path / f"o{w}"), "--workers", str(w)]) for w in (0, 2)]
+    drop = ("epoch_seconds", "images_per_second")
+    a, b = ([{k: v for k, v in r.items() if k not in drop} for r in _rows(run / "metrics.csv")] for run in runs)
+    assert a == b
+    wa, wb = (torch.load(run / "last.pth.tar", weights_only=True)["state_dict"] for run in runs)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_learns_a_learnable_toy_problem(tiny_data, tmp_path):
+    run = main.main([*FAST_RUN, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--epochs", "6",
+                     "--aug_schedule", "constant", "--aug_strength", "0.3", "--wandb", "disabled"])  # fmt: skip
+    best = json.loads((run / "best_results.json").read_text())
+    assert best["val_top1"] >= 70.0, best  # 4 classes: chance is 25 %
+
+
+def test_run_folders_never_collide(tmp_path):
+    first, second = make_run_dir(tmp_path, "resnet18"), make_run_dir(tmp_path, "resnet18")
+    assert first != second and first.is_dir() and second.is_dir()
+
+
+def test_missing_data_is_a_clear_error_and_leaves_no_run_folder(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        main.main(
+            ["--data_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "ck"), "--wandb", "disabled"]
+        )
+    assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").iterdir())
+
+
+def test_cli_prints_one_line_not_a_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "main.py", "--data_dir", str(tmp_path / "nowhere"), "--wandb", "disabled"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert f"error: dataset folder {tmp_path / 'nowhere'} does not exist" in proc.stderr

@@ -1,0 +1,111 @@
+"""Progressive augmentation: the schedule, pipelines, strength reaching workers and the mixer."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import batch_manager as bm
+import transforms as T
+
+
+def test_strength_schedules():
+    assert T.strength_at(0, 100) == 0.0
+    assert T.strength_at(50, 100) == pytest.approx(1 - math.cos(math.pi / 4))
+    assert T.strength_at(100, 100) == pytest.approx(1.0)
+    values = [T.strength_at(e, 10) for e in range(10)]
+    assert values == sorted(values) and values[-1] < 1
+    assert T.strength_at(3, 10, "linear") == pytest.approx(0.3)
+    assert T.strength_at(7, 10, "constant", 0.4) == pytest.approx(0.4)
+    assert T.strength_at(10, 10, "cosine", 0.5) == pytest.approx(0.5)
+
+
+def test_zero_strength_is_identity_and_full_strength_is_not():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    weak = T.train_pipeline(64, 0.0)
+    assert np.array_equal(weak(image=image)["image"], image)
+    strong = T.train_pipeline(64, 1.0)
+    changed = sum(not np.array_equal(strong(image=image)["image"], image) for _ in range(10))
+    assert changed >= 8
+    assert T.train_pipeline(32, 1.0)(image=image)["image"].shape == (32, 32, 3)
+    assert T.eval_pipeline(224)(image=image)["image"].shape == (224, 224, 3)
+
+
+class FillWithStrength:
+    """A spy pipeline: paints the image with round(255 * strength) it was built with."""
+
+    def __init__(self, strength: float) -> None:
+        self.strength = strength
+
+    def set_random_state(self, *args) -> None:
+        pass
+
+    def __call__(self, image):
+        return {"image": np.full_like(image, round(255 * self.strength))}
+
+
+def test_strength_reaches_persistent_workers_without_rebuilding(tiny_data):
+    data = bm.read_tiny_imagenet(tiny_data)
+    dataset = bm.ImageDataset(data.train.paths[:8], data.train.labels[:8], FillWithStrength)
+    loader = DataLoader(dataset, batch_size=4, num_workers=2, persistent_workers=True)
+    seen_workers = []
+    for strength in (0.2, 0.7, 1.0):
+        dataset.set_epoch(1, strength)
+        values = {int(v) for x, _ in loader for v in x.unique()}
+        assert values == {round(255 * strength)}
+        seen_workers.append(loader._iterator._workers[0].pid)
+    assert len(set(seen_workers)) == 1  # the same worker processes served every epoch
+
+
+def test_augmentation_depends_on_seed_epoch_index_not_on_workers(tiny_data):
+    def batches(workers, epoch, seed=3):
+        loaders = bm.build_loaders(tiny_data, 64, 16, workers, seed)
+        loaders.set_epoch(epoch, 1.0)
+        return torch.cat([x for x, _ in loaders.train])
+
+    a, b = batches(0, 1), batches(2, 1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, batches(0, 2))
+
+
+def test_mixer_probability_and_alphas_follow_strength():
+    mixer = T.build_mixer(0.8, 1.0, 0.9, 0.1, num_classes=5)
+    for s in (0.0, 0.25, 1.0):
+        mixer.set_strength(s)
+        assert mixer.mixup.mix_prob == pytest.approx(0.9 * s)
+        assert mixer.mixup.mixup_alpha == pytest.approx(0.8 * s)
+        assert mixer.mixup.cutmix_alpha == pytest.approx(1.0 * s)
+    assert T.build_mixer(0.0, 0.0, 1.0, 0.1, 5) is None and T.build_mixer(0.8, 1.0, 0.0, 0.1, 5) is None
+
+
+def test_mixed_targets_sum_to_one_and_strength_zero_does_not_mix():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    x = torch.randn(8, 3, 16, 16)
+    y = torch.arange(8) % 5
+    mixer = T.build_mixer(0.8, 1.0, 1.0, 0.1, num_classes=5)
+    mixer.set_strength(0.0)
+    x0, t0 = T.soft_targets(x.clone(), y, mixer, 5, 0.1)
+    assert torch.equal(x0, x) and torch.equal(t0.argmax(1), y)
+    mixer.set_strength(1.0)
+    mixed_any = False
+    for _ in range(5):
+        xm, tm = T.soft_targets(x.clone(), y, mixer, 5, 0.1)
+        assert torch.allclose(tm.sum(1), torch.ones(8))
+        mixed_any |= not torch.equal(xm, x)
+    assert mixed_any
+    _, plain = T.soft_targets(x, y, None, 5, 0.1)
+    assert torch.allclose(plain.sum(1), torch.ones(8)) and plain.max() == pytest.approx(0.92)
+
+
+def test_normalize_on_device_matches_float_math():
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    expected = (x.float() / 255 - torch.tensor(T.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(T.IMAGENET_STD).view(
+        1, 3, 1, 1
+    )
+    assert torch.allclose(T.Normalize()(x), expected, atol=1e-5)

@@ -1,0 +1,41 @@
+"""val.py: evaluating a saved checkpoint reproduces the run's numbers and writes predictions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import val
+from utils import UserError
+
+
+def test_checkpoint_evaluation_matches_training_run(trained_run, tmp_path):
+    metrics = val.run(["--checkpoint", str(trained_run / "best.pth.tar"), "--output_dir", str(tmp_path)])
+    best = json.loads((trained_run / "best_results.json").read_text())
+    assert metrics["val_top1"] == pytest.approx(best["val_top1"])
+    assert metrics["val_loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+    assert (tmp_path / "test_preds.csv").read_text() == (trained_run / "best_test_preds.csv").read_text()
+    assert json.loads((tmp_path / "val_metrics.json").read_text())["val_top5"] == pytest.approx(best["val_top5"])
+
+
+def test_checkpoint_for_other_classes_is_refused(trained_run, tmp_path):
+    from conftest import make_layout
+
+    other = make_layout(tmp_path / "other")
+    (other / "wnids.txt").write_text("n01000001\nn02000003\nn03000004\n")
+    shutil.rmtree(other / "train" / "n04000002")
+    lines = (other / "val/val_annotations.txt").read_text().splitlines()
+    (other / "val/val_annotations.txt").write_text("".join(ln + "\n" for ln in lines if "n04000002" not in ln))
+    with pytest.raises(UserError, match="other classes"):
+        val.run(["--checkpoint", str(trained_run / "best.pth.tar"), "--data_dir", str(other)])
+
+
+def test_truncated_checkpoint_is_a_clear_error(trained_run, tmp_path):
+    broken = tmp_path / "best.pth.tar"
+    broken.write_bytes((trained_run / "best.pth.tar").read_bytes()[:1000])
+    with pytest.raises(UserError, match="could not be read"):
+        val.run(["--checkpoint", str(broken)])
+    with pytest.raises(UserError, match="does not exist"):
+        val.run(["--checkpoint", str(tmp_path / "missing.pth.tar")])
