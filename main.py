@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -89,6 +90,20 @@ def main(argv: list[str] | None = None) -> Path:
     return run_dir
 
 
+@dataclass
+class Parts:
+    """What one epoch needs, built once by _fit."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    mixer: transforms.StrengthMixer | None
+    normalize: transforms.Normalize
+    loaders: batch_manager.Loaders
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+
 def _fit(cfg: Config, model, loaders, device, run_dir: Path, sinks) -> None:
     classes, params = loaders.data.classes, count_params(model)
     log.info(
@@ -97,53 +112,75 @@ def _fit(cfg: Config, model, loaders, device, run_dir: Path, sinks) -> None:
         len(loaders.data.test.paths), device, " (bf16 autocast)" if cfg.amp else "",
     )  # fmt: skip
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr_base, weight_decay=cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg, len(loaders.train))
-    mixer = transforms.build_mixer(cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, mix_prob=cfg.mix_prob,
-                                   label_smoothing=cfg.label_smoothing, num_classes=len(classes))  # fmt: skip
-    normalize = transforms.Normalize().to(device)
-    dtype = amp_dtype(device, cfg.amp)
+    parts = Parts(
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, cfg, len(loaders.train)),
+        mixer=transforms.build_mixer(
+            cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.label_smoothing, len(classes)
+        ),
+        normalize=transforms.Normalize().to(device),
+        loaders=loaders,
+        device=device,
+        amp_dtype=amp_dtype(device, cfg.amp),
+    )
     best: dict = {"val_top1": float("-inf")}
     step, start = 0, time.perf_counter()
     for epoch in range(cfg.epochs):
-        strength = transforms.strength_at(epoch, cfg.epochs, cfg.aug_schedule, cfg.aug_strength)
-        loaders.set_epoch(epoch, strength)
-        if mixer is not None:
-            mixer.set_strength(strength)
-        scheduler.step_update(num_updates=step)
-        lr = optimizer.param_groups[0]["lr"]
-        t0 = time.perf_counter()
-        tr = train_one_epoch(model, loaders.train, optimizer, scheduler, normalize, mixer, len(classes),
-                             cfg.label_smoothing, device, dtype, step, desc=f"epoch {epoch + 1}/{cfg.epochs}")  # fmt: skip
-        step = int(tr.pop("steps"))
-        va = evaluate(model, loaders.val, normalize, device, dtype)
-        row = {"epoch": epoch + 1, "lr": lr, "aug_strength": strength, **tr, **va,
-               "epoch_seconds": time.perf_counter() - t0}  # fmt: skip
-        ckpt = {
-            "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
-            "top1": va["val_top1"], "top5": va["val_top5"], "config": cfg.to_dict(), "classes": classes,
-        }  # fmt: skip
-        atomic_save(ckpt, run_dir / "last.pth.tar")
-        is_best = va["val_top1"] > best["val_top1"]
+        row, step = _one_epoch(cfg, parts, epoch, step)
+        is_best = row["val_top1"] > best["val_top1"]
+        _save_epoch(cfg, parts, run_dir, row, step, is_best)
         if is_best:
-            atomic_save(ckpt, run_dir / "best.pth.tar")
-            preds = predict(model, loaders.test, normalize, device, dtype)
-            write_predictions(loaders.data.test.paths, preds, classes, run_dir / "best_test_preds.csv")
             best = {"best_epoch": epoch + 1, **{k: row[k] for k in ("val_top1", "val_top5", "val_loss")}}
         _write_best_results(run_dir, cfg, params, best, time.perf_counter() - start, epoch + 1)
         for sink in sinks:
-            sink.log({k: row[k] for k in METRIC_COLUMNS})
+            sink.log(row)  # metrics.csv keeps METRIC_COLUMNS; wandb gets every figure
         log.info(
             "epoch %d/%d  lr %.2e  s %.2f | train loss %.3f top-1 %.2f%% | val loss %.3f top-1 %.2f%% top-5 %.2f%%"
             " | %.0fs, %.0f img/s%s",
-            epoch + 1, cfg.epochs, lr, strength, tr["train_loss"], tr["train_top1"], va["val_loss"],
-            va["val_top1"], va["val_top5"], row["epoch_seconds"], tr["images_per_second"], "  *best*" if is_best else "",
+            epoch + 1, cfg.epochs, row["lr"], row["aug_strength"], row["train_loss"], row["train_top1"],
+            row["val_loss"], row["val_top1"], row["val_top5"], row["epoch_seconds"], row["images_per_second"],
+            "  *best*" if is_best else "",
         )  # fmt: skip
     log.info(
         "done: best val top-1 %.2f%% (top-5 %.2f%%) at epoch %d in %.0fs | submit %s",
         best["val_top1"], best["val_top5"], best["best_epoch"], time.perf_counter() - start,
         run_dir / "best_test_preds.csv",
     )  # fmt: skip
+
+
+def _one_epoch(cfg: Config, p: Parts, epoch: int, step: int) -> tuple[dict, int]:
+    """Set this epoch's augmentation strength, train, evaluate: -> (metrics row, global step)."""
+    t0 = time.perf_counter()
+    strength = transforms.strength_at(epoch, cfg.epochs, cfg.aug_schedule, cfg.aug_strength)
+    p.loaders.set_epoch(epoch, strength)  # reaches the persistent workers
+    if p.mixer is not None:
+        p.mixer.set_strength(strength)  # and CutMix/MixUp
+    p.scheduler.step_update(num_updates=step)
+    lr = p.optimizer.param_groups[0]["lr"]
+    num_classes = len(p.loaders.data.classes)
+    tr = train_one_epoch(p.model, p.loaders.train, p.optimizer, p.scheduler, p.normalize, p.mixer, num_classes,
+                         cfg.label_smoothing, p.device, p.amp_dtype, step, desc=f"epoch {epoch + 1}/{cfg.epochs}")  # fmt: skip
+    step = int(tr.pop("steps"))
+    va = evaluate(p.model, p.loaders.val, p.normalize, p.device, p.amp_dtype)
+    row = {"epoch": epoch + 1, "lr": lr, "aug_strength": strength, **tr, **va,
+           "epoch_seconds": time.perf_counter() - t0}  # fmt: skip
+    return row, step
+
+
+def _save_epoch(cfg: Config, p: Parts, run_dir: Path, row: dict, step: int, is_best: bool) -> None:
+    """last.pth.tar every epoch; on a new best also best.pth.tar and the test predictions."""
+    classes = p.loaders.data.classes
+    ckpt = {
+        "state_dict": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
+        "scheduler": p.scheduler.state_dict(), "epoch": row["epoch"], "step": step,
+        "top1": row["val_top1"], "top5": row["val_top5"], "config": cfg.to_dict(), "classes": classes,
+    }  # fmt: skip
+    atomic_save(ckpt, run_dir / "last.pth.tar")
+    if is_best:
+        atomic_save(ckpt, run_dir / "best.pth.tar")
+        preds = predict(p.model, p.loaders.test, p.normalize, p.device, p.amp_dtype)
+        write_predictions(p.loaders.data.test.paths, preds, classes, run_dir / "best_test_preds.csv")
 
 
 def _write_best_results(run_dir: Path, cfg: Config, params: int, best: dict, wall: float, epochs_run: int) -> None:
@@ -160,10 +197,11 @@ def _write_best_results(run_dir: Path, cfg: Config, params: int, best: dict, wal
 
 
 def cli() -> None:
+    """`python main.py`: bad input and a diverged run end with one line, not a traceback."""
     try:
         main()
-    except UserError as exc:
-        # A DataLoader worker re-raises with the worker traceback in the message: keep the last line.
+    except (UserError, FloatingPointError) as exc:
+        # A DataLoader worker re-raises with the worker's traceback in the message: keep its last line.
         lines = [ln for ln in str(exc).splitlines() if ln.strip()]
         sys.exit(f"error: {lines[-1].split('Error: ', 1)[-1] if len(lines) > 1 else exc}")
 

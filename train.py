@@ -32,11 +32,12 @@ def train_one_epoch(
     desc: str = "train",
 ) -> dict[str, float]:
     """Train for one pass over `loader`. `step` is the global step count at the start (for the
-    per-step schedule). Returns loss, top-1 (against the unmixed labels, in %), images/s, steps."""
+    per-step schedule). Returns loss, top-1/top-5 (against the unmixed labels, in %), images/s,
+    seconds and the global step count at the end."""
     model.train()
     loss_fn = SoftTargetCrossEntropy()
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    loss_meter, top1_meter = AverageMeter(), AverageMeter()
+    loss_meter, top1_meter, top5_meter = AverageMeter(), AverageMeter(), AverageMeter()
     seen, start = 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
     for images, labels in bar:
@@ -57,7 +58,9 @@ def train_one_epoch(
         n = labels.shape[0]
         seen += n
         loss_meter.update(loss.item(), n)
-        top1_meter.update(100.0 * topk_correct(logits.detach(), labels, (1,))[0] / n, n)
+        top1, top5 = topk_correct(logits.detach(), labels, (1, 5))
+        top1_meter.update(100.0 * top1 / n, n)
+        top5_meter.update(100.0 * top5 / n, n)
         bar.set_postfix(
             loss=f"{loss_meter.avg:.3f}",
             top1=f"{top1_meter.avg:.1f}",
@@ -67,6 +70,7 @@ def train_one_epoch(
     return {
         "train_loss": loss_meter.avg,
         "train_top1": top1_meter.avg,
+        "train_top5": top5_meter.avg,
         "images_per_second": seen / max(seconds, 1e-9),
         "train_seconds": seconds,
         "steps": step,

@@ -93,3 +93,19 @@ def test_cli_prints_one_line_not_a_traceback(tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert f"error: dataset folder {tmp_path / 'nowhere'} does not exist" in proc.stderr
+
+
+def test_undecodable_image_stops_with_one_line_naming_it(tmp_path):
+    from conftest import make_layout
+
+    root = make_layout(tmp_path / "tin", n_train=4, n_val=1, n_test=1)
+    victim = sorted((root / "train" / WNIDS[2] / "images").iterdir())[1]
+    victim.write_bytes(b"\xff\xd8 truncated jpeg")
+    proc = subprocess.run(
+        [sys.executable, "main.py", *FAST_RUN, "--data_dir", str(root), "--output_dir", str(tmp_path / "ck"),
+         "--workers", "2", "--epochs", "1", "--wandb", "disabled"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: image ") and str(victim) in last and "cannot be decoded" in last
