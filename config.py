@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from data_sources import DATASETS
 from utils import UserError
 
 AUG_SCHEDULES = ("cosine", "linear", "constant")
@@ -46,7 +47,16 @@ class Config:
     attn_drop_rate: float = _opt("attention dropout (transformers only)", default=0.1)
     drop_path_rate: float = _opt("stochastic depth rate", default=0.1)
     # --- data and outputs ---
-    data_dir: str = _opt("Tiny-ImageNet-200 root folder", default="data/tiny-imagenet-200")
+    dataset: str = _opt("dataset format (see README: Datasets)", default="tiny-imagenet", choices=DATASETS)
+    data_dir: str = _opt("dataset root folder", default="data/tiny-imagenet-200")
+    cache_dir: str = _opt("where the decode-once cache goes (default: DATA_DIR/.cache)", default="")
+    no_cache: bool = _opt("decode image files every epoch instead of once", default=False, flag=True)
+    skip_bad_images: bool = _opt("train without unreadable images (they are listed) instead of stopping",
+                                 default=False, flag=True)  # fmt: skip
+    val_split: float = _opt("hold out this stratified fraction of train as val (0 = use the dataset's val)",
+                            default=0.0)  # fmt: skip
+    trainval: bool = _opt("final fit on train + val: no val metrics, predictions still written", default=False,
+                          flag=True)  # fmt: skip
     output_dir: str = _opt("where timestamped run folders are created", default="checkpoints")
     img_size: int = _opt("training resolution; 64 is native, 224 resizes", default=64)
     workers: int = _opt("DataLoader worker processes (0 = load in the main process)", default=_default_workers)
@@ -70,6 +80,14 @@ class Config:
     )
     wandb_project: str = _opt("wandb project name", default="tiny-imagenet-200")
 
+    def data_kwargs(self) -> dict[str, Any]:
+        """Arguments of batch_manager.prepare_data for this run."""
+        return {
+            "kind": self.dataset, "data_dir": self.data_dir, "img_size": self.img_size, "workers": self.workers,
+            "use_cache": not self.no_cache, "cache_dir": self.cache_dir or None, "skip_bad": self.skip_bad_images,
+            "val_split": self.val_split, "trainval": self.trainval, "seed": self.seed,
+        }  # fmt: skip
+
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, so checkpoints load with ``torch.load(weights_only=True)``."""
         return dataclasses.asdict(self)
@@ -88,6 +106,8 @@ def validate(cfg: Config) -> Config:
         (cfg.mixup_alpha >= 0 and cfg.cutmix_alpha >= 0, "--mixup_alpha and --cutmix_alpha must be >= 0"),
         (0 <= cfg.label_smoothing < 1, f"--label_smoothing must lie in [0, 1) (got {cfg.label_smoothing})"),
         (0 <= cfg.warmup_epochs < cfg.epochs, f"--warmup_epochs must lie in [0, --epochs) (got {cfg.warmup_epochs})"),
+        (0 <= cfg.val_split < 1, f"--val_split must lie in [0, 1) (got {cfg.val_split})"),
+        (not (cfg.trainval and cfg.val_split), "--trainval merges val back into train: drop --val_split"),
     ]
     for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
         value = getattr(cfg, name)
@@ -116,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kwargs: dict[str, Any] = {"default": default, "help": f.metadata["help"]}
         if f.type == "bool":
-            kwargs["action"] = argparse.BooleanOptionalAction
+            # on/off switches (--amp/--no-amp); plain flags (--no_cache) where the seed style has them
+            kwargs["action"] = "store_true" if f.metadata.get("flag") else argparse.BooleanOptionalAction
         else:
             kwargs["type"] = {"int": int, "float": float, "str": str}[f.type]
             if "choices" in f.metadata:

@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> Path:
     cfg = parse_config(argv)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
+    data = batch_manager.prepare_data(**cfg.data_kwargs())
     loaders = batch_manager.build_loaders(
-        cfg.data_dir, cfg.img_size, cfg.batch_size, cfg.workers, cfg.seed, pin_memory=device.type == "cuda"
+        data, cfg.img_size, cfg.batch_size, cfg.workers, cfg.seed, pin_memory=device.type == "cuda"
     )
     classes = loaders.data.classes
     model = arch.build_model(
@@ -108,8 +109,8 @@ def _fit(cfg: Config, model, loaders, device, run_dir: Path, sinks) -> None:
     classes, params = loaders.data.classes, count_params(model)
     log.info(
         "run folder %s | %s, %.2fM params, %d classes | train %d, val %d, test %d images | device %s%s",
-        run_dir, cfg.arch, params / 1e6, len(classes), len(loaders.data.train.paths), len(loaders.data.val.paths),
-        len(loaders.data.test.paths), device, " (bf16 autocast)" if cfg.amp else "",
+        run_dir, cfg.arch, params / 1e6, len(classes), len(loaders.data.train), len(loaders.data.val or []),
+        len(loaders.data.test or []), device, " (bf16 autocast)" if cfg.amp else "",
     )  # fmt: skip
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr_base, weight_decay=cfg.weight_decay)
     parts = Parts(
@@ -124,29 +125,43 @@ def _fit(cfg: Config, model, loaders, device, run_dir: Path, sinks) -> None:
         device=device,
         amp_dtype=amp_dtype(device, cfg.amp),
     )
+    if loaders.test is None:
+        log.info("this dataset has no unlabelled test split: no best_test_preds.csv will be written")
     best: dict = {"val_top1": float("-inf")}
     step, start = 0, time.perf_counter()
     for epoch in range(cfg.epochs):
         row, step = _one_epoch(cfg, parts, epoch, step)
-        is_best = row["val_top1"] > best["val_top1"]
+        # Without val (--trainval) the latest epoch is the one kept as best.
+        is_best = "val_top1" not in row or row["val_top1"] > best["val_top1"]
         _save_epoch(cfg, parts, run_dir, row, step, is_best)
         if is_best:
-            best = {"best_epoch": epoch + 1, **{k: row[k] for k in ("val_top1", "val_top5", "val_loss")}}
+            best = {"best_epoch": epoch + 1, **{k: row.get(k) for k in ("val_top1", "val_top5", "val_loss")}}
         _write_best_results(run_dir, cfg, params, best, time.perf_counter() - start, epoch + 1)
         for sink in sinks:
             sink.log(row)  # metrics.csv keeps METRIC_COLUMNS; wandb gets every figure
         log.info(
-            "epoch %d/%d  lr %.2e  s %.2f | train loss %.3f top-1 %.2f%% | val loss %.3f top-1 %.2f%% top-5 %.2f%%"
-            " | %.0fs, %.0f img/s%s",
-            epoch + 1, cfg.epochs, row["lr"], row["aug_strength"], row["train_loss"], row["train_top1"],
-            row["val_loss"], row["val_top1"], row["val_top5"], row["epoch_seconds"], row["images_per_second"],
-            "  *best*" if is_best else "",
-        )  # fmt: skip
-    log.info(
-        "done: best val top-1 %.2f%% (top-5 %.2f%%) at epoch %d in %.0fs | submit %s",
-        best["val_top1"], best["val_top5"], best["best_epoch"], time.perf_counter() - start,
-        run_dir / "best_test_preds.csv",
-    )  # fmt: skip
+            "epoch %d/%d  %s%s",
+            epoch + 1,
+            cfg.epochs,
+            _summary(row),
+            "  *best*" if is_best and "val_top1" in row else "",
+        )
+    if best["val_top1"] is None:
+        final = "trained on train + val (no val metrics)"
+    else:
+        final = f"best val top-1 {best['val_top1']:.2f}% (top-5 {best['val_top5']:.2f}%) at epoch {best['best_epoch']}"
+    out = f"submit {run_dir / 'best_test_preds.csv'}" if loaders.test is not None else f"weights in {run_dir}"
+    log.info("done: %s in %.0fs | %s", final, time.perf_counter() - start, out)
+
+
+def _summary(row: dict) -> str:
+    text = (
+        f"lr {row['lr']:.2e}  s {row['aug_strength']:.2f} | train loss {row['train_loss']:.3f} "
+        f"top-1 {row['train_top1']:.2f}%"
+    )
+    if "val_top1" in row:
+        text += f" | val loss {row['val_loss']:.3f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
+    return text + f" | {row['epoch_seconds']:.0f}s, {row['images_per_second']:.0f} img/s"
 
 
 def _one_epoch(cfg: Config, p: Parts, epoch: int, step: int) -> tuple[dict, int]:
@@ -162,7 +177,7 @@ def _one_epoch(cfg: Config, p: Parts, epoch: int, step: int) -> tuple[dict, int]
     tr = train_one_epoch(p.model, p.loaders.train, p.optimizer, p.scheduler, p.normalize, p.mixer, num_classes,
                          cfg.label_smoothing, p.device, p.amp_dtype, step, desc=f"epoch {epoch + 1}/{cfg.epochs}")  # fmt: skip
     step = int(tr.pop("steps"))
-    va = evaluate(p.model, p.loaders.val, p.normalize, p.device, p.amp_dtype)
+    va = {} if p.loaders.val is None else evaluate(p.model, p.loaders.val, p.normalize, p.device, p.amp_dtype)
     row = {"epoch": epoch + 1, "lr": lr, "aug_strength": strength, **tr, **va,
            "epoch_seconds": time.perf_counter() - t0}  # fmt: skip
     return row, step
@@ -174,13 +189,14 @@ def _save_epoch(cfg: Config, p: Parts, run_dir: Path, row: dict, step: int, is_b
     ckpt = {
         "state_dict": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
         "scheduler": p.scheduler.state_dict(), "epoch": row["epoch"], "step": step,
-        "top1": row["val_top1"], "top5": row["val_top5"], "config": cfg.to_dict(), "classes": classes,
+        "top1": row.get("val_top1"), "top5": row.get("val_top5"), "config": cfg.to_dict(), "classes": classes,
     }  # fmt: skip
     atomic_save(ckpt, run_dir / "last.pth.tar")
     if is_best:
         atomic_save(ckpt, run_dir / "best.pth.tar")
-        preds = predict(p.model, p.loaders.test, p.normalize, p.device, p.amp_dtype)
-        write_predictions(p.loaders.data.test.paths, preds, classes, run_dir / "best_test_preds.csv")
+        if p.loaders.test is not None:
+            preds = predict(p.model, p.loaders.test, p.normalize, p.device, p.amp_dtype)
+            write_predictions(p.loaders.data.test.ids, preds, classes, run_dir / "best_test_preds.csv")
 
 
 def _write_best_results(run_dir: Path, cfg: Config, params: int, best: dict, wall: float, epochs_run: int) -> None:

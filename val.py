@@ -60,11 +60,11 @@ def predict(model, loader, normalize: Normalize, device, amp_dtype=None) -> list
     return torch.cat(preds).tolist() if preds else []
 
 
-def write_predictions(paths: list[Path], preds: list[int], classes: list[str], out_csv: Path) -> Path:
-    """Submission CSV: header image,label; one row per image (file name, wnid), sorted by file name."""
-    if len(paths) != len(preds):
-        raise ValueError(f"{len(paths)} test images but {len(preds)} predictions")
-    rows = sorted((Path(p).name, classes[k]) for p, k in zip(paths, preds, strict=True))
+def write_predictions(ids: list[str], preds: list[int], classes: list[str], out_csv: Path) -> Path:
+    """Submission CSV: header image,label; one row per image (file name, class id), sorted by name."""
+    if len(ids) != len(preds):
+        raise ValueError(f"{len(ids)} test images but {len(preds)} predictions")
+    rows = sorted((name, classes[k]) for name, k in zip(ids, preds, strict=True))
     tmp = out_csv.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -89,35 +89,40 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def run(argv: list[str] | None = None) -> dict[str, float]:
     import arch
     import batch_manager
+    from config import Config
     from utils import amp_dtype as pick_amp
     from utils import load_checkpoint, resolve_device, setup_logging
 
     args = _parse(argv)
     setup_logging()
     ckpt = load_checkpoint(args.checkpoint)
-    cfg = ckpt["config"]
+    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+    overrides.update({"workers": args.workers} if args.workers is not None else {})
+    cfg = Config(**{**ckpt["config"], **overrides, "trainval": False})  # evaluate on the run's own val split
+    if ckpt["config"].get("trainval"):
+        log.warning("this model was trained on train + val: its val metrics are not a fair estimate")
     device = resolve_device(args.device)
-    data = batch_manager.read_tiny_imagenet(args.data_dir or cfg["data_dir"])
+    data = batch_manager.prepare_data(**cfg.data_kwargs())
     if data.classes != list(ckpt["classes"]):
         raise UserError(
             f"{args.checkpoint} was trained on other classes ({len(ckpt['classes'])}) than those in "
             f"{data.root} ({len(data.classes)}); pass the matching --data_dir"
         )
-    workers = cfg["workers"] if args.workers is None else args.workers
-    val_loader, test_loader = batch_manager.eval_loaders(data, cfg["img_size"], args.batch_size, workers)
-    model = arch.build_model(cfg["arch"], len(ckpt["classes"]), cfg["img_size"]).to(device)
+    val_loader, test_loader = batch_manager.eval_loaders(data, cfg.img_size, args.batch_size, cfg.workers)
+    model = arch.build_model(cfg.arch, len(ckpt["classes"]), cfg.img_size).to(device)
     model.load_state_dict(ckpt["state_dict"])
-    normalize = Normalize().to(device)
-    dtype = pick_amp(device, cfg["amp"])
+    normalize, dtype = Normalize().to(device), pick_amp(device, cfg.amp)
     metrics = evaluate(model, val_loader, normalize, device, dtype)
     out_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    preds = predict(model, test_loader, normalize, device, dtype)
-    out_csv = write_predictions(data.test.paths, preds, data.classes, out_dir / "test_preds.csv")
     (out_dir / "val_metrics.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), **metrics}, indent=2))
+    where = "no unlabelled test split"
+    if test_loader is not None:
+        preds = predict(model, test_loader, normalize, device, dtype)
+        where = str(write_predictions(data.test.ids, preds, data.classes, out_dir / "test_preds.csv"))
     log.info(
         "val loss %.4f  top-1 %.2f%%  top-5 %.2f%%  | test predictions: %s",
-        metrics["val_loss"], metrics["val_top1"], metrics["val_top5"], out_csv,
+        metrics["val_loss"], metrics["val_top1"], metrics["val_top5"], where,
     )  # fmt: skip
     return metrics
 

@@ -20,7 +20,7 @@ os.environ["TQDM_DISABLE"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from batch_manager import write_tiny_imagenet_layout  # noqa: E402
+from data_sources import write_tiny_imagenet_layout  # noqa: E402
 
 WNIDS = ["n02000003", "n01000001", "n04000002", "n03000004"]  # deliberately not sorted
 NAMES = ["goldfish", "tabby cat", "school bus", "teapot"]
@@ -64,3 +64,12 @@ def trained_run(tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("checkpoints")
     return main.main([*FAST_RUN, "--data_dir", str(tiny_data), "--output_dir", str(out), "--epochs", "2",
                       "--wandb", "offline"])  # fmt: skip
+
+
+def loaders_for(root, batch_size=8, workers=0, seed=0, img_size=64, kind="tiny-imagenet", **prepare):
+    """Loaders over a dataset folder the way main.py builds them (no cache unless asked)."""
+    import batch_manager
+
+    prepare.setdefault("use_cache", False)
+    data = batch_manager.prepare_data(kind, root, img_size, workers, seed=seed, **prepare)
+    return batch_manager.build_loaders(data, img_size, batch_size, workers, seed)

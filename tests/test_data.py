@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import batch_manager as bm
-from conftest import NAMES, WNIDS, make_layout
+import data_sources as bm
+from conftest import NAMES, WNIDS, loaders_for, make_layout
 
 
 def test_layout_parsing_and_sorted_class_order(tiny_data):
@@ -34,7 +34,7 @@ def test_grayscale_jpegs_become_rgb(tiny_data):
     gray = [p for p in data.train.paths if Image.open(p).mode == "L"]
     assert gray, "fixture should contain grayscale JPEGs"
     assert bm.load_rgb(gray[0]).shape == (64, 64, 3)
-    loaders = bm.build_loaders(tiny_data, 64, 8, 0, 0)
+    loaders = loaders_for(tiny_data, batch_size=8)
     x, y = next(iter(loaders.train))
     assert x.shape == (8, 3, 64, 64) and x.dtype == torch.uint8 and y.dtype == torch.int64
 
@@ -105,7 +105,7 @@ def test_undecodable_image_names_the_file(tmp_path):
 
 def test_batch_larger_than_train_set_is_refused(tiny_data):
     with pytest.raises(bm.DatasetError, match="--batch_size"):
-        bm.build_loaders(tiny_data, 64, 1000, 0, 0)
+        loaders_for(tiny_data, batch_size=1000)
 
 
 def test_layout_writer_never_overwrites(tiny_data):

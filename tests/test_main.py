@@ -95,7 +95,7 @@ def test_cli_prints_one_line_not_a_traceback(tmp_path):
     assert f"error: dataset folder {tmp_path / 'nowhere'} does not exist" in proc.stderr
 
 
-def test_undecodable_image_stops_with_one_line_naming_it(tmp_path):
+def test_undecodable_image_stops_before_training_with_one_line_naming_it(tmp_path):
     from conftest import make_layout
 
     root = make_layout(tmp_path / "tin", n_train=4, n_val=1, n_test=1)
@@ -108,4 +108,5 @@ def test_undecodable_image_stops_with_one_line_naming_it(tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: image ") and str(victim) in last and "cannot be decoded" in last
+    assert last.startswith("error: 1 unreadable image(s) in the train split: ") and str(victim) in last
+    assert "--skip_bad_images" in last and not (tmp_path / "ck").exists()

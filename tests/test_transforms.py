@@ -11,6 +11,8 @@ from torch.utils.data import DataLoader
 
 import batch_manager as bm
 import transforms as T
+from conftest import loaders_for
+from data_sources import read_tiny_imagenet
 
 
 def test_strength_schedules():
@@ -50,8 +52,8 @@ class FillWithStrength:
 
 
 def test_strength_reaches_persistent_workers_without_rebuilding(tiny_data):
-    data = bm.read_tiny_imagenet(tiny_data)
-    dataset = bm.ImageDataset(data.train.paths[:8], data.train.labels[:8], FillWithStrength)
+    data = read_tiny_imagenet(tiny_data)
+    dataset = bm.AugmentedDataset(data.train.subset(range(8)), FillWithStrength)
     loader = DataLoader(dataset, batch_size=4, num_workers=2, persistent_workers=True)
     seen_workers = []
     for strength in (0.2, 0.7, 1.0):
@@ -64,7 +66,7 @@ def test_strength_reaches_persistent_workers_without_rebuilding(tiny_data):
 
 def test_augmentation_depends_on_seed_epoch_index_not_on_workers(tiny_data):
     def batches(workers, epoch, seed=3):
-        loaders = bm.build_loaders(tiny_data, 64, 16, workers, seed)
+        loaders = loaders_for(tiny_data, batch_size=16, workers=workers, seed=seed)
         loaders.set_epoch(epoch, 1.0)
         return torch.cat([x for x, _ in loaders.train])
 
