@@ -240,7 +240,10 @@ class _ArraysOnly(pickle.Unpickler):
 
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
-        raise DatasetError(f"{path} is missing; extract the official CIFAR python archive into --data_dir")
+        raise DatasetError(
+            f"{path} is missing; fetch it with `python data/download.py --dataset cifar10` (or cifar100) "
+            "and pass that folder as --data_dir"
+        )
     with open(path, "rb") as fh:
         try:
             batch = _ArraysOnly(fh, encoding="latin1").load()

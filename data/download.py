@@ -3,6 +3,7 @@
     cd data && sh download_and_unzip.sh                  # official zip -> data/tiny-imagenet-200
     python data/download.py --archive part0 part1 ...    # offline: local .zip / .tar.gz / split parts
     python data/download.py --url MIRROR --md5 HEX       # a mirror, checked against its MD5
+    python data/download.py --dataset cifar10            # CIFAR-10 python archive -> data/cifar10
 
 Guarantees:
 - downloads show progress and resume a partial file (HTTP Range) instead of starting over;
@@ -33,10 +34,21 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+CIFAR = {  # name: (url, md5, folder inside the archive, files it must hold)
+    "cifar10": (
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
+        "cifar-10-batches-py", ["batches.meta", "test_batch"] + [f"data_batch_{i}" for i in range(1, 6)],
+    ),
+    "cifar100": (
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
+        "cifar-100-python", ["meta", "train", "test"],
+    ),
+}  # fmt: skip
 OFFICIAL_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 OFFICIAL_SIZE = 248_100_043
 OFFICIAL_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 CHUNK = 1 << 20
+DATA_DIR = Path(__file__).resolve().parent
 COMPLETE_MARKER = ".complete"
 
 
@@ -154,7 +166,9 @@ def _fetch_into(url: str, part: Path, timeout: float) -> None:
                     bar.update(len(block))
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise DownloadError(f"the disk is full while writing {part}; free space and run again to resume") from None
+                raise DownloadError(
+                    f"the disk is full while writing {part}; free space and run again to resume"
+                ) from None
             raise
         finally:
             bar.close()
@@ -301,18 +315,16 @@ def is_complete(root: Path) -> bool:
     return (root / COMPLETE_MARKER).is_file() and (root / "wnids.txt").is_file()
 
 
-def install(archives: list[Path], dest: Path, expected: Expected = Expected()) -> Path:
-    """Extract `archives` into a temporary sibling of `dest`, validate, then rename into place."""
+def install(archives: list[Path], dest: Path, locate) -> Path:
+    """Extract `archives` into a temporary sibling of `dest`; `locate(tmp)` checks what was
+    extracted and returns the folder that becomes `dest` (renamed into place only then)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     try:
         extract(archives, tmp)
-        candidates = [p.parent for p in tmp.rglob("wnids.txt")]
-        if len(candidates) != 1:
-            raise DownloadError(f"{archives[0]} does not hold exactly one dataset folder with a wnids.txt")
-        root = candidates[0]
-        validate_layout(root, expected)
+        root = locate(tmp)
+        root.chmod(0o755)
         (root / COMPLETE_MARKER).write_text("validated\n")
         if dest.exists():
             raise DownloadError(f"{dest} appeared while extracting; remove it and run again")
@@ -322,8 +334,41 @@ def install(archives: list[Path], dest: Path, expected: Expected = Expected()) -
     return dest
 
 
+def _locate_tiny(expected: Expected):
+    def locate(tmp: Path) -> Path:
+        candidates = [p.parent for p in tmp.rglob("wnids.txt")]
+        if len(candidates) != 1:
+            raise DownloadError("the archive does not hold exactly one dataset folder with a wnids.txt")
+        validate_layout(candidates[0], expected)
+        return candidates[0]
+
+    return locate
+
+
+def _check_fresh(dest: Path) -> bool:
+    """True when `dest` is a complete earlier install; an error when something else is there."""
+    if is_complete(dest):
+        print(f"{dest} is already present and complete; nothing to do")
+        return True
+    if dest.exists():
+        raise DownloadError(
+            f"{dest} exists but was not installed by this script (or is incomplete); "
+            "move it away or delete it, then run again"
+        )
+    return False
+
+
+def _download_archive(url: str, folder: Path, md5: str | None, size: int | None) -> Path:
+    name = Path(urllib.request.urlparse(url).path).name or "download.bin"
+    path = folder / name
+    if path.exists():
+        _verify(path, md5, size)
+        return path
+    return download(url, path, md5=md5, size=size)
+
+
 def fetch_tiny_imagenet(
-    dest: str | Path = Path(__file__).resolve().parent / "tiny-imagenet-200",
+    dest: str | Path = DATA_DIR / "tiny-imagenet-200",
     url: str = OFFICIAL_URL,
     md5: str | None = None,
     archives: list[str | Path] | None = None,
@@ -331,36 +376,52 @@ def fetch_tiny_imagenet(
 ) -> Path:
     """The whole job, callable from Python. Returns the dataset folder."""
     dest = Path(dest)
-    if is_complete(dest):
-        print(f"{dest} is already present and complete; nothing to do")
+    if _check_fresh(dest):
         return dest
-    if dest.exists():
-        raise DownloadError(
-            f"{dest} exists but was not installed by this script (or is incomplete); "
-            "move it away or delete it, then run again"
-        )
-    if archives:
-        return install([Path(a) for a in archives], dest, expected)
-    official = url == OFFICIAL_URL
-    zip_path = dest.parent / Path(urllib.request.urlparse(url).path).name
-    if not zip_path.name:
-        zip_path = dest.parent / "download.zip"
-    if not zip_path.exists():
-        download(url, zip_path, md5=OFFICIAL_MD5 if official else md5, size=OFFICIAL_SIZE if official else None)
-    else:
-        _verify(zip_path, OFFICIAL_MD5 if official else md5, OFFICIAL_SIZE if official else None)
-    return install([zip_path], dest, expected)
+    if not archives:
+        official = url == OFFICIAL_URL
+        md5, size = (OFFICIAL_MD5, OFFICIAL_SIZE) if official else (md5, None)
+        archives = [_download_archive(url, dest.parent, md5, size)]
+    return install([Path(a) for a in archives], dest, _locate_tiny(expected))
+
+
+def fetch_cifar(
+    name: str, dest: str | Path, url: str | None = None, md5: str | None = None, archives: list | None = None
+) -> Path:
+    """CIFAR-10/100 python archives into `dest` (which then holds cifar-10-batches-py/ or cifar-100-python/)."""
+    official_url, official_md5, folder, files = CIFAR[name]
+    dest = Path(dest)
+    if _check_fresh(dest):
+        return dest
+    if not archives:
+        archives = [_download_archive(url or official_url, dest.parent, md5 if url else official_md5, None)]
+
+    def locate(tmp: Path) -> Path:
+        missing = [f for f in files if not (tmp / folder / f).is_file()]
+        if missing:
+            raise DownloadError(f"the archive lacks {folder}/{', '.join(missing)}: is it the {name} python version?")
+        return tmp
+
+    return install([Path(a) for a in archives], dest, locate)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Download and unpack Tiny-ImageNet-200 safely.")
-    parser.add_argument("--dest", default=str(Path(__file__).resolve().parent / "tiny-imagenet-200"))
-    parser.add_argument("--url", default=OFFICIAL_URL, help="a mirror of the official zip")
+    here = DATA_DIR
+    parser = argparse.ArgumentParser(description="Download and unpack Tiny-ImageNet-200 (or CIFAR) safely.")
+    parser.add_argument("--dataset", default="tiny-imagenet", choices=["tiny-imagenet", *CIFAR])
+    parser.add_argument(
+        "--dest", default=None, help="target folder (default: data/tiny-imagenet-200, data/cifar10, ...)"
+    )
+    parser.add_argument("--url", default=None, help="a mirror of the official archive")
     parser.add_argument("--md5", default=None, help="MD5 to check a --url mirror against")
     parser.add_argument("--archive", nargs="+", help="local .zip / .tar.gz, or split parts in order (no download)")
     args = parser.parse_args(argv)
     try:
-        path = fetch_tiny_imagenet(args.dest, args.url, args.md5, args.archive)
+        if args.dataset == "tiny-imagenet":
+            dest = args.dest or here / "tiny-imagenet-200"
+            path = fetch_tiny_imagenet(dest, args.url or OFFICIAL_URL, args.md5, args.archive)
+        else:
+            path = fetch_cifar(args.dataset, args.dest or here / args.dataset, args.url, args.md5, args.archive)
     except DownloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

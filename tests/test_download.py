@@ -197,3 +197,55 @@ def test_real_archive_parts_install_a_dataset_the_loader_accepts(tmp_path):
     data = read_tiny_imagenet(dest)
     assert len(data.classes) == 200 and len(data.train.paths) == 100_000
     assert len(data.val.paths) == 10_000 and len(data.test.paths) == 10_000
+
+
+def _cifar_targz() -> bytes:
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+
+        def add(name, obj):
+            raw = pickle.dumps(obj)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tf.addfile(info, io.BytesIO(raw))
+
+        for i in range(1, 6):
+            add(f"data_batch_{i}", {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]})
+        add("test_batch", {"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), "labels": [4, 5]})
+        add("batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
+    return buf.getvalue()
+
+
+def test_cifar_download_uses_the_same_safe_path(tmp_path):
+    import batch_manager
+
+    payload = _cifar_targz()
+    server = Server(payload)
+    try:
+        dest = dl.fetch_cifar("cifar10", tmp_path / "cifar10", url=server.url, md5=_md5(payload))
+    finally:
+        server.close()
+    data = batch_manager.prepare_data("cifar10", dest, 32, 0)
+    assert len(data.train) == 20 and len(data.val) == 2 and (dest / dl.COMPLETE_MARKER).is_file()
+    with pytest.raises(dl.DownloadError, match="lacks"):
+        dl.fetch_cifar("cifar100", tmp_path / "c100", archives=[tmp_path / "tiny-imagenet-200.zip"])
+
+
+def test_full_disk_is_a_clear_error(tmp_path, dataset_zip):
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    server = Server(dataset_zip * 4)  # larger than the 64 KiB filesystem
+    try:
+        with pytest.raises(dl.DownloadError, match="disk is full"):
+            dl.download(server.url, small / "t.zip")
+    finally:
+        server.close()
+        subprocess.run(["umount", str(small)], check=True)
