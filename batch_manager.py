@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -121,6 +122,31 @@ class AugmentedDataset(Dataset):
 
 
 # --------------------------------------------------------------------------- loaders
+class ResumableSampler(DistributedSampler):
+    """torch's epoch-seeded shuffling (the sampler DDP needs), able to start an epoch mid-way:
+    after set_epoch(epoch, skip=k) it yields the same order minus its first k indices."""
+
+    def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip :])
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.skip, 0)
+
+
+def _worker_init(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: the main process stops cleanly at the next update
+    # boundary, and the workers must keep serving it until then.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @dataclass
 class Loaders:
     train: DataLoader
@@ -128,9 +154,10 @@ class Loaders:
     test: DataLoader | None  # None when the dataset has no unlabelled test split
     data: DataSplits
 
-    def set_epoch(self, epoch: int, strength: float) -> None:
-        """Call before iterating the epoch: new shuffle order and augmentation strength."""
-        self.train.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, strength: float, start_batch: int = 0) -> None:
+        """Call before iterating the epoch: shuffle order, augmentation strength, and where in the
+        epoch to start (a resumed epoch skips the batches already trained on)."""
+        self.train.sampler.set_epoch(epoch, skip=start_batch * self.train.batch_size)
         self.train.dataset.set_epoch(epoch, strength)
 
 
@@ -142,6 +169,10 @@ def _loader(dataset: Dataset, batch_size: int, workers: int, pin: bool, **kw) ->
         pin_memory=pin,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_worker_init if workers > 0 else None,
+        # A private generator: creating an iterator must not draw from the global torch RNG, or a
+        # resumed run (which creates one iterator more) would diverge from an uninterrupted one.
+        generator=torch.Generator().manual_seed(0),
         **kw,
     )
 
@@ -155,8 +186,7 @@ def build_loaders(
             "lower --batch_size"
         )
     train_set = AugmentedDataset(data.train, partial(transforms.train_pipeline, img_size), seed)
-    # Epoch-seeded shuffling by torch's own sampler (the same one DDP needs).
-    sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=seed)
+    sampler = ResumableSampler(train_set, seed)
     train = _loader(train_set, batch_size, workers, pin_memory, sampler=sampler, drop_last=True)
     val, test = eval_loaders(data, img_size, batch_size, workers, pin_memory)
     return Loaders(train=train, val=val, test=test, data=data)

@@ -20,6 +20,8 @@ from data_sources import DATASETS
 from utils import UserError
 
 AUG_SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "step", "multistep", "none")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -61,10 +63,28 @@ class Config:
     img_size: int = _opt("training resolution; 64 is native, 224 resizes", default=64)
     workers: int = _opt("DataLoader worker processes (0 = load in the main process)", default=_default_workers)
     # --- optimisation ---
-    weight_decay: float = _opt("AdamW weight decay (not applied to norms and biases)", default=0.05)
-    warmup_epochs: float = _opt("linear learning-rate warm-up before the cosine decay", default=0.0)
+    opt: str = _opt("optimizer", default="adamw", choices=OPTIMIZERS)
+    momentum: float = _opt("SGD momentum", default=0.9)
+    nesterov: bool = _opt("Nesterov momentum (with --opt sgd)", default=False, flag=True)
+    weight_decay: float = _opt("weight decay (not applied to norms and biases)", default=0.05)
+    lr_scale_batch: int = _opt(
+        "linear scaling rule: lr = lr_base * batch_size * accum_steps / N (0 = use lr_base as given)", default=0
+    )
+    sched: str = _opt("learning-rate schedule, updated every step", default="cosine", choices=SCHEDULES)
+    warmup_epochs: float = _opt("linear learning-rate warm-up before the schedule", default=0.0)
     min_lr: float = _opt("learning rate at the end of the cosine schedule", default=0.0)
+    step_size: float = _opt("--sched step: epochs between decays", default=30.0)
+    gamma: float = _opt("--sched step/multistep: factor applied at each decay", default=0.1)
+    milestones: str = _opt("--sched multistep: comma-separated epochs, e.g. 30,60,80", default="")
     label_smoothing: float = _opt("label smoothing of the training targets", default=0.1)
+    grad_clip: float = _opt("clip the gradient norm to this value (0 = off)", default=0.0)
+    accum_steps: int = _opt("batches accumulated per optimizer step", default=1)
+    ema: bool = _opt("keep an exponential moving average of the weights, evaluated every epoch", default=False,
+                     flag=True)  # fmt: skip
+    ema_decay: float = _opt("EMA decay per optimizer step", default=0.9998)
+    best_on: str = _opt("which weights pick best.pth.tar and the test predictions", default="model",
+                        choices=("model", "ema"))  # fmt: skip
+    patience: int = _opt("stop after N epochs without a better val top-1 (0 = never)", default=0)
     # --- progressive augmentation (strength s in [0, 1]) ---
     aug_schedule: str = _opt("how s grows over epochs", default="cosine", choices=AUG_SCHEDULES)
     aug_strength: float = _opt("s for --aug_schedule constant; the ceiling for the others", default=1.0)
@@ -74,7 +94,15 @@ class Config:
     # --- runtime ---
     seed: int = _opt("seed for python, numpy, torch and the data order", default=42)
     device: str = _opt("where to train", default="auto", choices=DEVICES)
-    amp: bool = _opt("bf16 autocast where the device supports it", default=False)
+    amp: bool = _opt("mixed precision (autocast) where the device supports it", default=False)
+    amp_dtype: str = _opt(
+        "autocast type: bf16, or fp16 with a gradient scaler", default="bf16", choices=("bf16", "fp16")
+    )
+    channels_last: bool = _opt("channels-last memory format for model and inputs", default=False)
+    compile: bool = _opt("torch.compile the model (off by default)", default=False, flag=True)
+    keep_last: int = _opt("also keep the last K epoch checkpoints epoch_NNN.pth.tar (0 = none)", default=0)
+    steps_per_epoch: int = _opt("cap on training batches per epoch (0 = all); for smoke tests", default=0)
+    resume: str = _opt("continue the run in this run folder (or from this checkpoint)", default="")
     wandb: str = _opt(
         "wandb mode; auto = online when logged in, otherwise offline", default="auto", choices=WANDB_MODES
     )
@@ -107,6 +135,17 @@ def validate(cfg: Config) -> Config:
         (0 <= cfg.label_smoothing < 1, f"--label_smoothing must lie in [0, 1) (got {cfg.label_smoothing})"),
         (0 <= cfg.warmup_epochs < cfg.epochs, f"--warmup_epochs must lie in [0, --epochs) (got {cfg.warmup_epochs})"),
         (0 <= cfg.val_split < 1, f"--val_split must lie in [0, 1) (got {cfg.val_split})"),
+        (cfg.accum_steps >= 1, f"--accum_steps must be >= 1 (got {cfg.accum_steps})"),
+        (0 < cfg.ema_decay < 1, f"--ema_decay must lie in (0, 1) (got {cfg.ema_decay})"),
+        (cfg.best_on == "model" or cfg.ema, "--best_on ema needs --ema"),
+        (not cfg.nesterov or cfg.opt == "sgd", "--nesterov applies to --opt sgd only"),
+        (cfg.gamma > 0 and cfg.step_size > 0, "--gamma and --step_size must be > 0"),
+        (cfg.sched != "multistep" or cfg.milestones.strip(), "--sched multistep needs --milestones, e.g. 30,60,80"),
+        (
+            min(cfg.patience, cfg.keep_last, cfg.steps_per_epoch, cfg.lr_scale_batch) >= 0,
+            "--patience, --keep_last, --steps_per_epoch and --lr_scale_batch must be >= 0",
+        ),
+        (cfg.grad_clip >= 0 and cfg.momentum >= 0, "--grad_clip and --momentum must be >= 0"),
         (not (cfg.trainval and cfg.val_split), "--trainval merges val back into train: drop --val_split"),
     ]
     for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
@@ -123,7 +162,19 @@ def validate(cfg: Config) -> Config:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    milestones(cfg)
     return cfg
+
+
+def milestones(cfg: Config) -> list[float]:
+    """--milestones '30,60' -> [30.0, 60.0] (epochs, ascending)."""
+    try:
+        values = [float(v) for v in cfg.milestones.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--milestones must be comma-separated epochs like 30,60,80 (got {cfg.milestones!r})") from None
+    if values != sorted(values) or any(v <= 0 for v in values):
+        raise UserError(f"--milestones must be positive and ascending (got {cfg.milestones!r})")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,10 +234,16 @@ def _coerce(path: Path, key: str, value: Any, type_name: str) -> Any:
     raise UserError(f"config file {path}: {key} must be {type_name}, got {value!r}")
 
 
-def parse_config(argv: list[str] | None = None) -> Config:
-    """argv -> validated Config. Bad input raises UserError (argparse errors exit with code 2)."""
+def parse_config(argv: list[str] | None = None, base: dict[str, Any] | None = None) -> Config:
+    """argv -> validated Config. Bad input raises UserError (argparse errors exit with code 2).
+    `base` (a resumed run's saved config) replaces the defaults; the command line still wins."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
+    if base is not None:
+        if pre.config:
+            raise UserError("--resume takes the run's own settings: drop --config")
+        known = {f.name for f in fields(Config)}
+        parser.set_defaults(**{k: v for k, v in base.items() if k in known})
     if pre.config:
         parser.set_defaults(**load_yaml_defaults(pre.config))
     args = vars(parser.parse_args(argv))

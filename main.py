@@ -2,6 +2,7 @@
 
     python main.py --arch resnet18 --batch_size 128 --lr_base 1e-3 --epochs 100
     python main.py --config configs/demo.yaml --epochs 3
+    python main.py --resume checkpoints/RUN          # continue an interrupted run exactly
 
 Writes checkpoints/<YYYY-MM-DD_HH-MM-SS>_<arch>/ with config.yaml, log.txt, metrics.csv,
 last.pth.tar, best.pth.tar, best_results.json and best_test_preds.csv (see README).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -18,21 +20,22 @@ from pathlib import Path
 
 import torch
 import yaml
-from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 
 import arch
 import batch_manager
+import run_state
+import train
 import transforms
-from config import Config, parse_config
-from train import train_one_epoch
+from config import Config, milestones, parse_config
+from run_state import TrainState
 from utils import (
     CsvSink,
     UserError,
     WandbSink,
     amp_dtype,
-    atomic_save,
     count_params,
+    load_checkpoint,
     make_run_dir,
     resolve_device,
     seed_everything,
@@ -46,58 +49,19 @@ METRIC_COLUMNS = [
     "epoch", "lr", "aug_strength", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
     "epoch_seconds", "images_per_second",
 ]  # fmt: skip
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int) -> CosineLRScheduler:
-    """Cosine decay from lr_base to min_lr over all steps, after an optional linear warm-up."""
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    return CosineLRScheduler(
-        optimizer,
-        t_initial=max(cfg.epochs * steps_per_epoch - warmup, 1),
-        lr_min=cfg.min_lr,
-        warmup_t=warmup,
-        warmup_lr_init=cfg.lr_base * 1e-3,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """Parse argv, train, and return the run folder."""
-    setup_logging()
-    cfg = parse_config(argv)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    data = batch_manager.prepare_data(**cfg.data_kwargs())
-    loaders = batch_manager.build_loaders(
-        data, cfg.img_size, cfg.batch_size, cfg.workers, cfg.seed, pin_memory=device.type == "cuda"
-    )
-    classes = loaders.data.classes
-    model = arch.build_model(
-        cfg.arch, len(classes), cfg.img_size, cfg.drop_rate, cfg.attn_drop_rate, cfg.drop_path_rate
-    ).to(device)
-    # The run folder is created only once data and model are known to be good: no empty folders.
-    run_dir = make_run_dir(cfg.output_dir, cfg.arch)
-    setup_logging(run_dir)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    sinks = [CsvSink(run_dir / "metrics.csv", METRIC_COLUMNS)]
-    try:
-        if cfg.wandb != "disabled":
-            sinks.append(WandbSink(run_dir, cfg.wandb, cfg.wandb_project, cfg.to_dict()))
-        _fit(cfg, model, loaders, device, run_dir, sinks)
-    finally:
-        for sink in sinks:
-            sink.close()
-    return run_dir
+EMA_COLUMNS = ["ema_val_loss", "ema_val_top1", "ema_val_top5"]
 
 
 @dataclass
 class Parts:
-    """What one epoch needs, built once by _fit."""
+    """What the epochs need, built once."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module  # the module whose weights are saved
+    net: torch.nn.Module  # what is called: `model`, or its torch.compile wrapper
     optimizer: torch.optim.Optimizer
-    scheduler: CosineLRScheduler
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    ema: ModelEmaV3 | None
     mixer: transforms.StrengthMixer | None
     normalize: transforms.Normalize
     loaders: batch_manager.Loaders
@@ -105,111 +69,208 @@ class Parts:
     amp_dtype: torch.dtype | None
 
 
-def _fit(cfg: Config, model, loaders, device, run_dir: Path, sinks) -> None:
-    classes, params = loaders.data.classes, count_params(model)
-    log.info(
-        "run folder %s | %s, %.2fM params, %d classes | train %d, val %d, test %d images | device %s%s",
-        run_dir, cfg.arch, params / 1e6, len(classes), len(loaders.data.train), len(loaders.data.val or []),
-        len(loaders.data.test or []), device, " (bf16 autocast)" if cfg.amp else "",
-    )  # fmt: skip
-    optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr_base, weight_decay=cfg.weight_decay)
-    parts = Parts(
+class StopRequest:
+    """SIGINT/SIGTERM: finish the current update, save, exit. A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        log.warning("%s received: stopping after the current update", signal.Signals(signum).name)
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Parse argv, train (or resume), and return the run folder."""
+    setup_logging()
+    cfg, ckpt, run_dir = parse_config(argv), None, None
+    if cfg.resume:
+        path = run_state.find_checkpoint(cfg.resume)
+        ckpt, run_dir = load_checkpoint(path), path.parent
+        cfg = parse_config(argv, base=ckpt["config"])
+        run_state.check_compatible(ckpt["config"], cfg.to_dict(), path)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    data = batch_manager.prepare_data(**cfg.data_kwargs())
+    if ckpt is not None and list(ckpt["classes"]) != data.classes:
+        raise UserError(f"--resume {cfg.resume}: the run was trained on other classes than those in {data.root}")
+    loaders = batch_manager.build_loaders(data, cfg.img_size, cfg.batch_size, cfg.workers, cfg.seed,
+                                          pin_memory=device.type == "cuda")  # fmt: skip
+    model = arch.build_model(cfg.arch, len(data.classes), cfg.img_size, cfg.drop_rate, cfg.attn_drop_rate,
+                             cfg.drop_path_rate).to(device)  # fmt: skip
+    # The run folder is created only once data and model are known to be good: no empty folders.
+    run_dir = run_dir or make_run_dir(cfg.output_dir, cfg.arch)
+    setup_logging(run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    parts = _build_parts(cfg, model, loaders, device)
+    state = run_state.restore(parts, ckpt) if ckpt is not None else TrainState()
+    columns = METRIC_COLUMNS + (EMA_COLUMNS if cfg.ema else [])
+    sinks: list = [CsvSink(run_dir / "metrics.csv", columns, rows=state.history)]
+    stop = StopRequest()
+    try:
+        if cfg.wandb != "disabled":
+            sinks.append(WandbSink(run_dir, cfg.wandb, cfg.wandb_project, cfg.to_dict(), run_id=state.wandb_id))
+            state.wandb_id = sinks[-1].run.id
+        if ckpt is not None:
+            run_state.set_rng_state(ckpt["rng"])  # last: nothing after this may draw before training
+            log.info("resumed %s at epoch %d, batch %d (update %d)", run_dir, state.epoch + 1, state.batch, state.step)
+        _fit(cfg, parts, state, run_dir, sinks, stop)
+    finally:
+        stop.restore()
+        for sink in sinks:
+            sink.close()
+    return run_dir
+
+
+def _build_parts(cfg: Config, model, loaders, device) -> Parts:
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    lr = cfg.lr_base * (cfg.batch_size * cfg.accum_steps / cfg.lr_scale_batch if cfg.lr_scale_batch else 1.0)
+    optimizer = train.build_optimizer(model, cfg.opt, lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
+    batches = _batches_per_epoch(cfg, loaders)
+    scheduler = train.build_scheduler(optimizer, cfg.sched, cfg.epochs, train.updates_per_epoch(batches, cfg.accum_steps),
+                                      cfg.warmup_epochs, cfg.min_lr, cfg.step_size, cfg.gamma, milestones(cfg))  # fmt: skip
+    dtype = amp_dtype(device, cfg.amp, cfg.amp_dtype)
+    n_classes = len(loaders.data.classes)
+    return Parts(
         model=model,
+        net=torch.compile(model) if cfg.compile else model,
         optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, cfg, len(loaders.train)),
-        mixer=transforms.build_mixer(
-            cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.label_smoothing, len(classes)
-        ),
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        ema=ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None,
+        mixer=transforms.build_mixer(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.label_smoothing, n_classes),
         normalize=transforms.Normalize().to(device),
         loaders=loaders,
         device=device,
-        amp_dtype=amp_dtype(device, cfg.amp),
+        amp_dtype=dtype,
     )
-    if loaders.test is None:
+
+
+def _batches_per_epoch(cfg: Config, loaders) -> int:
+    full = len(loaders.data.train) // cfg.batch_size
+    return min(full, cfg.steps_per_epoch) if cfg.steps_per_epoch else full
+
+
+def _fit(cfg: Config, p: Parts, state: TrainState, run_dir: Path, sinks, stop: StopRequest) -> None:
+    data = p.loaders.data
+    log.info(
+        "run folder %s | %s, %.2fM params, %d classes | train %d, val %d, test %d images | device %s%s",
+        run_dir, cfg.arch, count_params(p.model) / 1e6, len(data.classes), len(data.train), len(data.val or []),
+        len(data.test or []), p.device, f" ({p.amp_dtype} autocast)" if p.amp_dtype else "",
+    )  # fmt: skip
+    if p.loaders.test is None:
         log.info("this dataset has no unlabelled test split: no best_test_preds.csv will be written")
-    best: dict = {"val_top1": float("-inf")}
-    step, start = 0, time.perf_counter()
-    for epoch in range(cfg.epochs):
-        row, step = _one_epoch(cfg, parts, epoch, step)
-        # Without val (--trainval) the latest epoch is the one kept as best.
-        is_best = "val_top1" not in row or row["val_top1"] > best["val_top1"]
-        _save_epoch(cfg, parts, run_dir, row, step, is_best)
-        if is_best:
-            best = {"best_epoch": epoch + 1, **{k: row.get(k) for k in ("val_top1", "val_top5", "val_loss")}}
-        _write_best_results(run_dir, cfg, params, best, time.perf_counter() - start, epoch + 1)
+    p.scheduler.step_update(num_updates=state.step)
+    start = time.perf_counter() - (state.history[-1]["wall_seconds"] if state.history else 0.0)
+    for epoch in range(state.epoch, cfg.epochs):
+        row = _one_epoch(cfg, p, state, epoch, stop)
+        if row is None:  # interrupted mid-epoch: saved, tell how to go on
+            _exit_interrupted(p, cfg, state, run_dir, stop)
+        row["wall_seconds"] = time.perf_counter() - start
+        improved = _end_epoch(cfg, p, state, run_dir, row)
         for sink in sinks:
-            sink.log(row)  # metrics.csv keeps METRIC_COLUMNS; wandb gets every figure
-        log.info(
-            "epoch %d/%d  %s%s",
-            epoch + 1,
-            cfg.epochs,
-            _summary(row),
-            "  *best*" if is_best and "val_top1" in row else "",
-        )
-    if best["val_top1"] is None:
-        final = "trained on train + val (no val metrics)"
-    else:
-        final = f"best val top-1 {best['val_top1']:.2f}% (top-5 {best['val_top5']:.2f}%) at epoch {best['best_epoch']}"
-    out = f"submit {run_dir / 'best_test_preds.csv'}" if loaders.test is not None else f"weights in {run_dir}"
-    log.info("done: %s in %.0fs | %s", final, time.perf_counter() - start, out)
+            sink.log(row)
+        log.info("epoch %d/%d  %s%s", epoch + 1, cfg.epochs, _summary(row), "  *best*" if improved else "")
+        if cfg.patience and state.bad_epochs >= cfg.patience:
+            log.info("early stop: no better val top-1 for %d epochs (--patience %d)", state.bad_epochs, cfg.patience)
+            break
+        if stop.signum:
+            _exit_interrupted(p, cfg, state, run_dir, stop)
+    _log_done(state, run_dir, p.loaders.test is not None, time.perf_counter() - start)
 
 
-def _summary(row: dict) -> str:
-    text = (
-        f"lr {row['lr']:.2e}  s {row['aug_strength']:.2f} | train loss {row['train_loss']:.3f} "
-        f"top-1 {row['train_top1']:.2f}%"
-    )
-    if "val_top1" in row:
-        text += f" | val loss {row['val_loss']:.3f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
-    return text + f" | {row['epoch_seconds']:.0f}s, {row['images_per_second']:.0f} img/s"
-
-
-def _one_epoch(cfg: Config, p: Parts, epoch: int, step: int) -> tuple[dict, int]:
-    """Set this epoch's augmentation strength, train, evaluate: -> (metrics row, global step)."""
+def _one_epoch(cfg: Config, p: Parts, state: TrainState, epoch: int, stop: StopRequest) -> dict | None:
+    """Set this epoch's augmentation strength, train (from state.batch), evaluate -> metrics row,
+    or None when a stop was requested mid-epoch (state then holds the position)."""
     t0 = time.perf_counter()
     strength = transforms.strength_at(epoch, cfg.epochs, cfg.aug_schedule, cfg.aug_strength)
-    p.loaders.set_epoch(epoch, strength)  # reaches the persistent workers
+    p.loaders.set_epoch(epoch, strength, start_batch=state.batch)  # reaches the persistent workers
     if p.mixer is not None:
         p.mixer.set_strength(strength)  # and CutMix/MixUp
-    p.scheduler.step_update(num_updates=step)
-    lr = p.optimizer.param_groups[0]["lr"]
-    num_classes = len(p.loaders.data.classes)
-    tr = train_one_epoch(p.model, p.loaders.train, p.optimizer, p.scheduler, p.normalize, p.mixer, num_classes,
-                         cfg.label_smoothing, p.device, p.amp_dtype, step, desc=f"epoch {epoch + 1}/{cfg.epochs}")  # fmt: skip
-    step = int(tr.pop("steps"))
-    va = {} if p.loaders.val is None else evaluate(p.model, p.loaders.val, p.normalize, p.device, p.amp_dtype)
-    row = {"epoch": epoch + 1, "lr": lr, "aug_strength": strength, **tr, **va,
-           "epoch_seconds": time.perf_counter() - t0}  # fmt: skip
-    return row, step
+    meters = train.EpochMeters(state.meters)
+    meters.state.setdefault("lr", p.optimizer.param_groups[0]["lr"])  # the epoch's starting lr, kept across resumes
+    tr = train.train_one_epoch(
+        p.net, p.loaders.train, p.optimizer, p.scheduler, p.normalize, p.mixer, len(p.loaders.data.classes),
+        cfg.label_smoothing, p.device, p.amp_dtype, state.step, scaler=p.scaler, accum_steps=cfg.accum_steps,
+        grad_clip=cfg.grad_clip, ema=p.ema, channels_last=cfg.channels_last, start_batch=state.batch,
+        end_batch=_batches_per_epoch(cfg, p.loaders), meters=meters,
+        should_stop=lambda: bool(stop.signum), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+    )  # fmt: skip
+    state.step, state.batch, state.meters = tr["steps"], tr["batch"], tr["meters"]
+    if tr["interrupted"]:
+        return None
+    row = {"epoch": epoch + 1, "lr": meters.state["lr"], "aug_strength": strength}
+    row.update({k: v for k, v in tr.items() if k.startswith("train_") or k == "images_per_second"})
+    if p.loaders.val is not None:
+        row.update(evaluate(p.net, p.loaders.val, p.normalize, p.device, p.amp_dtype))
+        if p.ema is not None:
+            ema = evaluate(p.ema.module, p.loaders.val, p.normalize, p.device, p.amp_dtype)
+            row.update({f"ema_{k}": v for k, v in ema.items()})
+    row["epoch_seconds"] = time.perf_counter() - t0
+    return row
 
 
-def _save_epoch(cfg: Config, p: Parts, run_dir: Path, row: dict, step: int, is_best: bool) -> None:
-    """last.pth.tar every epoch; on a new best also best.pth.tar and the test predictions."""
-    classes = p.loaders.data.classes
-    ckpt = {
-        "state_dict": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
-        "scheduler": p.scheduler.state_dict(), "epoch": row["epoch"], "step": step,
-        "top1": row.get("val_top1"), "top5": row.get("val_top5"), "config": cfg.to_dict(), "classes": classes,
-    }  # fmt: skip
-    atomic_save(ckpt, run_dir / "last.pth.tar")
-    if is_best:
-        atomic_save(ckpt, run_dir / "best.pth.tar")
+def _end_epoch(cfg: Config, p: Parts, state: TrainState, run_dir: Path, row: dict) -> bool:
+    """Update the best, write best (+ predictions) first and last.pth.tar second: a kill between
+    the two re-runs this epoch on resume, identically. Returns whether this epoch is the best."""
+    key = "ema_val_top1" if cfg.best_on == "ema" else "val_top1"
+    score, best = row.get(key), state.best.get("val_top1")
+    improved = score is None or best is None or score > best  # without val, the latest epoch is kept
+    state.epoch, state.batch, state.meters = state.epoch + 1, 0, None
+    state.history.append(row)
+    state.bad_epochs = 0 if improved else state.bad_epochs + 1
+    if improved:
+        state.best = {"best_epoch": row["epoch"], "val_top1": score, "val_top5": row.get(key.replace("top1", "top5")),
+                      "val_loss": row.get(key.replace("top1", "loss")), "weights": cfg.best_on}  # fmt: skip
+    ckpt = run_state.make_checkpoint(p, cfg.to_dict(), state)
+    if improved:
+        weights = p.ema.module if cfg.best_on == "ema" else p.model
+        best_ckpt = {**ckpt, "state_dict": weights.state_dict()}
+        run_state.write_checkpoint(best_ckpt, run_dir / "best.pth.tar")
         if p.loaders.test is not None:
-            preds = predict(p.model, p.loaders.test, p.normalize, p.device, p.amp_dtype)
-            write_predictions(p.loaders.data.test.ids, preds, classes, run_dir / "best_test_preds.csv")
-
-
-def _write_best_results(run_dir: Path, cfg: Config, params: int, best: dict, wall: float, epochs_run: int) -> None:
-    results = {
-        "arch": cfg.arch,
-        "params": params,
-        **best,
-        "epochs_run": epochs_run,
-        "wall_time_seconds": round(wall, 2),
-    }
+            preds = predict(weights, p.loaders.test, p.normalize, p.device, p.amp_dtype)
+            write_predictions(p.loaders.data.test.ids, preds, p.loaders.data.classes, run_dir / "best_test_preds.csv")
+    run_state.write_checkpoint(ckpt, run_dir / "last.pth.tar")
+    run_state.save_epoch_copy(run_dir / "last.pth.tar", run_dir, state.epoch, cfg.keep_last)
+    results = {"arch": cfg.arch, "params": count_params(p.model), **state.best, "epochs_run": state.epoch,
+               "wall_time_seconds": round(row["wall_seconds"], 2)}  # fmt: skip
     tmp = run_dir / "best_results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(run_dir / "best_results.json")
+    return improved and score is not None
+
+
+def _exit_interrupted(p: Parts, cfg: Config, state: TrainState, run_dir: Path, stop: StopRequest) -> None:
+    if state.batch:  # mid-epoch: save the exact position (an epoch end has just been saved otherwise)
+        run_state.write_checkpoint(run_state.make_checkpoint(p, cfg.to_dict(), state), run_dir / "last.pth.tar")
+    log.warning("interrupted; state saved in %s. Resume with:\n  python main.py --resume %s", run_dir / "last.pth.tar",
+                run_dir)  # fmt: skip
+    raise SystemExit(128 + stop.signum)
+
+
+def _summary(row: dict) -> str:
+    text = f"lr {row['lr']:.2e}  s {row['aug_strength']:.2f} | train loss {row['train_loss']:.3f} top-1 {row['train_top1']:.2f}%"
+    if "val_top1" in row:
+        text += f" | val loss {row['val_loss']:.3f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
+    if "ema_val_top1" in row:
+        text += f" | EMA top-1 {row['ema_val_top1']:.2f}%"
+    return text + f" | {row['epoch_seconds']:.0f}s, {row['images_per_second']:.0f} img/s"
+
+
+def _log_done(state: TrainState, run_dir: Path, has_test: bool, seconds: float) -> None:
+    b = state.best
+    final = "trained on train + val (no val metrics)"
+    if b.get("val_top1") is not None:
+        final = f"best val top-1 {b['val_top1']:.2f}% (top-5 {b['val_top5']:.2f}%) at epoch {b['best_epoch']}"
+    out = f"submit {run_dir / 'best_test_preds.csv'}" if has_test else f"weights in {run_dir}"
+    log.info("done: %s in %.0fs | %s", final, seconds, out)
 
 
 def cli() -> None:

@@ -41,13 +41,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 where autocast supports it on this device, else None (autocast off)."""
+def amp_dtype(device: torch.device, enabled: bool, name: str = "bf16") -> torch.dtype | None:
+    """The autocast dtype (bf16, or fp16 with a grad scaler), or None for fp32."""
     if not enabled:
         return None
+    if name == "fp16":
+        if device.type != "cuda":
+            log.warning("--amp_dtype fp16 needs a CUDA GPU; using bf16 on %s", device.type)
+            return torch.bfloat16
+        return torch.float16
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        log.warning("--amp: this GPU has no bf16; training in fp32")
-        return None
+        log.warning("--amp: this GPU has no bf16; using fp16 with a gradient scaler")
+        return torch.float16
     return torch.bfloat16
 
 
@@ -118,7 +123,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def make_run_dir(output_dir: str | Path, arch: str) -> Path:
     """checkpoints/<YYYY-MM-DD_HH-MM-SS>_<arch>/ ; a second run in the same second gets a suffix."""
     root = Path(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(
+            f"cannot write run folders in {root} ({exc.strerror or exc}); pass a writable --output_dir"
+        ) from None
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     safe_arch = "".join(c if c.isalnum() or c in "-_." else "-" for c in arch)
     for n in range(1000):
@@ -150,12 +163,18 @@ def setup_logging(run_dir: Path | None = None) -> list[logging.Handler]:
 
 # --------------------------------------------------------------------------- metric sinks
 class CsvSink:
-    """metrics.csv: one row per epoch, header written once, flushed every row."""
+    """metrics.csv: one row per epoch, flushed every row. Created from `rows` (a resumed run's
+    history), so rows of an epoch that was being written when the run died are never duplicated."""
 
-    def __init__(self, path: Path, columns: list[str]) -> None:
+    def __init__(self, path: Path, columns: list[str], rows: list[dict] | None = None) -> None:
         self.path, self.columns = path, columns
-        with open(path, "w", newline="") as fh:
-            csv.writer(fh).writerow(columns)
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(columns)
+            for row in rows or []:
+                writer.writerow([_fmt(row.get(c, "")) for c in columns])
+        tmp.replace(path)
 
     def log(self, row: dict[str, float]) -> None:
         with open(self.path, "a", newline="") as fh:
@@ -172,7 +191,9 @@ def _fmt(value: Any) -> Any:
 class WandbSink:
     """wandb run whose files live inside the run folder; metrics plotted against `epoch`."""
 
-    def __init__(self, run_dir: Path, mode: str, project: str, config: dict[str, Any]) -> None:
+    def __init__(
+        self, run_dir: Path, mode: str, project: str, config: dict[str, Any], run_id: str | None = None
+    ) -> None:
         import wandb
 
         self._wandb = wandb
@@ -183,6 +204,8 @@ class WandbSink:
             dir=str(run_dir),
             mode=mode,
             config=config,
+            id=run_id,  # a resumed run continues its wandb run
+            resume="allow" if run_id else None,
             settings=wandb.Settings(silent=True, console="off"),
         )
         self.run.define_metric("epoch")

@@ -1,0 +1,147 @@
+"""What a checkpoint holds, and resuming a run exactly from one.
+
+A checkpoint is written at the end of every epoch (and at the last finished update when the
+run is interrupted): weights, optimizer, scheduler, grad scaler, EMA, the epoch/update/batch
+position, the epoch's running sums, the best result so far, every metrics row, the wandb run id
+and every random state (python, numpy, torch). Shuffling and augmentation are functions of
+(seed, epoch, index), so with these a resumed run repeats an uninterrupted one exactly on CPU.
+Everything is plain data or tensors: ``torch.load(..., weights_only=True)`` reads it.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils import UserError, atomic_save
+
+# Settings that may change when resuming (where things run, not what is computed).
+RESUME_MAY_CHANGE = {"workers", "device", "wandb", "wandb_project", "data_dir", "cache_dir", "no_cache", "resume",
+                     "output_dir"}  # fmt: skip
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer updates done
+    batch: int = 0  # batches done in the current (unfinished) epoch
+    meters: dict | None = None  # running sums of the unfinished epoch
+    best: dict = field(default_factory=lambda: {"val_top1": None, "best_epoch": 0})
+    bad_epochs: int = 0  # epochs since the best (early stopping)
+    history: list[dict] = field(default_factory=list)  # one metrics row per finished epoch
+    wandb_id: str | None = None
+
+
+# --------------------------------------------------------------------------- random states
+def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss_np = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_np))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- checkpoints
+def make_checkpoint(parts, cfg_dict: dict, state: TrainState) -> dict[str, Any]:
+    """`parts`: main.Parts (model, optimizer, scheduler, scaler, ema, loaders)."""
+    last = state.history[-1] if state.history and state.batch == 0 else {}
+    return {
+        "state_dict": parts.model.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.scaler.state_dict(),
+        "ema": parts.ema.state_dict() if parts.ema is not None else None,
+        "epoch": state.epoch,
+        "step": state.step,
+        "batch": state.batch,
+        "meters": state.meters,
+        "best": state.best,
+        "bad_epochs": state.bad_epochs,
+        "history": state.history,
+        "wandb_id": state.wandb_id,
+        "rng": rng_state(),
+        "top1": last.get("val_top1"),
+        "top5": last.get("val_top5"),
+        "config": cfg_dict,
+        "classes": parts.loaders.data.classes,
+    }
+
+
+def restore(parts, ckpt: dict[str, Any]) -> TrainState:
+    """Load every piece of `ckpt` into `parts`; the caller restores the RNG last (set_rng_state)."""
+    parts.model.load_state_dict(ckpt["state_dict"])
+    parts.optimizer.load_state_dict(ckpt["optimizer"])
+    parts.scheduler.load_state_dict(ckpt["scheduler"])
+    parts.scaler.load_state_dict(ckpt["scaler"])
+    if parts.ema is not None and ckpt.get("ema") is not None:
+        parts.ema.load_state_dict(ckpt["ema"])
+    return TrainState(
+        epoch=ckpt["epoch"], step=ckpt["step"], batch=ckpt["batch"], meters=ckpt["meters"], best=ckpt["best"],
+        bad_epochs=ckpt["bad_epochs"], history=list(ckpt["history"]), wandb_id=ckpt["wandb_id"],
+    )  # fmt: skip
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "last.pth.tar"
+    if not p.is_file():
+        raise UserError(f"--resume {path}: {p} does not exist; pass a run folder holding last.pth.tar")
+    return p
+
+
+def check_compatible(saved: dict[str, Any], cfg_dict: dict[str, Any], path: Path) -> None:
+    """A resumed run is the same run: refuse settings that would change what is computed."""
+    diffs = [
+        f"--{k} {cfg_dict[k]!r} (the run has {saved[k]!r})"
+        for k in cfg_dict
+        if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != cfg_dict[k]
+    ]
+    if diffs:
+        raise UserError(
+            f"--resume {path}: {'; '.join(diffs)}. Resuming continues the same run; "
+            "drop those flags, or start a new run (optionally from these weights)"
+        )
+
+
+def save_epoch_copy(last: Path, run_dir: Path, epoch: int, keep: int) -> None:
+    """--keep_last K: epoch_NNN.pth.tar copies of the last K epoch-end checkpoints."""
+    if keep <= 0:
+        return
+    target = run_dir / f"epoch_{epoch:03d}.pth.tar"
+    tmp = run_dir / f".{target.name}.tmp"
+    shutil.copyfile(last, tmp)
+    tmp.replace(target)
+    for old in sorted(run_dir.glob("epoch_*.pth.tar"))[:-keep]:
+        old.unlink()
+
+
+def write_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
+    """atomic_save, turning a full disk into a clear error (the previous file stays intact)."""
+    try:
+        atomic_save(ckpt, path)
+    except OSError as exc:
+        raise UserError(
+            f"could not write {path} ({exc.strerror or exc}); the previous {path.name} is intact. "
+            "Free disk space, then resume with --resume " + str(path.parent)
+        ) from None

@@ -1,0 +1,121 @@
+"""Exact resume: real subprocesses killed with SIGKILL (and stopped with SIGINT) at several points,
+then resumed, must end with exactly the metrics.csv and weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+TIMING = ("epoch_seconds", "images_per_second")
+RUN = ["--arch", "mobilenetv2_100", "--img_size", "32", "--batch_size", "8", "--workers", "0", "--epochs", "3",
+       "--lr_base", "2e-3", "--drop_rate", "0.1", "--drop_path_rate", "0.1", "--ema", "--ema_decay", "0.9",
+       "--aug_schedule", "linear", "--wandb", "disabled"]  # fmt: skip
+
+
+def _start(args, out):
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def _run_dir(out_dir: Path) -> Path | None:
+    runs = [p for p in out_dir.glob("*_mobilenetv2_100") if p.is_dir()]
+    return runs[0] if runs else None
+
+
+def _rows(run: Path) -> list[dict]:
+    with open(run / "metrics.csv", newline="") as fh:
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(fh)]
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    with open(out / "log", "w") as log:
+        assert _start([*RUN, "--data_dir", str(tiny_data), "--output_dir", str(out)], log).wait(300) == 0
+    return _run_dir(out)
+
+
+def _wait_until(predicate, proc, timeout=240.0, poll=0.001):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(poll)
+    return False
+
+
+def _n_rows(out: Path) -> int:
+    run = _run_dir(out)
+    if run is None or not (run / "metrics.csv").exists():
+        return 0
+    return max(len((run / "metrics.csv").read_text().splitlines()) - 1, 0)
+
+
+def _saving_last(out: Path) -> bool:
+    run = _run_dir(out)
+    return run is not None and (run / "last.pth.tar").exists() and any(run.glob(".last.pth.tar.*.tmp"))
+
+
+KILL_POINTS = {
+    # while epoch 2's last.pth.tar is being written: the epoch-1 file must survive intact
+    "during a checkpoint write": lambda out: _saving_last(out) and _n_rows(out) >= 1,
+    "mid epoch 2": lambda out: _n_rows(out) >= 1 and (time.sleep(0.4) or True),
+    "right after epoch 2": lambda out: _n_rows(out) >= 2,
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_sigkill_then_resume_matches_an_uninterrupted_run(reference, tiny_data, tmp_path, point):
+    with open(tmp_path / "log", "w") as log:
+        proc = _start([*RUN, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path)], log)
+        reached = _wait_until(lambda: KILL_POINTS[point](tmp_path), proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+    assert reached, f"the run ended before the kill point: {(tmp_path / 'log').read_text()[-2000:]}"
+    run = _run_dir(tmp_path)
+    torch.load(run / "last.pth.tar", weights_only=True)  # never truncated
+    with open(tmp_path / "resume.log", "w") as log:
+        assert _start(["--resume", str(run)], log).wait(300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    assert _rows(run) == _rows(reference)
+    assert _same_weights(run / "last.pth.tar", reference / "last.pth.tar")
+    assert _same_weights(run / "best.pth.tar", reference / "best.pth.tar")
+    assert (run / "best_test_preds.csv").read_text() == (reference / "best_test_preds.csv").read_text()
+    assert not list(run.glob(".*.tmp")) or point == "during a checkpoint write"
+
+
+def test_sigint_saves_mid_epoch_and_resumes_exactly(reference, tiny_data, tmp_path):
+    with open(tmp_path / "log", "w") as log:
+        proc = _start([*RUN, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path)], log)
+        assert _wait_until(lambda: _n_rows(tmp_path) >= 1 and (time.sleep(0.3) or True), proc)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(120)
+    output = (tmp_path / "log").read_text()
+    run = _run_dir(tmp_path)
+    assert code == 130 and f"python main.py --resume {run}" in output and "Traceback" not in output
+    ckpt = torch.load(run / "last.pth.tar", weights_only=True)
+    assert ckpt["epoch"] == 1 and 0 < ckpt["batch"] < 8  # a mid-epoch position
+    with open(tmp_path / "resume.log", "w") as log:
+        assert _start(["--resume", str(run), "--workers", "2"], log).wait(300) == 0
+    assert _rows(run) == _rows(reference)
+    assert _same_weights(run / "last.pth.tar", reference / "last.pth.tar")
