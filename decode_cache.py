@@ -67,7 +67,7 @@ def _chunks(paths: list[Path], size: int | None, keep: bool):
 def _run(paths: list[Path], size: int | None, keep: bool, workers: int, desc: str):
     """Yield (start index, decoded chunk or None, bad list) in order, in `workers` processes."""
     jobs = _chunks(paths, size, keep)
-    bar = tqdm(total=len(paths), desc=desc, unit="img", leave=False, dynamic_ncols=True)
+    bar = tqdm(total=len(paths), desc=desc, unit="img", leave=False, dynamic_ncols=True, disable=None)
     try:
         if workers > 1:
             with multiprocessing.get_context("fork").Pool(workers) as pool:

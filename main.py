@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import run_state
 import train
 import transforms
 from config import Config, milestones, parse_config
-from run_state import TrainState
+from run_state import StopRequest, TrainState
 from utils import (
     CsvSink,
     UserError,
@@ -69,23 +68,6 @@ class Parts:
     amp_dtype: torch.dtype | None
 
 
-class StopRequest:
-    """SIGINT/SIGTERM: finish the current update, save, exit. A second Ctrl-C stops at once."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        log.warning("%s received: stopping after the current update", signal.Signals(signum).name)
-
-    def restore(self) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-
-
 def main(argv: list[str] | None = None) -> Path:
     """Parse argv, train (or resume), and return the run folder."""
     setup_logging()
@@ -105,7 +87,14 @@ def main(argv: list[str] | None = None) -> Path:
     model = arch.build_model(cfg.arch, len(data.classes), cfg.img_size, cfg.drop_rate, cfg.attn_drop_rate,
                              cfg.drop_path_rate).to(device)  # fmt: skip
     # The run folder is created only once data and model are known to be good: no empty folders.
+    new_run = run_dir is None
     run_dir = run_dir or make_run_dir(cfg.output_dir, cfg.arch)
+    try:
+        run_state.check_disk(run_dir, model, extra_copies=cfg.keep_last + (1 if cfg.ema else 0))
+    except UserError:
+        if new_run:
+            run_dir.rmdir()
+        raise
     setup_logging(run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     parts = _build_parts(cfg, model, loaders, device)

@@ -10,8 +10,10 @@ Everything is plain data or tensors: ``torch.load(..., weights_only=True)`` read
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ import numpy as np
 import torch
 
 from utils import UserError, atomic_save
+
+log = logging.getLogger("tin")
 
 # Settings that may change when resuming (where things run, not what is computed).
 RESUME_MAY_CHANGE = {"workers", "device", "wandb", "wandb_project", "data_dir", "cache_dir", "no_cache", "resume",
@@ -145,3 +149,33 @@ def write_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
             f"could not write {path} ({exc.strerror or exc}); the previous {path.name} is intact. "
             "Free disk space, then resume with --resume " + str(path.parent)
         ) from None
+
+
+class StopRequest:
+    """SIGINT/SIGTERM: finish the current update, save, exit. A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        log.warning("%s received: stopping after the current update", signal.Signals(signum).name)
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def check_disk(run_dir: Path, model: torch.nn.Module, extra_copies: int = 0) -> None:
+    """Refuse to start when the disk cannot hold the checkpoints (weights + 2 optimizer slots,
+    written as last, best and a temporary copy)."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    need = params * 3 * (3 + extra_copies)
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise UserError(
+            f"only {free / 1e6:.0f} MB free in {run_dir}, but this run's checkpoints need about {need / 1e6:.0f} MB; "
+            "free space or pass another --output_dir"
+        )

@@ -54,7 +54,8 @@ def build_scheduler(
     if sched == "step":
         return StepLRScheduler(optimizer, decay_t=step_size * updates_per_epoch, decay_rate=gamma, **common)
     if sched == "multistep":
-        steps = [int(round(m * updates_per_epoch)) - warmup for m in milestones or []]
+        # timm decays once t + 1 reaches a milestone; +1 makes the decay start exactly at epoch m
+        steps = [int(round(m * updates_per_epoch)) - warmup + 1 for m in milestones or []]
         return MultiStepLRScheduler(optimizer, decay_t=steps, decay_rate=gamma, **common)
     if sched == "none":
         return StepLRScheduler(optimizer, decay_t=float("inf"), decay_rate=1.0, **common)
@@ -137,7 +138,7 @@ def train_one_epoch(
             lr = optimizer.param_groups[0]["lr"]
             raise FloatingPointError(
                 f"the training loss became {loss.item()} at update {step} (lr {lr:.3g}); the last checkpoint is "
-                "intact. Lower --lr_base, add --grad_clip 1.0 or a --warmup_epochs, or use --amp_dtype bf16"
+                "intact. Lower --lr_base, or add --grad_clip 1.0 or --warmup_epochs 2"
             )
         scaler.scale(loss / group_size).backward()
         if b + 1 - group_start == group_size:

@@ -31,7 +31,7 @@ log = logging.getLogger("tin")
 def _batches(model, loader, normalize, device, amp_dtype, desc):
     model.eval()
     with torch.inference_mode():
-        for images, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        for images, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
             images = normalize(images.to(device, non_blocking=True))
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = model(images)

@@ -6,17 +6,20 @@ Models know nothing about config, devices or data.
 
 Transformers run at the requested resolution natively: at 64x64 ViT/DeiT use 8x8 patches
 (an 8x8 token grid, like 224 with 16x16 patches has 14x14) and Swin uses 4x4 windows (a 7x7
-window does not tile the 16x16 -> 2x2 stage grids of a 64x64 input).
+window does not tile the 16x16 -> 2x2 stage grids of a 64x64 input). ``budget_cnn`` (arch/budget.py)
+is a local CNN under 1 M parameters designed for 64x64.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import timm
 import torch
 
+from arch.budget import BudgetNet
 from utils import UserError
 
 log = logging.getLogger("tin")
@@ -27,9 +30,10 @@ DROP_KNOBS = ("drop_rate", "attn_drop_rate", "drop_path_rate")
 @dataclass(frozen=True)
 class ArchSpec:
     name: str
-    timm_name: str
+    timm_name: str  # "" for the local models below
     family: str
     knobs: tuple[str, ...]  # which of DROP_KNOBS the model accepts
+    local: Callable[..., torch.nn.Module] | None = None
 
     def resolution_kwargs(self, img_size: int) -> dict:
         if self.family == "vit":
@@ -59,6 +63,7 @@ REGISTRY: dict[str, ArchSpec] = {
         ArchSpec("swin_tiny", "swin_tiny_patch4_window7_224", "swin", _TRANSFORMER),
         ArchSpec("efficientnet_b0", "efficientnet_b0", "efficientnet", _CNN),
         ArchSpec("mobilenetv2_100", "mobilenetv2_100", "mobilenet", _CNN),
+        ArchSpec("budget_cnn", "", "budget", _CNN, local=BudgetNet),
     ]
 }
 
@@ -84,6 +89,8 @@ def build_model(
     if unused:
         log.info("%s has no %s; those flags are ignored for this model", name, " / ".join(f"--{k}" for k in unused))
     kwargs = {k: v for k, v in requested.items() if k in spec.knobs}
+    if spec.local is not None:
+        return spec.local(num_classes=num_classes, **kwargs)
     return timm.create_model(
         spec.timm_name, pretrained=False, num_classes=num_classes, **kwargs, **spec.resolution_kwargs(img_size)
     )

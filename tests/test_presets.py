@@ -1,0 +1,69 @@
+"""Every YAML preset runs (one short epoch on the fixture data), and sweep.py runs several at once."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import main
+from config import load_yaml_defaults
+from conftest import ROOT
+
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_preset_runs_a_few_steps(preset, tiny_data, tmp_path):
+    recipe = load_yaml_defaults(str(preset))
+    # The recipe as written; only the data (the fixture), the length and the batch are shrunk.
+    run = main.main(["--config", str(preset), "--dataset", "tiny-imagenet", "--data_dir", str(tiny_data),
+                     "--output_dir", str(tmp_path), "--epochs", "1", "--warmup_epochs", "0", "--steps_per_epoch", "2",
+                     "--batch_size", "4", "--workers", "0", "--wandb", "disabled", "--patience", "0"])  # fmt: skip
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (run / "best.pth.tar").is_file()
+    shrunk = {"dataset", "data_dir", "epochs", "warmup_epochs", "batch_size", "workers", "patience"}
+    assert {k: v for k, v in recipe.items() if k not in shrunk} == {k: saved[k] for k in recipe if k not in shrunk}
+
+
+def test_sweep_runs_in_parallel_with_overrides_and_tabulates(tiny_data, tmp_path):
+    first = tmp_path / "first.yaml"
+    first.write_text("arch: resnet18\nimg_size: 32\nbatch_size: 8\nlr_base: 2.0e-3\nepochs: 9\n")
+    second = tmp_path / "second.yaml"
+    second.write_text("arch: budget_cnn\nimg_size: 32\nbatch_size: 8\nlr_base: 2.0e-3\n")
+    proc = subprocess.run(
+        [sys.executable, "sweep.py", str(first), str(second), "--parallel", "2", "--sweep_dir", str(tmp_path / "sw"),
+         "--set", "epochs=2", "--set", "workers=0", "--set", "wandb=disabled", "--set", f"data_dir={tiny_data}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "sw" / "summary.csv")))
+    assert {r["name"]: r["arch"] for r in rows} == {"first": "resnet18", "second": "budget_cnn"}
+    assert all(r["status"] == "ok" and r["epochs_run"] == "2" for r in rows)  # --set epochs won over the file
+    assert float(rows[0]["val_top1"]) >= float(rows[1]["val_top1"])  # sorted by accuracy
+    assert int(next(r for r in rows if r["arch"] == "budget_cnn")["params"]) < 1_000_000
+    assert "| name | status |" in (tmp_path / "sw" / "summary.md").read_text()
+
+
+def test_sweep_reports_failures(tiny_data, tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(f"arch: resnet18\nimg_size: 32\nbatch_size: 8\nepochs: 1\nworkers: 0\ndata_dir: {tiny_data}\n")
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("arch: resnet18\ndata_dir: /nonexistent/dataset\nepochs: 1\n")
+    proc = subprocess.run(
+        [sys.executable, "sweep.py", str(bad), str(good), "--sweep_dir", str(tmp_path / "sw"), "--set", "wandb=disabled"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "sw" / "summary.csv"))}
+    assert proc.returncode == 1
+    assert rows["broken"]["status"].startswith("failed") and rows["good"]["status"] == "ok"
+    assert "does not exist" in (tmp_path / "sw" / "broken.log").read_text()
+
+
+def test_sweep_rejects_bad_overrides_before_running(tmp_path):
+    proc = subprocess.run([sys.executable, "sweep.py", str(ROOT / "configs" / "demo.yaml"), "--set", "epochz=3",
+                           "--sweep_dir", str(tmp_path / "sw")], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and "epochz" in proc.stderr and not list((tmp_path / "sw").glob("*.log"))
