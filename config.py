@@ -48,6 +48,12 @@ class Config:
     drop_rate: float = _opt("dropout before the classifier", default=0.2)
     attn_drop_rate: float = _opt("attention dropout (transformers only)", default=0.1)
     drop_path_rate: float = _opt("stochastic depth rate", default=0.1)
+    pretrained: bool = _opt("start from timm's ImageNet weights (needs the internet)", default=False, flag=True)
+    pretrained_path: str = _opt("start from these weights (.safetensors or .pth); works offline", default="")
+    max_params: int = _opt("refuse models with more parameters than this (0 = no limit)", default=0)
+    list_archs: bool = _opt("print the model catalogue (params, GFLOPs at --img_size) and exit", default=False,
+                            flag=True)  # fmt: skip
+    format: str = _opt("--list_archs output", default="table", choices=("table", "csv"))
     # --- data and outputs ---
     dataset: str = _opt("dataset format (see README: Datasets)", default="tiny-imagenet", choices=DATASETS)
     data_dir: str = _opt("dataset root folder", default="data/tiny-imagenet-200")

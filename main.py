@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -68,10 +69,13 @@ class Parts:
     amp_dtype: torch.dtype | None
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """Parse argv, train (or resume), and return the run folder."""
+def main(argv: list[str] | None = None) -> Path | None:
+    """Parse argv, train (or resume), and return the run folder (None for --list_archs)."""
     setup_logging()
     cfg, ckpt, run_dir = parse_config(argv), None, None
+    if cfg.list_archs:
+        print_catalogue(cfg.img_size, cfg.format)
+        return None
     if cfg.resume:
         path = run_state.find_checkpoint(cfg.resume)
         ckpt, run_dir = load_checkpoint(path), path.parent
@@ -85,7 +89,11 @@ def main(argv: list[str] | None = None) -> Path:
     loaders = batch_manager.build_loaders(data, cfg.img_size, cfg.batch_size, cfg.workers, cfg.seed,
                                           pin_memory=device.type == "cuda")  # fmt: skip
     model = arch.build_model(cfg.arch, len(data.classes), cfg.img_size, cfg.drop_rate, cfg.attn_drop_rate,
-                             cfg.drop_path_rate).to(device)  # fmt: skip
+                             cfg.drop_path_rate, cfg.pretrained and ckpt is None,
+                             (cfg.pretrained_path or None) if ckpt is None else None).to(device)  # fmt: skip
+    params, gflops = arch.model_stats(model, cfg.img_size)
+    if cfg.max_params and params > cfg.max_params:
+        raise UserError(f"--arch {cfg.arch} has {params:,} parameters, over --max_params {cfg.max_params:,}")
     # The run folder is created only once data and model are known to be good: no empty folders.
     new_run = run_dir is None
     run_dir = run_dir or make_run_dir(cfg.output_dir, cfg.arch)
@@ -98,6 +106,8 @@ def main(argv: list[str] | None = None) -> Path:
     setup_logging(run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     parts = _build_parts(cfg, model, loaders, device)
+    log.info("%s: %s parameters, %.3f GFLOPs per %dx%d image", cfg.arch, f"{params:,}", gflops, cfg.img_size,
+             cfg.img_size)  # fmt: skip
     state = run_state.restore(parts, ckpt) if ckpt is not None else TrainState()
     columns = METRIC_COLUMNS + (EMA_COLUMNS if cfg.ema else [])
     sinks: list = [CsvSink(run_dir / "metrics.csv", columns, rows=state.history)]
@@ -228,7 +238,8 @@ def _end_epoch(cfg: Config, p: Parts, state: TrainState, run_dir: Path, row: dic
             write_predictions(p.loaders.data.test.ids, preds, p.loaders.data.classes, run_dir / "best_test_preds.csv")
     run_state.write_checkpoint(ckpt, run_dir / "last.pth.tar")
     run_state.save_epoch_copy(run_dir / "last.pth.tar", run_dir, state.epoch, cfg.keep_last)
-    results = {"arch": cfg.arch, "params": count_params(p.model), **state.best, "epochs_run": state.epoch,
+    params, gflops = arch.model_stats(p.model, cfg.img_size)
+    results = {"arch": cfg.arch, "params": params, "gflops": round(gflops, 4), **state.best, "epochs_run": state.epoch,
                "wall_time_seconds": round(row["wall_seconds"], 2)}  # fmt: skip
     tmp = run_dir / "best_results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2) + "\n")
@@ -262,10 +273,27 @@ def _log_done(state: TrainState, run_dir: Path, has_test: bool, seconds: float) 
     log.info("done: %s in %.0fs | %s", final, seconds, out)
 
 
+def print_catalogue(img_size: int, fmt: str) -> None:
+    rows = arch.catalogue(img_size)
+    if fmt == "csv":
+        print("name,family,params,gflops,drop_path")
+        for r in rows:
+            print(f"{r['name']},{r['family']},{r['params']},{r['gflops']},{str(r['drop_path']).lower()}")
+        return
+    print(f"{'name':<18}{'family':<14}{'params':>14}{f'GFLOPs@{img_size}':>14}  drop-path")
+    for r in rows:
+        print(
+            f"{r['name']:<18}{r['family']:<14}{r['params']:>14,}{r['gflops']:>14.3f}  {'yes' if r['drop_path'] else 'no'}"
+        )
+    print("any other timm model: --arch timm:NAME   (GFLOPs: torch's flop counter, a multiply-add = 2 FLOPs)")
+
+
 def cli() -> None:
     """`python main.py`: bad input and a diverged run end with one line, not a traceback."""
     try:
         main()
+    except BrokenPipeError:  # `python main.py --list_archs | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (UserError, FloatingPointError) as exc:
         # A DataLoader worker re-raises with the worker's traceback in the message: keep its last line.
         lines = [ln for ln in str(exc).splitlines() if ln.strip()]

@@ -1,39 +1,47 @@
-"""Model registry: short names -> timm models configured for the input resolution.
+"""Model registry: short names -> models configured for the input resolution.
 
-``build_model(name, num_classes, img_size, drop_rate=..., attn_drop_rate=..., drop_path_rate=...)``
-returns an ``nn.Module`` mapping (B, 3, img_size, img_size) float images to (B, num_classes) logits.
-Models know nothing about config, devices or data.
+``build_model(name, num_classes, img_size, drop_rate=..., attn_drop_rate=..., drop_path_rate=...,
+pretrained=False, pretrained_path=None)`` returns an ``nn.Module`` mapping (B, 3, img_size,
+img_size) float images to (B, num_classes) logits. Models know nothing about config, devices or data.
 
-Transformers run at the requested resolution natively: at 64x64 ViT/DeiT use 8x8 patches
-(an 8x8 token grid, like 224 with 16x16 patches has 14x14) and Swin uses 4x4 windows (a 7x7
-window does not tile the 16x16 -> 2x2 stage grids of a 64x64 input). ``budget_cnn`` (arch/budget.py)
-is a local CNN under 1 M parameters designed for 64x64.
+- timm models by short name (the seeds' catalogue), or any timm model as ``timm:NAME``.
+- Transformers run at the requested resolution natively: at 64x64 ViT/DeiT use 8x8 patches (an
+  8x8 token grid, like 224 with 16x16 patches has 14x14) and Swin uses 4x4 windows (a 7x7 window
+  does not tile the 16x16 -> 2x2 stage grids of a 64x64 input).
+- Small-image ResNets (arch/resnet.py): ``resnetNN_cifar`` (3x3 stride-1 stem, no max-pool) and
+  ``resnetNN_s2`` (one stride-2 3x3 conv). ``budget_cnn`` (arch/budget.py): under 1 M parameters.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import timm
 import torch
 
 from arch.budget import BudgetNet
+from arch.resnet import small_image_resnet
 from utils import UserError
 
 log = logging.getLogger("tin")
 
 DROP_KNOBS = ("drop_rate", "attn_drop_rate", "drop_path_rate")
+_CNN = ("drop_rate", "drop_path_rate")
 
 
 @dataclass(frozen=True)
 class ArchSpec:
     name: str
-    timm_name: str  # "" for the local models below
+    timm_name: str  # the timm model it is built from ("" for budget_cnn)
     family: str
     knobs: tuple[str, ...]  # which of DROP_KNOBS the model accepts
-    local: Callable[..., torch.nn.Module] | None = None
+    local: Callable[..., torch.nn.Module] | None = None  # builder when not plain timm
 
     def resolution_kwargs(self, img_size: int) -> dict:
         if self.family == "vit":
@@ -41,35 +49,63 @@ class ArchSpec:
             patch = 16 if img_size >= 128 else max(2, img_size // 8)
             return {"img_size": img_size, "patch_size": patch}
         if self.family == "swin":
-            window = 7 if img_size >= 224 else 4
-            return {"img_size": img_size, "window_size": window}
+            return {"img_size": img_size, "window_size": 7 if img_size >= 224 else 4}
         return {}
 
 
-_CNN = ("drop_rate", "drop_path_rate")
-_TRANSFORMER = DROP_KNOBS
-
-REGISTRY: dict[str, ArchSpec] = {
-    s.name: s
-    for s in [
-        ArchSpec("resnet18", "resnet18", "resnet", _CNN),
-        ArchSpec("resnet34", "resnet34", "resnet", _CNN),
-        ArchSpec("resnet50", "resnet50", "resnet", _CNN),
-        ArchSpec("resnet101", "resnet101", "resnet", _CNN),
-        ArchSpec("resnet152", "resnet152", "resnet", _CNN),
-        ArchSpec("vit_small", "vit_small_patch16_224", "vit", _TRANSFORMER),
-        ArchSpec("deit_small", "deit_small_patch16_224", "vit", _TRANSFORMER),
-        ArchSpec("vit_tiny", "vit_tiny_patch16_224", "vit", _TRANSFORMER),
-        ArchSpec("swin_tiny", "swin_tiny_patch4_window7_224", "swin", _TRANSFORMER),
+def _specs() -> list[ArchSpec]:
+    specs = [ArchSpec(f"resnet{d}", f"resnet{d}", "resnet", _CNN) for d in (18, 34, 50, 101, 152)]
+    specs += [
+        ArchSpec("vit_small", "vit_small_patch16_224", "vit", DROP_KNOBS),
+        ArchSpec("deit_small", "deit_small_patch16_224", "vit", DROP_KNOBS),
+        ArchSpec("vit_tiny", "vit_tiny_patch16_224", "vit", DROP_KNOBS),
+        ArchSpec("swin_tiny", "swin_tiny_patch4_window7_224", "swin", DROP_KNOBS),
         ArchSpec("efficientnet_b0", "efficientnet_b0", "efficientnet", _CNN),
         ArchSpec("mobilenetv2_100", "mobilenetv2_100", "mobilenet", _CNN),
-        ArchSpec("budget_cnn", "", "budget", _CNN, local=BudgetNet),
+        ArchSpec("vgg19", "vgg19", "vgg", ("drop_rate",)),
     ]
-}
+    for d in (18, 34, 50):
+        for stem in ("cifar", "s2"):
+            builder = partial(small_image_resnet, f"resnet{d}", stem)
+            specs.append(ArchSpec(f"resnet{d}_{stem}", f"resnet{d}", "resnet-small", _CNN, local=builder))
+    specs.append(ArchSpec("budget_cnn", "", "budget", _CNN, local=BudgetNet))
+    return specs
+
+
+REGISTRY: dict[str, ArchSpec] = {s.name: s for s in _specs()}
 
 
 def list_archs() -> list[str]:
     return list(REGISTRY)
+
+
+def resolve(name: str) -> ArchSpec:
+    """A registry entry, or an ad-hoc one for ``timm:NAME``; unknown names list the valid ones."""
+    if name.startswith("timm:"):
+        timm_name = name.removeprefix("timm:")
+        if not timm.is_model(timm_name):
+            close = timm.list_models(f"*{timm_name.split('_')[0]}*")[:8]
+            hint = f" (similar: {', '.join(close)})" if close else ""
+            raise UserError(f"--arch {name}: timm has no model {timm_name!r}{hint}; see timm.list_models()")
+        return ArchSpec(name, timm_name, "timm", DROP_KNOBS)  # what it really takes shows when building
+    spec = REGISTRY.get(name)
+    if spec is None:
+        raise UserError(f"unknown --arch {name!r}; choose one of: {', '.join(REGISTRY)}, or timm:NAME")
+    return spec
+
+
+def _create_timm(timm_name: str, num_classes: int, knobs: dict, **extra) -> torch.nn.Module:
+    """timm.create_model; a drop knob the model's class does not take is reported and left out."""
+    knobs = dict(knobs)
+    while True:
+        try:
+            return timm.create_model(timm_name, num_classes=num_classes, **knobs, **extra)
+        except TypeError as exc:
+            bad = next((k for k in knobs if f"'{k}'" in str(exc)), None)
+            if bad is None:
+                raise
+            if knobs.pop(bad):
+                log.info("%s has no --%s; that flag is ignored for this model", timm_name, bad)
 
 
 def build_model(
@@ -79,18 +115,94 @@ def build_model(
     drop_rate: float = 0.0,
     attn_drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
+    pretrained: bool = False,
+    pretrained_path: str | None = None,
 ) -> torch.nn.Module:
-    """Build an untrained model. Drop knobs the model lacks are reported once, not silently dropped."""
-    spec = REGISTRY.get(name)
-    if spec is None:
-        raise UserError(f"unknown --arch {name!r}; choose one of: {', '.join(REGISTRY)}")
+    """Build a model; drop knobs it lacks are reported once, never silently dropped."""
+    spec = resolve(name)
     requested = {"drop_rate": drop_rate, "attn_drop_rate": attn_drop_rate, "drop_path_rate": drop_path_rate}
     unused = [k for k, v in requested.items() if v and k not in spec.knobs]
     if unused:
         log.info("%s has no %s; those flags are ignored for this model", name, " / ".join(f"--{k}" for k in unused))
     kwargs = {k: v for k, v in requested.items() if k in spec.knobs}
+    weights = _pretrained_kwargs(spec, pretrained, pretrained_path)
+    if spec.family == "budget":
+        model = spec.local(num_classes=num_classes, **kwargs)
+        if pretrained_path:
+            load_matching(model, pretrained_path)
+        return model
     if spec.local is not None:
-        return spec.local(num_classes=num_classes, **kwargs)
-    return timm.create_model(
-        spec.timm_name, pretrained=False, num_classes=num_classes, **kwargs, **spec.resolution_kwargs(img_size)
-    )
+        return spec.local(num_classes=num_classes, **kwargs, **weights)
+    return _create_timm(spec.timm_name, num_classes, kwargs, **spec.resolution_kwargs(img_size), **weights)
+
+
+def _pretrained_kwargs(spec: ArchSpec, pretrained: bool, path: str | None) -> dict:
+    if path:
+        if not Path(path).is_file():
+            raise UserError(f"--pretrained_path {path} does not exist")
+        if spec.family == "budget":
+            return {}
+        # timm loads the file with weights_only=True, drops a classifier of another size (the head
+        # is re-initialised) and resizes position embeddings / patch kernels to this resolution.
+        return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+    if not pretrained:
+        return {}
+    if spec.family == "budget":
+        raise UserError("budget_cnn has no published weights; pass --pretrained_path FILE or train from scratch")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        raise UserError(
+            f"--pretrained needs the Hugging Face hub for {spec.timm_name}'s ImageNet weights, and it cannot be "
+            "reached from here; download them on an online machine and pass --pretrained_path FILE (.safetensors or "
+            ".pth)"
+        )
+    return {"pretrained": True}
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_matching(model: torch.nn.Module, path: str) -> None:
+    """Load every tensor of `path` whose name and shape match; the rest (e.g. another head) keep
+    their fresh initialisation. Safetensors or a (weights-only) torch checkpoint."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    skipped = sorted(set(own) - set(usable))
+    log.info("loaded %d tensors from %s; %d kept their initialisation: %s", len(usable), path, len(skipped),
+             ", ".join(skipped[:6]))  # fmt: skip
+
+
+def model_stats(model: torch.nn.Module, img_size: int) -> tuple[int, float]:
+    """(parameters, GFLOPs per image) — torch's flop counter, a multiply-add counted as 2 FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = sum(p.numel() for p in model.parameters())
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, img_size, img_size, device=device))
+    model.train(was_training)
+    return params, counter.get_total_flops() / 1e9
+
+
+def catalogue(img_size: int = 64, num_classes: int = 200) -> list[dict]:
+    """One row per registry entry: name, family, params, GFLOPs at img_size, drop_path support."""
+    rows = []
+    for spec in REGISTRY.values():
+        params, gflops = model_stats(build_model(spec.name, num_classes, img_size), img_size)
+        rows.append({"name": spec.name, "family": spec.family, "params": params, "gflops": round(gflops, 3),
+                     "drop_path": "drop_path_rate" in spec.knobs})  # fmt: skip
+    return rows
