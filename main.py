@@ -162,7 +162,7 @@ def _fit(cfg: Config, p: Parts, state: TrainState, run_dir: Path, sinks, stop: S
     log.info(
         "run folder %s | %s, %.2fM params, %d classes | train %d, val %d, test %d images | device %s%s",
         run_dir, cfg.arch, count_params(p.model) / 1e6, len(data.classes), len(data.train), len(data.val or []),
-        len(data.test or []), p.device, f" ({p.amp_dtype} autocast)" if p.amp_dtype else "",
+        len(data.test or []), p.device, f" ({str(p.amp_dtype).removeprefix('torch.')} autocast)" if p.amp_dtype else "",
     )  # fmt: skip
     if p.loaders.test is None:
         log.info("this dataset has no unlabelled test split: no best_test_preds.csv will be written")
