@@ -108,6 +108,7 @@ class Config:
     compile: bool = _opt("torch.compile the model (off by default)", default=False, flag=True)
     keep_last: int = _opt("also keep the last K epoch checkpoints epoch_NNN.pth.tar (0 = none)", default=0)
     steps_per_epoch: int = _opt("cap on training batches per epoch (0 = all); for smoke tests", default=0)
+    no_analysis: bool = _opt("skip the end-of-run analysis (plots, confusions, features)", default=False, flag=True)
     resume: str = _opt("continue the run in this run folder (or from this checkpoint)", default="")
     wandb: str = _opt(
         "wandb mode; auto = online when logged in, otherwise offline", default="auto", choices=WANDB_MODES

@@ -34,7 +34,6 @@ from utils import (
     UserError,
     WandbSink,
     amp_dtype,
-    count_params,
     load_checkpoint,
     make_run_dir,
     resolve_device,
@@ -67,6 +66,8 @@ class Parts:
     loaders: batch_manager.Loaders
     device: torch.device
     amp_dtype: torch.dtype | None
+    params: int = 0
+    gflops: float = 0.0
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     setup_logging(run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     parts = _build_parts(cfg, model, loaders, device)
+    parts.params, parts.gflops = params, gflops
     log.info("%s: %s parameters, %.3f GFLOPs per %dx%d image", cfg.arch, f"{params:,}", gflops, cfg.img_size,
              cfg.img_size)  # fmt: skip
     state = run_state.restore(parts, ckpt) if ckpt is not None else TrainState()
@@ -161,7 +163,7 @@ def _fit(cfg: Config, p: Parts, state: TrainState, run_dir: Path, sinks, stop: S
     data = p.loaders.data
     log.info(
         "run folder %s | %s, %.2fM params, %d classes | train %d, val %d, test %d images | device %s%s",
-        run_dir, cfg.arch, count_params(p.model) / 1e6, len(data.classes), len(data.train), len(data.val or []),
+        run_dir, cfg.arch, p.params / 1e6, len(data.classes), len(data.train), len(data.val or []),
         len(data.test or []), p.device, f" ({str(p.amp_dtype).removeprefix('torch.')} autocast)" if p.amp_dtype else "",
     )  # fmt: skip
     if p.loaders.test is None:
@@ -183,6 +185,18 @@ def _fit(cfg: Config, p: Parts, state: TrainState, run_dir: Path, sinks, stop: S
         if stop.signum:
             _exit_interrupted(p, cfg, state, run_dir, stop)
     _log_done(state, run_dir, p.loaders.test is not None, time.perf_counter() - start)
+    if not cfg.no_analysis and p.loaders.val is not None:
+        _analyze(run_dir, cfg.workers)
+
+
+def _analyze(run_dir: Path, workers: int) -> None:
+    """End-of-run plots and confusions; a failure here must not turn a finished run into an error."""
+    import analyze
+
+    try:
+        analyze.analyze_run(run_dir, workers=workers)
+    except Exception as exc:  # noqa: BLE001 - reported, and the trained run stays complete
+        log.warning("analysis failed (%s: %s); retry with: python analyze.py run %s", type(exc).__name__, exc, run_dir)
 
 
 def _one_epoch(cfg: Config, p: Parts, state: TrainState, epoch: int, stop: StopRequest) -> dict | None:
@@ -238,8 +252,7 @@ def _end_epoch(cfg: Config, p: Parts, state: TrainState, run_dir: Path, row: dic
             write_predictions(p.loaders.data.test.ids, preds, p.loaders.data.classes, run_dir / "best_test_preds.csv")
     run_state.write_checkpoint(ckpt, run_dir / "last.pth.tar")
     run_state.save_epoch_copy(run_dir / "last.pth.tar", run_dir, state.epoch, cfg.keep_last)
-    params, gflops = arch.model_stats(p.model, cfg.img_size)
-    results = {"arch": cfg.arch, "params": params, "gflops": round(gflops, 4), **state.best, "epochs_run": state.epoch,
+    results = {"arch": cfg.arch, "params": p.params, "gflops": round(p.gflops, 4), **state.best, "epochs_run": state.epoch,
                "wall_time_seconds": round(row["wall_seconds"], 2)}  # fmt: skip
     tmp = run_dir / "best_results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2) + "\n")

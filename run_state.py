@@ -11,6 +11,7 @@ Everything is plain data or tensors: ``torch.load(..., weights_only=True)`` read
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 import signal
@@ -27,7 +28,7 @@ log = logging.getLogger("tin")
 
 # Settings that may change when resuming (where things run, not what is computed).
 RESUME_MAY_CHANGE = {"workers", "device", "wandb", "wandb_project", "data_dir", "cache_dir", "no_cache", "resume",
-                     "output_dir"}  # fmt: skip
+                     "output_dir", "pretrained", "pretrained_path", "max_params", "list_archs", "format", "no_analysis"}  # fmt: skip
 
 
 @dataclass
@@ -161,7 +162,8 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.signum = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        log.warning("%s received: stopping after the current update", signal.Signals(signum).name)
+        # os.write, not logging: a handler may interrupt a logging call that holds its lock
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after the current update (again to abort)\n".encode())
 
     def restore(self) -> None:
         for s, handler in self._old.items():

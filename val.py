@@ -1,12 +1,13 @@
 """Evaluation and test predictions.
 
 ``evaluate(...)`` -> {val_loss, val_top1, val_top5}; ``predict(...)`` -> class index per image;
-``write_predictions(...)`` -> the submission CSV (``image,label``: file name, predicted wnid,
-one row per test image, sorted by file name).
+``infer(...)`` -> logits, labels and penultimate features (optionally flip-TTA);
+``combine(...)`` -> an ensemble's probabilities; ``write_predictions(...)`` -> the submission CSV
+(``image,label``: file name, predicted class id, one row per test image, sorted by file name).
 
-Also a CLI to evaluate a saved checkpoint::
+Also a CLI to evaluate saved checkpoints, alone or as an ensemble::
 
-    python val.py --checkpoint checkpoints/RUN/best.pth.tar [--data_dir data/tiny-imagenet-200]
+    python val.py --checkpoint A/best.pth.tar [B/best.pth.tar ...] [--tta flip] [--ensemble mean|max_conf]
 """
 
 from __future__ import annotations
@@ -60,6 +61,84 @@ def predict(model, loader, normalize: Normalize, device, amp_dtype=None) -> list
     return torch.cat(preds).tolist() if preds else []
 
 
+def _last_linear(model: torch.nn.Module) -> torch.nn.Linear:
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no Linear classifier to read features from")
+    return linears[-1]
+
+
+def infer(model, loader, normalize: Normalize, device, amp_dtype=None, tta: bool = False, features: bool = False):
+    """-> {"logits": (N, C) float, "labels": (N,) long, "features": (N, D) or None}, on the CPU.
+    With tta, logits are log of the mean softmax over the image and its horizontal flip; features
+    are the classifier's input (penultimate layer) of the unflipped image."""
+    captured: list[torch.Tensor] = []
+    hook = _last_linear(model).register_forward_hook(lambda m, i, o: captured.append(i[0].detach().float().cpu()))
+    logits_all, labels_all, feats = [], [], []
+    try:
+        model.eval()
+        with torch.inference_mode():
+            for images, labels in tqdm(loader, desc="infer", leave=False, dynamic_ncols=True, disable=None):
+                x = normalize(images.to(device, non_blocking=True))
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    logits = model(x).float()
+                    if features:
+                        feats.append(captured[-1].flatten(1))
+                    if tta:
+                        probs = (logits.softmax(1) + model(x.flip(3)).float().softmax(1)) / 2
+                        logits = probs.clamp_min(1e-12).log()
+                captured.clear()
+                logits_all.append(logits.cpu())
+                labels_all.append(labels)
+    finally:
+        hook.remove()
+    return {
+        "logits": torch.cat(logits_all),
+        "labels": torch.cat(labels_all),
+        "features": torch.cat(feats) if features else None,
+    }
+
+
+def combine(prob_list: list[torch.Tensor], rule: str = "mean") -> torch.Tensor:
+    """Ensemble (N, C) probabilities: `mean` averages them; `max_conf` (seed 003) gives each image
+    the probabilities of the single model most confident about it."""
+    probs = torch.stack(prob_list)  # (M, N, C)
+    if rule == "mean":
+        return probs.mean(0)
+    if rule == "max_conf":
+        best = probs.max(2).values.argmax(0)  # (N,) most confident model per image
+        return probs[best, torch.arange(probs.shape[1])]
+    raise ValueError(f"unknown ensemble rule {rule!r}; use mean or max_conf")
+
+
+def metrics_from_probs(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """NLL loss and top-1/top-5 (%) of (N, C) probabilities against labels."""
+    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
+    top = probs.topk(min(5, probs.shape[1]), dim=1).indices
+    hits = top.eq(labels.view(-1, 1))
+    return {"val_loss": loss, "val_top1": 100.0 * hits[:, 0].float().mean().item(),
+            "val_top5": 100.0 * hits.any(1).float().mean().item()}  # fmt: skip
+
+
+def per_class_accuracy(preds: torch.Tensor, labels: torch.Tensor, classes: list[str], names: dict[str, str]):
+    """Rows (class id, name, accuracy %, count), in class order."""
+    rows = []
+    for k, cid in enumerate(classes):
+        mask = labels == k
+        n = int(mask.sum())
+        acc = 100.0 * float((preds[mask] == k).float().mean()) if n else float("nan")
+        rows.append({"wnid": cid, "name": names.get(cid, cid), "accuracy": acc, "count": n})
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["empty"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def write_predictions(ids: list[str], preds: list[int], classes: list[str], out_csv: Path) -> Path:
     """Submission CSV: header image,label; one row per image (file name, class id), sorted by name."""
     if len(ids) != len(preds):
@@ -76,53 +155,86 @@ def write_predictions(ids: list[str], preds: list[int], classes: list[str], out_
 
 # --------------------------------------------------------------------------- CLI
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Evaluate a checkpoint on the val split and predict the test split.")
-    p.add_argument("--checkpoint", required=True, help="a best.pth.tar / last.pth.tar written by main.py")
-    p.add_argument("--data_dir", default=None, help="dataset root (default: the one the run trained on)")
-    p.add_argument("--output_dir", default=None, help="where to write test_preds.csv (default: beside the checkpoint)")
+    p = argparse.ArgumentParser(
+        description="Evaluate checkpoints (alone or as an ensemble) and predict the test split."
+    )
+    p.add_argument(
+        "--checkpoint", required=True, nargs="+", help="best.pth.tar / last.pth.tar files written by main.py"
+    )
+    p.add_argument("--data_dir", default=None, help="dataset root (default: the one the first run trained on)")
+    p.add_argument(
+        "--output_dir", default=None, help="where to write the outputs (default: beside the first checkpoint)"
+    )
+    p.add_argument("--tta", choices=("none", "flip"), default="none", help="test-time augmentation")
+    p.add_argument("--ensemble", choices=("mean", "max_conf"), default="mean",
+                   help="mean of probabilities, or each image takes the most confident model's label")  # fmt: skip
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--workers", type=int, default=None, help="loader processes (default: as in training)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     return p.parse_args(argv)
 
 
-def run(argv: list[str] | None = None) -> dict[str, float]:
+def _load_models(args, device):
     import arch
-    import batch_manager
     from config import Config
+    from utils import load_checkpoint
+
+    models = []
+    for path in args.checkpoint:
+        ckpt = load_checkpoint(path)
+        overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+        overrides.update({"workers": args.workers} if args.workers is not None else {})
+        cfg = Config(**{**ckpt["config"], **overrides, "trainval": False, "resume": ""})
+        if ckpt["config"].get("trainval"):
+            log.warning("%s was trained on train + val: its val metrics are not a fair estimate", path)
+        if models and list(ckpt["classes"]) != models[0][2]:
+            raise UserError(f"{path} was trained on other classes than {args.checkpoint[0]}; cannot ensemble them")
+        model = arch.build_model(cfg.arch, len(ckpt["classes"]), cfg.img_size).to(device)
+        model.load_state_dict(ckpt["state_dict"])
+        models.append((model, cfg, list(ckpt["classes"])))
+    return models
+
+
+def run(argv: list[str] | None = None) -> dict[str, float]:
+    import batch_manager
     from utils import amp_dtype as pick_amp
-    from utils import load_checkpoint, resolve_device, setup_logging
+    from utils import resolve_device, setup_logging
 
     args = _parse(argv)
     setup_logging()
-    ckpt = load_checkpoint(args.checkpoint)
-    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
-    overrides.update({"workers": args.workers} if args.workers is not None else {})
-    cfg = Config(**{**ckpt["config"], **overrides, "trainval": False})  # evaluate on the run's own val split
-    if ckpt["config"].get("trainval"):
-        log.warning("this model was trained on train + val: its val metrics are not a fair estimate")
     device = resolve_device(args.device)
-    data = batch_manager.prepare_data(**cfg.data_kwargs())
-    if data.classes != list(ckpt["classes"]):
+    models = _load_models(args, device)
+    cfg0, classes = models[0][1], models[0][2]
+    data = batch_manager.prepare_data(**cfg0.data_kwargs())
+    if data.classes != classes:
         raise UserError(
-            f"{args.checkpoint} was trained on other classes ({len(ckpt['classes'])}) than those in "
+            f"{args.checkpoint[0]} was trained on other classes ({len(classes)}) than those in "
             f"{data.root} ({len(data.classes)}); pass the matching --data_dir"
         )
-    val_loader, test_loader = batch_manager.eval_loaders(data, cfg.img_size, args.batch_size, cfg.workers)
-    model = arch.build_model(cfg.arch, len(ckpt["classes"]), cfg.img_size).to(device)
-    model.load_state_dict(ckpt["state_dict"])
-    normalize, dtype = Normalize().to(device), pick_amp(device, cfg.amp)
-    metrics = evaluate(model, val_loader, normalize, device, dtype)
-    out_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent
+    normalize = Normalize().to(device)
+    val_probs, test_probs, labels = [], [], None
+    for model, cfg, _ in models:  # each model at its own resolution, from the same decoded data
+        val_loader, test_loader = batch_manager.eval_loaders(data, cfg.img_size, args.batch_size, cfg.workers)
+        dtype, tta = pick_amp(device, cfg.amp, cfg.amp_dtype), args.tta == "flip"
+        out = infer(model, val_loader, normalize, device, dtype, tta=tta)
+        val_probs.append(out["logits"].softmax(1))
+        labels = out["labels"]
+        if test_loader is not None:
+            test_probs.append(infer(model, test_loader, normalize, device, dtype, tta=tta)["logits"].softmax(1))
+    probs = combine(val_probs, args.ensemble)
+    metrics = metrics_from_probs(probs, labels)
+    out_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint[0]).parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "val_metrics.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), **metrics}, indent=2))
+    summary = {"checkpoints": [str(c) for c in args.checkpoint], "tta": args.tta, "ensemble": args.ensemble, **metrics}
+    (out_dir / "val_metrics.json").write_text(json.dumps(summary, indent=2))
+    write_csv(per_class_accuracy(probs.argmax(1), labels, data.classes, data.names), out_dir / "per_class_accuracy.csv")
     where = "no unlabelled test split"
-    if test_loader is not None:
-        preds = predict(model, test_loader, normalize, device, dtype)
+    if test_probs:
+        preds = combine(test_probs, args.ensemble).argmax(1).tolist()
         where = str(write_predictions(data.test.ids, preds, data.classes, out_dir / "test_preds.csv"))
     log.info(
-        "val loss %.4f  top-1 %.2f%%  top-5 %.2f%%  | test predictions: %s",
-        metrics["val_loss"], metrics["val_top1"], metrics["val_top5"], where,
+        "%d model(s), tta %s, ensemble %s | val loss %.4f  top-1 %.2f%%  top-5 %.2f%% | test predictions: %s",
+        len(models), args.tta, args.ensemble, metrics["val_loss"], metrics["val_top1"], metrics["val_top5"], where,
     )  # fmt: skip
     return metrics
 

@@ -52,7 +52,7 @@ def tiny_data(tmp_path_factory) -> Path:
     return make_layout(tmp_path_factory.mktemp("data") / "tiny-imagenet-200")
 
 
-FAST_RUN = ["--arch", "resnet18", "--img_size", "32", "--batch_size", "8", "--workers", "0",
+FAST_RUN = ["--arch", "resnet18", "--img_size", "32", "--batch_size", "8", "--workers", "0", "--no_analysis",
             "--lr_base", "2e-3", "--drop_rate", "0", "--drop_path_rate", "0", "--attn_drop_rate", "0"]  # fmt: skip
 
 

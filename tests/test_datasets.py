@@ -147,6 +147,6 @@ def test_cifar_run_end_to_end_without_test_split(tmp_path):
     root = make_cifar10(tmp_path / "c10", np.random.default_rng(0))
     run = main.main(["--dataset", "cifar10", "--data_dir", str(root), "--arch", "resnet18", "--img_size", "32",
                      "--batch_size", "4", "--workers", "0", "--epochs", "1", "--output_dir", str(tmp_path / "o"),
-                     "--wandb", "disabled"])  # fmt: skip
+                     "--wandb", "disabled", "--no_analysis"])  # fmt: skip
     assert (run / "best.pth.tar").is_file() and not (run / "best_test_preds.csv").exists()
     assert "no unlabelled test split" in (run / "log.txt").read_text()

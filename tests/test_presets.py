@@ -22,7 +22,7 @@ def test_every_preset_runs_a_few_steps(preset, tiny_data, tmp_path):
     # The recipe as written; only the data (the fixture), the length and the batch are shrunk.
     run = main.main(["--config", str(preset), "--dataset", "tiny-imagenet", "--data_dir", str(tiny_data),
                      "--output_dir", str(tmp_path), "--epochs", "1", "--warmup_epochs", "0", "--steps_per_epoch", "2",
-                     "--batch_size", "4", "--workers", "0", "--wandb", "disabled", "--patience", "0"])  # fmt: skip
+                     "--batch_size", "4", "--workers", "0", "--wandb", "disabled", "--patience", "0", "--no_analysis"])  # fmt: skip
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert (run / "best.pth.tar").is_file()
     shrunk = {"dataset", "data_dir", "epochs", "warmup_epochs", "batch_size", "workers", "patience"}
@@ -36,7 +36,8 @@ def test_sweep_runs_in_parallel_with_overrides_and_tabulates(tiny_data, tmp_path
     second.write_text("arch: budget_cnn\nimg_size: 32\nbatch_size: 8\nlr_base: 2.0e-3\n")
     proc = subprocess.run(
         [sys.executable, "sweep.py", str(first), str(second), "--parallel", "2", "--sweep_dir", str(tmp_path / "sw"),
-         "--set", "epochs=2", "--set", "workers=0", "--set", "wandb=disabled", "--set", f"data_dir={tiny_data}"],
+         "--set", "epochs=2", "--set", "workers=0", "--set", "wandb=disabled", "--set", f"data_dir={tiny_data}",
+         "--set", "no_analysis=true"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -54,7 +55,8 @@ def test_sweep_reports_failures(tiny_data, tmp_path):
     bad = tmp_path / "broken.yaml"
     bad.write_text("arch: resnet18\ndata_dir: /nonexistent/dataset\nepochs: 1\n")
     proc = subprocess.run(
-        [sys.executable, "sweep.py", str(bad), str(good), "--sweep_dir", str(tmp_path / "sw"), "--set", "wandb=disabled"],
+        [sys.executable, "sweep.py", str(bad), str(good), "--sweep_dir", str(tmp_path / "sw"), "--set", "wandb=disabled",
+         "--set", "no_analysis=true"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "sw" / "summary.csv"))}

@@ -1,0 +1,307 @@
+"""See what a model learned, and what a dataset holds.
+
+    python analyze.py run checkpoints/RUN [--output_dir DIR] [--tsne_samples 2000]
+    python analyze.py dataset --data_dir data/tiny-imagenet-200 [--dataset tiny-imagenet] [--output_dir DIR]
+
+`run` (also done at the end of every training run) writes into the run folder: curves.png,
+confusion_matrix.png (classes ordered so that confusions cluster) + top_confusions.csv,
+features/{logits,labels,features}.pt, tsne.png, misclassified.png and per_class_accuracy.csv,
+and logs the best and worst 10 classes. `dataset` writes size_distribution_histograms.png,
+split_image_counts.png, class_balance.png, sample_grid.png and dataset_summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from utils import UserError  # noqa: E402
+
+log = logging.getLogger("tin")
+
+
+# --------------------------------------------------------------------------- training curves
+def plot_curves(metrics_csv: Path, out: Path) -> Path:
+    rows = list(csv.DictReader(open(metrics_csv)))
+    if not rows:
+        raise UserError(f"{metrics_csv} has no epochs yet")
+
+    def col(name):
+        return np.array([float(r[name]) if r.get(name) not in (None, "") else np.nan for r in rows])
+
+    epoch = col("epoch")
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    ax[0].plot(epoch, col("train_loss"), label="train")
+    ax[0].plot(epoch, col("val_loss"), label="val")
+    ax[0].set(title="loss", xlabel="epoch")
+    ax[1].plot(epoch, col("train_top1"), label="train (unmixed labels)")
+    ax[1].plot(epoch, col("val_top1"), label="val top-1")
+    ax[1].plot(epoch, col("val_top5"), label="val top-5", alpha=0.6)
+    if "ema_val_top1" in rows[0]:
+        ax[1].plot(epoch, col("ema_val_top1"), label="EMA val top-1")
+    ax[1].set(title="accuracy (%)", xlabel="epoch")
+    ax[2].plot(epoch, col("lr"), color="tab:red", label="learning rate")
+    ax[2].set(title="schedules", xlabel="epoch", ylabel="learning rate")
+    twin = ax[2].twinx()
+    twin.plot(epoch, col("aug_strength"), color="tab:green", label="aug strength")
+    twin.set(ylabel="augmentation strength", ylim=(0, 1.05))
+    for a in ax[:2]:
+        a.legend()
+        a.grid(alpha=0.3)
+    ax[2].legend(loc="upper left")
+    twin.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# --------------------------------------------------------------------------- confusions
+def confusion(preds: torch.Tensor, labels: torch.Tensor, n: int) -> np.ndarray:
+    return np.bincount(labels.numpy() * n + preds.numpy(), minlength=n * n).reshape(n, n)
+
+
+def cluster_order(cm: np.ndarray) -> np.ndarray:
+    """Class order that puts classes confused with each other side by side (average-linkage
+    clustering of the symmetrised, row-normalised confusion)."""
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    sim = (rates + rates.T) / 2
+    np.fill_diagonal(sim, 0)
+    dist = 1.0 - sim / max(sim.max(), 1e-12)
+    np.fill_diagonal(dist, 0)
+    return leaves_list(linkage(squareform(dist, checks=False), method="average"))
+
+
+def plot_confusion(cm: np.ndarray, names: list[str], out: Path) -> Path:
+    order = cluster_order(cm) if len(cm) > 2 else np.arange(len(cm))
+    rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    shown = rates[np.ix_(order, order)]
+    size = min(max(6, len(cm) * 0.09), 22)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    im = ax.imshow(np.sqrt(shown), cmap="magma_r", vmin=0, vmax=1)  # sqrt: small confusions stay visible
+    labels = [names[i][:18] for i in order]
+    font = max(2.5, min(9, 700 / max(len(cm), 1) / 4))
+    ax.set_xticks(range(len(cm)), labels, rotation=90, fontsize=font)
+    ax.set_yticks(range(len(cm)), labels, fontsize=font)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion (rows normalised, sqrt colour; clustered order)")
+    cbar = fig.colorbar(im, ax=ax, fraction=0.03)
+    cbar.set_ticks(np.sqrt([0, 0.05, 0.25, 0.5, 1.0]), labels=["0", "5%", "25%", "50%", "100%"])
+    fig.tight_layout()
+    fig.savefig(out, dpi=150)
+    plt.close(fig)
+    return out
+
+
+def top_confusions(cm: np.ndarray, classes: list[str], names: dict[str, str], k: int = 50) -> list[dict]:
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(off, axis=None)[::-1][:k]
+    rows = []
+    for idx in flat:
+        t, p = divmod(int(idx), len(cm))
+        if off[t, p] == 0:
+            break
+        rows.append({"true": classes[t], "true_name": names.get(classes[t], classes[t]), "predicted": classes[p],
+                     "predicted_name": names.get(classes[p], classes[p]), "count": int(off[t, p])})  # fmt: skip
+    return rows
+
+
+# --------------------------------------------------------------------------- features
+def plot_tsne(features: torch.Tensor, labels: torch.Tensor, out: Path, samples: int = 2000, seed: int = 0) -> Path:
+    from sklearn.manifold import TSNE
+
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(features), size=min(samples, len(features)), replace=False)
+    x = features[idx].numpy().astype(np.float32)
+    emb = TSNE(n_components=2, init="pca", perplexity=min(30, max(2, len(idx) // 4)), random_state=seed).fit_transform(
+        x
+    )
+    y = labels[idx].numpy()
+    fig, ax = plt.subplots(figsize=(9, 9))
+    ax.scatter(emb[:, 0], emb[:, 1], c=y, cmap="nipy_spectral", s=6, alpha=0.8)
+    ax.set(title=f"t-SNE of penultimate features ({len(idx)} val images, coloured by class)", xticks=[], yticks=[])
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_misclassified(images: list[np.ndarray], captions: list[str], out: Path, title: str | None = None) -> Path:
+    cols = 6
+    rows = max(1, int(np.ceil(len(images) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.2, rows * 2.6 + 0.4))
+    for ax in np.atleast_1d(axes).ravel():
+        ax.axis("off")
+    if not images:
+        fig.text(0.5, 0.5, "no misclassified val images", ha="center", va="center", fontsize=14)
+    for ax, image, caption in zip(np.atleast_1d(axes).ravel(), images, captions, strict=False):
+        ax.imshow(image)
+        ax.set_title(caption, fontsize=7)
+    fig.suptitle(title or "most confident mistakes (true → predicted, confidence)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# --------------------------------------------------------------------------- a run
+def analyze_run(run_dir: str | Path, output_dir: str | Path | None = None, tsne_samples: int = 2000,
+                workers: int | None = None) -> Path:  # fmt: skip
+    import arch
+    import batch_manager
+    from config import Config
+    from transforms import Normalize
+    from utils import amp_dtype, load_checkpoint
+    from val import infer, per_class_accuracy, write_csv
+
+    run_dir = Path(run_dir)
+    out = Path(output_dir) if output_dir else run_dir
+    (out / "features").mkdir(parents=True, exist_ok=True)
+    if (run_dir / "metrics.csv").is_file():
+        plot_curves(run_dir / "metrics.csv", out / "curves.png")
+    ckpt = load_checkpoint(run_dir / "best.pth.tar")
+    cfg = Config(
+        **{**ckpt["config"], "trainval": False, "resume": "", **({"workers": workers} if workers is not None else {})}
+    )
+    data = batch_manager.prepare_data(**cfg.data_kwargs())
+    if data.val is None or data.classes != list(ckpt["classes"]):
+        raise UserError(f"{run_dir}: its dataset's labelled val split is needed for the analysis")
+    model = arch.build_model(cfg.arch, len(data.classes), cfg.img_size)
+    model.load_state_dict(ckpt["state_dict"])
+    val_loader, _ = batch_manager.eval_loaders(data, cfg.img_size, 256, cfg.workers)
+    res = infer(
+        model, val_loader, Normalize(), torch.device("cpu"), amp_dtype(torch.device("cpu"), cfg.amp), features=True
+    )
+    for key in ("logits", "labels", "features"):
+        torch.save(res[key], out / "features" / f"{key}.pt")
+    probs = res["logits"].softmax(1)
+    preds, labels = probs.argmax(1), res["labels"]
+    per_class = per_class_accuracy(preds, labels, data.classes, data.names)
+    write_csv(per_class, out / "per_class_accuracy.csv")
+    ranked = sorted(per_class, key=lambda r: r["accuracy"])
+    log.info("worst classes: %s", "; ".join(f"{r['name'][:25]} {r['accuracy']:.0f}%" for r in ranked[:10]))
+    log.info("best classes: %s", "; ".join(f"{r['name'][:25]} {r['accuracy']:.0f}%" for r in ranked[::-1][:10]))
+    cm = confusion(preds, labels, len(data.classes))
+    plot_confusion(cm, [data.names[c] for c in data.classes], out / "confusion_matrix.png")
+    write_csv(top_confusions(cm, data.classes, data.names), out / "top_confusions.csv")
+    plot_tsne(res["features"], labels, out / "tsne.png", tsne_samples)
+    wrong = torch.nonzero(preds != labels).flatten()
+    worst = wrong[probs[wrong].max(1).values.argsort(descending=True)][:24].tolist()
+    plot_misclassified(
+        [data.val.image(i) for i in worst],
+        [f"{data.names[data.classes[labels[i]]][:16]}\n→ {data.names[data.classes[preds[i]]][:16]} "
+         f"({100 * probs[i].max():.0f}%)" for i in worst],
+        out / "misclassified.png",
+    )  # fmt: skip
+    log.info("analysis written to %s", out)
+    return out
+
+
+# --------------------------------------------------------------------------- a dataset
+def analyze_dataset(kind: str, data_dir: str | Path, output_dir: str | Path) -> dict:
+    from PIL import Image
+
+    from data_sources import read_dataset
+
+    data = read_dataset(kind, data_dir)  # a clear DatasetError when the folder is not a dataset
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = {n: s for n, s in (("train", data.train), ("val", data.val), ("test", data.test)) if s is not None}
+    sizes, modes = {}, {}
+    for name, split in splits.items():
+        if split.paths is not None:
+            info = []
+            for p in split.paths:
+                with Image.open(p) as im:
+                    info.append((im.size, im.mode))
+            sizes[name] = [s for s, _ in info]
+            modes[name] = Counter(m for _, m in info)
+        else:
+            sizes[name] = [split.image(0).shape[1::-1]] * len(split)
+            modes[name] = Counter({"RGB": len(split)})
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for name, s in sizes.items():
+        ax[0].hist([w for w, _ in s], bins=30, alpha=0.6, label=name)
+        ax[1].hist([h for _, h in s], bins=30, alpha=0.6, label=name)
+    ax[0].set(title="image widths", xlabel="pixels")
+    ax[1].set(title="image heights", xlabel="pixels")
+    ax[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "size_distribution_histograms.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bars = ax.bar(
+        list(splits), [len(s) for s in splits.values()], color=["tab:blue", "tab:orange", "tab:green"][: len(splits)]
+    )
+    ax.bar_label(bars)
+    ax.set(title="images per split", ylabel="images")
+    fig.tight_layout()
+    fig.savefig(out / "split_image_counts.png", dpi=110)
+    plt.close(fig)
+    counts = np.bincount(data.train.labels, minlength=len(data.classes))
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    ax.bar(range(len(counts)), counts, width=1.0)
+    ax.set(title="train images per class", xlabel="class index (sorted ids)", ylabel="images")
+    fig.tight_layout()
+    fig.savefig(out / "class_balance.png", dpi=110)
+    plt.close(fig)
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(data.train), size=min(32, len(data.train)), replace=False)
+    plot_misclassified([data.train.image(int(i)) for i in pick],
+                       [data.names[data.classes[data.train.labels[int(i)]]][:18] for i in pick], out / "sample_grid.png",
+                       title="random train images")  # fmt: skip
+    summary = {
+        "root": str(data.root), "classes": len(data.classes), "images": {n: len(s) for n, s in splits.items()},
+        "grayscale": {n: m.get("L", 0) for n, m in modes.items()}, "modes": {n: dict(m) for n, m in modes.items()},
+        "train_per_class": {"min": int(counts.min()), "max": int(counts.max())},
+        "sizes": {n: dict(Counter(f"{w}x{h}" for w, h in s).most_common(5)) for n, s in sizes.items()},
+    }  # fmt: skip
+    (out / "dataset_summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("dataset: %s", json.dumps(summary["images"]) + f", grayscale {summary['grayscale']}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    from utils import setup_logging
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    r = sub.add_parser("run", help="analyse a trained run folder")
+    r.add_argument("run_dir")
+    r.add_argument("--output_dir", default=None, help="default: the run folder")
+    r.add_argument("--tsne_samples", type=int, default=2000)
+    r.add_argument("--workers", type=int, default=None)
+    d = sub.add_parser("dataset", help="analyse a dataset folder")
+    d.add_argument("--data_dir", default="data/tiny-imagenet-200")
+    d.add_argument("--dataset", default="tiny-imagenet")
+    d.add_argument("--output_dir", default="analysis")
+    args = p.parse_args(argv)
+    setup_logging()
+    try:
+        if args.what == "run":
+            analyze_run(args.run_dir, args.output_dir, args.tsne_samples, args.workers)
+        else:
+            analyze_dataset(args.dataset, args.data_dir, args.output_dir)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Compare training runs: one table row per run and their val curves overlaid.
+
+    python report.py checkpoints/* [--output_dir reports/]
+
+Reads each run folder's best_results.json, config.yaml and metrics.csv; folders that are not
+finished runs are skipped with a note. Writes report.md (sorted by val top-1) and
+report_val_top1.png / report_val_loss.png into --output_dir (default: the current folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+COLUMNS = ["run", "arch", "params", "gflops", "epochs", "val_top1", "val_top5", "wall_time_s", "images_per_s"]
+
+
+def load_run(run: Path) -> dict | None:
+    files = [run / "best_results.json", run / "metrics.csv", run / "config.yaml"]
+    if not all(f.is_file() for f in files):
+        return None
+    best = json.loads(files[0].read_text())
+    rows = list(csv.DictReader(open(files[1])))
+    cfg = yaml.safe_load(files[2].read_text())
+    speeds = [float(r["images_per_second"]) for r in rows if r.get("images_per_second")]
+    return {
+        "run": run.name, "arch": best.get("arch", cfg.get("arch")), "params": best.get("params"),
+        "gflops": best.get("gflops"), "epochs": best.get("epochs_run"), "val_top1": best.get("val_top1"),
+        "val_top5": best.get("val_top5"), "wall_time_s": best.get("wall_time_seconds"),
+        "images_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None, "_rows": rows,
+    }  # fmt: skip
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, int) and value > 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def write_report(runs: list[dict], out_dir: Path, skipped: list[str]) -> Path:
+    runs = sorted(runs, key=lambda r: -(r["val_top1"] if r["val_top1"] is not None else -1))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# Runs compared", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in runs]
+    lines += ["", "![val top-1](report_val_top1.png)", "", "![val loss](report_val_loss.png)"]
+    if skipped:
+        lines += ["", "Skipped (not finished runs): " + ", ".join(skipped)]
+    for key in ("val_top1", "val_loss"):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for r in runs:
+            xs = [float(row["epoch"]) for row in r["_rows"] if row.get(key)]
+            ys = [float(row[key]) for row in r["_rows"] if row.get(key)]
+            ax.plot(xs, ys, label=f"{r['run']} ({r['arch']})")
+        ax.set(xlabel="epoch", ylabel=key.replace("_", " "), title=f"{key.replace('_', ' ')} per epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"report_{key}.png", dpi=110)
+        plt.close(fig)
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Compare training runs (one row per run, overlaid val curves).")
+    p.add_argument("runs", nargs="+", help="run folders (a glob like checkpoints/* works)")
+    p.add_argument("--output_dir", default=".", help="where report.md and the plots go")
+    args = p.parse_args(argv)
+    runs, skipped = [], []
+    for path in map(Path, args.runs):
+        run = load_run(path) if path.is_dir() else None
+        (runs.append(run) if run else skipped.append(path.name))
+    if not runs:
+        print(f"error: none of {len(args.runs)} folder(s) is a finished run (best_results.json, metrics.csv, "
+              "config.yaml)", file=sys.stderr)  # fmt: skip
+        return 1
+    report = write_report(runs, Path(args.output_dir), skipped)
+    print(report.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
