@@ -37,6 +37,8 @@ test-slow: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/shellcheck docker/*.sh data/download_and_unzip.sh .ci/run
+	$(VENV)/bin/hadolint docker/Dockerfile
 
 format: venv
 	$(VENV)/bin/ruff check --fix .
