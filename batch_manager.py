@@ -178,27 +178,47 @@ def _loader(dataset: Dataset, batch_size: int, workers: int, pin: bool, **kw) ->
 
 
 def build_loaders(
-    data: DataSplits, img_size: int, batch_size: int, workers: int, seed: int, pin_memory: bool = False
+    data: DataSplits,
+    img_size: int,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    pin_memory: bool = False,
+    rank: int = 0,
+    world: int = 1,
 ) -> Loaders:
+    """Loaders for this process: train shuffled and sharded (rank of world), val/test sharded in
+    order without padding, so reduced metrics count every image exactly once."""
     if len(data.train) < batch_size:
         raise DatasetError(
             f"{data.root}: the train split has {len(data.train)} images, fewer than --batch_size {batch_size}; "
             "lower --batch_size"
         )
     train_set = AugmentedDataset(data.train, partial(transforms.train_pipeline, img_size), seed)
-    sampler = ResumableSampler(train_set, seed)
+    sampler = ResumableSampler(train_set, seed, num_replicas=world, rank=rank)
     train = _loader(train_set, batch_size, workers, pin_memory, sampler=sampler, drop_last=True)
-    val, test = eval_loaders(data, img_size, batch_size, workers, pin_memory)
+    val, test = eval_loaders(data, img_size, batch_size, workers, pin_memory, rank, world)
     return Loaders(train=train, val=val, test=test, data=data)
 
 
 def eval_loaders(
-    data: DataSplits, img_size: int, batch_size: int, workers: int, pin_memory: bool = False
+    data: DataSplits,
+    img_size: int,
+    batch_size: int,
+    workers: int,
+    pin_memory: bool = False,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[DataLoader | None, DataLoader | None]:
-    """(val, test) loaders in split order, without augmentation; None for an absent split."""
+    """(val, test) loaders in split order (images rank, rank + world, ...), without augmentation;
+    None for an absent split."""
     make = partial(_eval_pipeline, img_size)
     return tuple(
-        None if split is None else _loader(AugmentedDataset(split, make), batch_size, workers, pin_memory)
+        None
+        if split is None
+        else _loader(
+            AugmentedDataset(split, make), batch_size, workers, pin_memory, sampler=list(range(rank, len(split), world))
+        )  # fmt: skip
         for split in (data.val, data.test)
     )
 

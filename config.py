@@ -104,6 +104,7 @@ class Config:
     amp_dtype: str = _opt(
         "autocast type: bf16, or fp16 with a gradient scaler", default="bf16", choices=("bf16", "fp16")
     )
+    sync_bn: bool = _opt("synchronise batch-norm statistics across processes (torchrun)", default=False, flag=True)
     channels_last: bool = _opt("channels-last memory format for model and inputs", default=False)
     compile: bool = _opt("torch.compile the model (off by default)", default=False, flag=True)
     keep_last: int = _opt("also keep the last K epoch checkpoints epoch_NNN.pth.tar (0 = none)", default=0)

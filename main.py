@@ -24,6 +24,7 @@ from timm.utils import ModelEmaV3
 
 import arch
 import batch_manager
+import distributed
 import run_state
 import train
 import transforms
@@ -66,6 +67,7 @@ class Parts:
     loaders: batch_manager.Loaders
     device: torch.device
     amp_dtype: torch.dtype | None
+    ctx: distributed.Context = distributed.Context()
     params: int = 0
     gflops: float = 0.0
 
@@ -73,29 +75,80 @@ class Parts:
 def main(argv: list[str] | None = None) -> Path | None:
     """Parse argv, train (or resume), and return the run folder (None for --list_archs)."""
     setup_logging()
-    cfg, ckpt, run_dir = parse_config(argv), None, None
+    cfg = parse_config(argv)
     if cfg.list_archs:
         print_catalogue(cfg.img_size, cfg.format)
         return None
+    ctx = distributed.init(cfg.device)
+    try:
+        return _main(cfg, ctx, argv)
+    finally:
+        distributed.shutdown()
+
+
+def _main(cfg: Config, ctx: distributed.Context, argv) -> Path:
+    ckpt, run_dir = None, None
+    if not ctx.is_main:
+        setup_logging(level=logging.WARNING)  # one process speaks; the others only warn
     if cfg.resume:
         path = run_state.find_checkpoint(cfg.resume)
         ckpt, run_dir = load_checkpoint(path), path.parent
         cfg = parse_config(argv, base=ckpt["config"])
         run_state.check_compatible(ckpt["config"], cfg.to_dict(), path)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    data = batch_manager.prepare_data(**cfg.data_kwargs())
+    device = distributed.device_for(ctx, resolve_device(cfg.device))
+    data = _prepare_data_once(cfg, ctx)
     if ckpt is not None and list(ckpt["classes"]) != data.classes:
         raise UserError(f"--resume {cfg.resume}: the run was trained on other classes than those in {data.root}")
     loaders = batch_manager.build_loaders(data, cfg.img_size, cfg.batch_size, cfg.workers, cfg.seed,
-                                          pin_memory=device.type == "cuda")  # fmt: skip
+                                          pin_memory=device.type == "cuda", rank=ctx.rank, world=ctx.world)  # fmt: skip
     model = arch.build_model(cfg.arch, len(data.classes), cfg.img_size, cfg.drop_rate, cfg.attn_drop_rate,
                              cfg.drop_path_rate, cfg.pretrained and ckpt is None,
                              (cfg.pretrained_path or None) if ckpt is None else None).to(device)  # fmt: skip
     params, gflops = arch.model_stats(model, cfg.img_size)
     if cfg.max_params and params > cfg.max_params:
         raise UserError(f"--arch {cfg.arch} has {params:,} parameters, over --max_params {cfg.max_params:,}")
-    # The run folder is created only once data and model are known to be good: no empty folders.
+    if ctx.enabled:  # same initial weights everywhere (DDP broadcasts them); own dropout/mixing draws per process
+        seed_everything(cfg.seed + ctx.rank)
+    run_dir = distributed.broadcast(_open_run_dir(cfg, model, run_dir) if ctx.is_main else None)
+    parts = _build_parts(cfg, model, loaders, device, ctx)
+    parts.params, parts.gflops = params, gflops
+    log.info("%s: %s parameters, %.3f GFLOPs per %dx%d image", cfg.arch, f"{params:,}", gflops, cfg.img_size,
+             cfg.img_size)  # fmt: skip
+    state = run_state.restore(parts, ckpt) if ckpt is not None else TrainState()
+    columns = METRIC_COLUMNS + (EMA_COLUMNS if cfg.ema else [])
+    sinks: list = [CsvSink(run_dir / "metrics.csv", columns, rows=state.history)] if ctx.is_main else []
+    stop = StopRequest()
+    try:
+        if cfg.wandb != "disabled" and ctx.is_main:
+            sinks.append(WandbSink(run_dir, cfg.wandb, cfg.wandb_project, cfg.to_dict(), run_id=state.wandb_id))
+            state.wandb_id = sinks[-1].run.id
+        if ckpt is not None:
+            rngs = ckpt.get("rng_all") or [ckpt["rng"]]
+            run_state.set_rng_state(
+                rngs[ctx.rank] if len(rngs) == ctx.world else ckpt["rng"]
+            )  # last: nothing may draw after
+            log.info("resumed %s at epoch %d, batch %d (update %d)", run_dir, state.epoch + 1, state.batch, state.step)
+        _fit(cfg, parts, state, run_dir, sinks, stop)
+    finally:
+        stop.restore()
+        for sink in sinks:
+            sink.close()
+    return run_dir
+
+
+def _prepare_data_once(cfg: Config, ctx: distributed.Context):
+    """The main process decodes/caches first; the others then find the cache ready."""
+    if not ctx.is_main:
+        distributed.barrier()
+    data = batch_manager.prepare_data(**cfg.data_kwargs())
+    if ctx.is_main:
+        distributed.barrier()
+    return data
+
+
+def _open_run_dir(cfg: Config, model, run_dir: Path | None) -> Path:
+    """A new run folder (or the resumed one), created only once data and model are known good."""
     new_run = run_dir is None
     run_dir = run_dir or make_run_dir(cfg.output_dir, cfg.arch)
     try:
@@ -106,32 +159,19 @@ def main(argv: list[str] | None = None) -> Path | None:
         raise
     setup_logging(run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    parts = _build_parts(cfg, model, loaders, device)
-    parts.params, parts.gflops = params, gflops
-    log.info("%s: %s parameters, %.3f GFLOPs per %dx%d image", cfg.arch, f"{params:,}", gflops, cfg.img_size,
-             cfg.img_size)  # fmt: skip
-    state = run_state.restore(parts, ckpt) if ckpt is not None else TrainState()
-    columns = METRIC_COLUMNS + (EMA_COLUMNS if cfg.ema else [])
-    sinks: list = [CsvSink(run_dir / "metrics.csv", columns, rows=state.history)]
-    stop = StopRequest()
-    try:
-        if cfg.wandb != "disabled":
-            sinks.append(WandbSink(run_dir, cfg.wandb, cfg.wandb_project, cfg.to_dict(), run_id=state.wandb_id))
-            state.wandb_id = sinks[-1].run.id
-        if ckpt is not None:
-            run_state.set_rng_state(ckpt["rng"])  # last: nothing after this may draw before training
-            log.info("resumed %s at epoch %d, batch %d (update %d)", run_dir, state.epoch + 1, state.batch, state.step)
-        _fit(cfg, parts, state, run_dir, sinks, stop)
-    finally:
-        stop.restore()
-        for sink in sinks:
-            sink.close()
     return run_dir
 
 
-def _build_parts(cfg: Config, model, loaders, device) -> Parts:
+def _build_parts(cfg: Config, model, loaders, device, ctx: distributed.Context) -> Parts:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    net = model
+    if ctx.enabled:
+        if cfg.sync_bn:
+            model = net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     lr = cfg.lr_base * (cfg.batch_size * cfg.accum_steps / cfg.lr_scale_batch if cfg.lr_scale_batch else 1.0)
     optimizer = train.build_optimizer(model, cfg.opt, lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
     batches = _batches_per_epoch(cfg, loaders)
@@ -141,7 +181,7 @@ def _build_parts(cfg: Config, model, loaders, device) -> Parts:
     n_classes = len(loaders.data.classes)
     return Parts(
         model=model,
-        net=torch.compile(model) if cfg.compile else model,
+        net=torch.compile(net) if cfg.compile else net,
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
@@ -151,11 +191,12 @@ def _build_parts(cfg: Config, model, loaders, device) -> Parts:
         loaders=loaders,
         device=device,
         amp_dtype=dtype,
+        ctx=ctx,
     )
 
 
 def _batches_per_epoch(cfg: Config, loaders) -> int:
-    full = len(loaders.data.train) // cfg.batch_size
+    full = loaders.train.sampler.num_samples // cfg.batch_size  # this process's share
     return min(full, cfg.steps_per_epoch) if cfg.steps_per_epoch else full
 
 
@@ -182,10 +223,10 @@ def _fit(cfg: Config, p: Parts, state: TrainState, run_dir: Path, sinks, stop: S
         if cfg.patience and state.bad_epochs >= cfg.patience:
             log.info("early stop: no better val top-1 for %d epochs (--patience %d)", state.bad_epochs, cfg.patience)
             break
-        if stop.signum:
+        if distributed.any_flag(bool(stop.signum), p.device):
             _exit_interrupted(p, cfg, state, run_dir, stop)
     _log_done(state, run_dir, p.loaders.test is not None, time.perf_counter() - start)
-    if not cfg.no_analysis and p.loaders.val is not None:
+    if not cfg.no_analysis and p.loaders.val is not None and p.ctx.is_main:
         _analyze(run_dir, cfg.workers)
 
 
@@ -214,20 +255,34 @@ def _one_epoch(cfg: Config, p: Parts, state: TrainState, epoch: int, stop: StopR
         cfg.label_smoothing, p.device, p.amp_dtype, state.step, scaler=p.scaler, accum_steps=cfg.accum_steps,
         grad_clip=cfg.grad_clip, ema=p.ema, channels_last=cfg.channels_last, start_batch=state.batch,
         end_batch=_batches_per_epoch(cfg, p.loaders), meters=meters,
-        should_stop=lambda: bool(stop.signum), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        should_stop=lambda: distributed.any_flag(bool(stop.signum), p.device), desc=f"epoch {epoch + 1}/{cfg.epochs}",
     )  # fmt: skip
     state.step, state.batch, state.meters = tr["steps"], tr["batch"], tr["meters"]
     if tr["interrupted"]:
         return None
     row = {"epoch": epoch + 1, "lr": meters.state["lr"], "aug_strength": strength}
     row.update({k: v for k, v in tr.items() if k.startswith("train_") or k == "images_per_second"})
-    if p.loaders.val is not None:
-        row.update(evaluate(p.net, p.loaders.val, p.normalize, p.device, p.amp_dtype))
+    row.update(_global_train_metrics(meters, p.device) if p.ctx.enabled else {})
+    if p.loaders.val is not None:  # the unwrapped model: each process evaluates its shard, sums are reduced
+        row.update(evaluate(p.model, p.loaders.val, p.normalize, p.device, p.amp_dtype))
         if p.ema is not None:
             ema = evaluate(p.ema.module, p.loaders.val, p.normalize, p.device, p.amp_dtype)
             row.update({f"ema_{k}": v for k, v in ema.items()})
     row["epoch_seconds"] = time.perf_counter() - t0
     return row
+
+
+def _global_train_metrics(meters: train.EpochMeters, device: torch.device) -> dict:
+    """Train loss/accuracy over every process's images (images/s stays per process)."""
+    m = meters.state
+    sums = distributed.all_reduce_(torch.tensor([m["loss"], m["top1"], m["top5"], m["n"]], dtype=torch.float64,
+                                                device=device))  # fmt: skip
+    n = max(float(sums[3]), 1.0)
+    return {
+        "train_loss": float(sums[0]) / n,
+        "train_top1": 100 * float(sums[1]) / n,
+        "train_top5": 100 * float(sums[2]) / n,
+    }
 
 
 def _end_epoch(cfg: Config, p: Parts, state: TrainState, run_dir: Path, row: dict) -> bool:
@@ -242,14 +297,21 @@ def _end_epoch(cfg: Config, p: Parts, state: TrainState, run_dir: Path, row: dic
     if improved:
         state.best = {"best_epoch": row["epoch"], "val_top1": score, "val_top5": row.get(key.replace("top1", "top5")),
                       "val_loss": row.get(key.replace("top1", "loss")), "weights": cfg.best_on}  # fmt: skip
-    ckpt = run_state.make_checkpoint(p, cfg.to_dict(), state)
+    ckpt = run_state.make_checkpoint(p, cfg.to_dict(), state)  # every process: gathers the RNG states
     if improved:
         weights = p.ema.module if cfg.best_on == "ema" else p.model
-        best_ckpt = {**ckpt, "state_dict": weights.state_dict()}
-        run_state.write_checkpoint(best_ckpt, run_dir / "best.pth.tar")
-        if p.loaders.test is not None:
-            preds = predict(weights, p.loaders.test, p.normalize, p.device, p.amp_dtype)
-            write_predictions(p.loaders.data.test.ids, preds, p.loaders.data.classes, run_dir / "best_test_preds.csv")
+        preds = None
+        if p.loaders.test is not None:  # each process predicts its shard; the main one writes them all
+            preds = distributed.interleave(distributed.gather(predict(weights, p.loaders.test, p.normalize, p.device,
+                                                                      p.amp_dtype)))  # fmt: skip
+        if p.ctx.is_main:
+            run_state.write_checkpoint({**ckpt, "state_dict": weights.state_dict()}, run_dir / "best.pth.tar")
+            if preds is not None:
+                write_predictions(
+                    p.loaders.data.test.ids, preds, p.loaders.data.classes, run_dir / "best_test_preds.csv"
+                )
+    if not p.ctx.is_main:
+        return improved and score is not None
     run_state.write_checkpoint(ckpt, run_dir / "last.pth.tar")
     run_state.save_epoch_copy(run_dir / "last.pth.tar", run_dir, state.epoch, cfg.keep_last)
     results = {"arch": cfg.arch, "params": p.params, "gflops": round(p.gflops, 4), **state.best, "epochs_run": state.epoch,
@@ -262,7 +324,9 @@ def _end_epoch(cfg: Config, p: Parts, state: TrainState, run_dir: Path, row: dic
 
 def _exit_interrupted(p: Parts, cfg: Config, state: TrainState, run_dir: Path, stop: StopRequest) -> None:
     if state.batch:  # mid-epoch: save the exact position (an epoch end has just been saved otherwise)
-        run_state.write_checkpoint(run_state.make_checkpoint(p, cfg.to_dict(), state), run_dir / "last.pth.tar")
+        ckpt = run_state.make_checkpoint(p, cfg.to_dict(), state)
+        if p.ctx.is_main:
+            run_state.write_checkpoint(ckpt, run_dir / "last.pth.tar")
     log.warning("interrupted; state saved in %s. Resume with:\n  python main.py --resume %s", run_dir / "last.pth.tar",
                 run_dir)  # fmt: skip
     raise SystemExit(128 + stop.signum)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import distributed
 from utils import UserError, atomic_save
 
 log = logging.getLogger("tin")
@@ -85,6 +86,7 @@ def make_checkpoint(parts, cfg_dict: dict, state: TrainState) -> dict[str, Any]:
         "history": state.history,
         "wandb_id": state.wandb_id,
         "rng": rng_state(),
+        "rng_all": distributed.gather(rng_state()),  # every process's, for an exact multi-process resume
         "top1": last.get("val_top1"),
         "top5": last.get("val_top5"),
         "config": cfg_dict,

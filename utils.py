@@ -144,9 +144,9 @@ def make_run_dir(output_dir: str | Path, arch: str) -> Path:
     raise UserError(f"could not create a new run folder in {root}")
 
 
-def setup_logging(run_dir: Path | None = None) -> list[logging.Handler]:
+def setup_logging(run_dir: Path | None = None, level: int = logging.INFO) -> list[logging.Handler]:
     """Console (stdout) and, when given, run_dir/log.txt get the same lines."""
-    log.setLevel(logging.INFO)
+    log.setLevel(level)
     log.propagate = False
     for h in list(log.handlers):
         log.removeHandler(h)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import distributed
 from transforms import Normalize
 from utils import UserError
 
@@ -50,9 +51,12 @@ def evaluate(model, loader, normalize: Normalize, device, amp_dtype=None) -> dic
         hits = top.eq(labels.view(-1, 1))
         correct += torch.stack([hits[:, :1].any(1).sum(), hits.any(1).sum()])
         count += labels.shape[0]
-    count = max(count, 1)
-    top1, top5 = (100.0 * correct.double() / count).tolist()
-    return {"val_loss": float(loss_sum) / count, "val_top1": top1, "val_top5": top5}
+    # Under torchrun each process saw its own shard: add the sums up (no image counted twice).
+    sums = distributed.all_reduce_(torch.cat([loss_sum.view(1), correct.double(), torch.tensor([count], device=device,
+                                                                                               dtype=torch.float64)]))  # fmt: skip
+    count = max(float(sums[3]), 1.0)
+    return {"val_loss": float(sums[0]) / count, "val_top1": 100.0 * float(sums[1]) / count,
+            "val_top5": 100.0 * float(sums[2]) / count}  # fmt: skip
 
 
 def predict(model, loader, normalize: Normalize, device, amp_dtype=None) -> list[int]:
