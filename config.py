@@ -74,7 +74,7 @@ class Config:
     nesterov: bool = _opt("Nesterov momentum (with --opt sgd)", default=False, flag=True)
     weight_decay: float = _opt("weight decay (not applied to norms and biases)", default=0.05)
     lr_scale_batch: int = _opt(
-        "linear scaling rule: lr = lr_base * batch_size * accum_steps / N (0 = use lr_base as given)", default=0
+        "linear scaling rule: lr = lr_base * global batch / N (0 = use lr_base as given)", default=0
     )
     sched: str = _opt("learning-rate schedule, updated every step", default="cosine", choices=SCHEDULES)
     warmup_epochs: float = _opt("linear learning-rate warm-up before the schedule", default=0.0)

@@ -1,4 +1,5 @@
-"""Train a classifier on Tiny-ImageNet-200: the CLI entry and the epoch loop.
+"""Train a classifier on Tiny-ImageNet-200: the CLI entry. It reads argv, sets up data, model, run
+folder and metric sinks, and hands them to engine.fit (the epoch loop).
 
     python main.py --arch resnet18 --batch_size 128 --lr_base 1e-3 --epochs 100
     python main.py --config configs/demo.yaml --epochs 3
@@ -10,66 +11,32 @@ last.pth.tar, best.pth.tar, best_results.json and best_test_preds.csv (see READM
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
-from timm.utils import ModelEmaV3
 
 import arch
 import batch_manager
 import distributed
+import engine
 import run_state
-import train
-import transforms
-from config import Config, milestones, parse_config
+from config import Config, parse_config
 from run_state import StopRequest, TrainState
 from utils import (
     CsvSink,
     UserError,
     WandbSink,
-    amp_dtype,
     load_checkpoint,
     make_run_dir,
     resolve_device,
     seed_everything,
     setup_logging,
 )
-from val import evaluate, predict, write_predictions
 
 log = logging.getLogger("tin")
-
-METRIC_COLUMNS = [
-    "epoch", "lr", "aug_strength", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
-    "epoch_seconds", "images_per_second",
-]  # fmt: skip
-EMA_COLUMNS = ["ema_val_loss", "ema_val_top1", "ema_val_top5"]
-
-
-@dataclass
-class Parts:
-    """What the epochs need, built once."""
-
-    model: torch.nn.Module  # the module whose weights are saved
-    net: torch.nn.Module  # what is called: `model`, or its torch.compile wrapper
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: torch.amp.GradScaler
-    ema: ModelEmaV3 | None
-    mixer: transforms.StrengthMixer | None
-    normalize: transforms.Normalize
-    loaders: batch_manager.Loaders
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    ctx: distributed.Context = distributed.Context()
-    params: int = 0
-    gflops: float = 0.0
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -111,12 +78,12 @@ def _main(cfg: Config, ctx: distributed.Context, argv) -> Path:
     if ctx.enabled:  # same initial weights everywhere (DDP broadcasts them); own dropout/mixing draws per process
         seed_everything(cfg.seed + ctx.rank)
     run_dir = distributed.broadcast(_open_run_dir(cfg, model, run_dir) if ctx.is_main else None)
-    parts = _build_parts(cfg, model, loaders, device, ctx)
+    parts = engine.build_parts(cfg, model, loaders, device, ctx)
     parts.params, parts.gflops = params, gflops
     log.info("%s: %s parameters, %.3f GFLOPs per %dx%d image", cfg.arch, f"{params:,}", gflops, cfg.img_size,
              cfg.img_size)  # fmt: skip
     state = run_state.restore(parts, ckpt) if ckpt is not None else TrainState()
-    columns = METRIC_COLUMNS + (EMA_COLUMNS if cfg.ema else [])
+    columns = engine.METRIC_COLUMNS + (engine.EMA_COLUMNS if cfg.ema else [])
     sinks: list = [CsvSink(run_dir / "metrics.csv", columns, rows=state.history)] if ctx.is_main else []
     stop = StopRequest()
     try:
@@ -129,7 +96,7 @@ def _main(cfg: Config, ctx: distributed.Context, argv) -> Path:
                 rngs[ctx.rank] if len(rngs) == ctx.world else ckpt["rng"]
             )  # last: nothing may draw after
             log.info("resumed %s at epoch %d, batch %d (update %d)", run_dir, state.epoch + 1, state.batch, state.step)
-        _fit(cfg, parts, state, run_dir, sinks, stop)
+        engine.fit(cfg, parts, state, run_dir, sinks, stop)
     finally:
         stop.restore()
         for sink in sinks:
@@ -160,194 +127,6 @@ def _open_run_dir(cfg: Config, model, run_dir: Path | None) -> Path:
     setup_logging(run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return run_dir
-
-
-def _build_parts(cfg: Config, model, loaders, device, ctx: distributed.Context) -> Parts:
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    net = model
-    if ctx.enabled:
-        if cfg.sync_bn:
-            model = net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    lr = cfg.lr_base * (cfg.batch_size * cfg.accum_steps / cfg.lr_scale_batch if cfg.lr_scale_batch else 1.0)
-    optimizer = train.build_optimizer(model, cfg.opt, lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
-    batches = _batches_per_epoch(cfg, loaders)
-    scheduler = train.build_scheduler(optimizer, cfg.sched, cfg.epochs, train.updates_per_epoch(batches, cfg.accum_steps),
-                                      cfg.warmup_epochs, cfg.min_lr, cfg.step_size, cfg.gamma, milestones(cfg))  # fmt: skip
-    dtype = amp_dtype(device, cfg.amp, cfg.amp_dtype)
-    n_classes = len(loaders.data.classes)
-    return Parts(
-        model=model,
-        net=torch.compile(net) if cfg.compile else net,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        ema=ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None,
-        mixer=transforms.build_mixer(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.label_smoothing, n_classes),
-        normalize=transforms.Normalize().to(device),
-        loaders=loaders,
-        device=device,
-        amp_dtype=dtype,
-        ctx=ctx,
-    )
-
-
-def _batches_per_epoch(cfg: Config, loaders) -> int:
-    full = loaders.train.sampler.num_samples // cfg.batch_size  # this process's share
-    return min(full, cfg.steps_per_epoch) if cfg.steps_per_epoch else full
-
-
-def _fit(cfg: Config, p: Parts, state: TrainState, run_dir: Path, sinks, stop: StopRequest) -> None:
-    data = p.loaders.data
-    log.info(
-        "run folder %s | %s, %.2fM params, %d classes | train %d, val %d, test %d images | device %s%s",
-        run_dir, cfg.arch, p.params / 1e6, len(data.classes), len(data.train), len(data.val or []),
-        len(data.test or []), p.device, f" ({str(p.amp_dtype).removeprefix('torch.')} autocast)" if p.amp_dtype else "",
-    )  # fmt: skip
-    if p.loaders.test is None:
-        log.info("this dataset has no unlabelled test split: no best_test_preds.csv will be written")
-    p.scheduler.step_update(num_updates=state.step)
-    start = time.perf_counter() - (state.history[-1]["wall_seconds"] if state.history else 0.0)
-    for epoch in range(state.epoch, cfg.epochs):
-        row = _one_epoch(cfg, p, state, epoch, stop)
-        if row is None:  # interrupted mid-epoch: saved, tell how to go on
-            _exit_interrupted(p, cfg, state, run_dir, stop)
-        row["wall_seconds"] = time.perf_counter() - start
-        improved = _end_epoch(cfg, p, state, run_dir, row)
-        for sink in sinks:
-            sink.log(row)
-        log.info("epoch %d/%d  %s%s", epoch + 1, cfg.epochs, _summary(row), "  *best*" if improved else "")
-        if cfg.patience and state.bad_epochs >= cfg.patience:
-            log.info("early stop: no better val top-1 for %d epochs (--patience %d)", state.bad_epochs, cfg.patience)
-            break
-        if distributed.any_flag(bool(stop.signum), p.device):
-            _exit_interrupted(p, cfg, state, run_dir, stop)
-    _log_done(state, run_dir, p.loaders.test is not None, time.perf_counter() - start)
-    if not cfg.no_analysis and p.loaders.val is not None and p.ctx.is_main:
-        _analyze(run_dir, cfg.workers)
-
-
-def _analyze(run_dir: Path, workers: int) -> None:
-    """End-of-run plots and confusions; a failure here must not turn a finished run into an error."""
-    import analyze
-
-    try:
-        analyze.analyze_run(run_dir, workers=workers)
-    except Exception as exc:  # noqa: BLE001 - reported, and the trained run stays complete
-        log.warning("analysis failed (%s: %s); retry with: python analyze.py run %s", type(exc).__name__, exc, run_dir)
-
-
-def _one_epoch(cfg: Config, p: Parts, state: TrainState, epoch: int, stop: StopRequest) -> dict | None:
-    """Set this epoch's augmentation strength, train (from state.batch), evaluate -> metrics row,
-    or None when a stop was requested mid-epoch (state then holds the position)."""
-    t0 = time.perf_counter()
-    strength = transforms.strength_at(epoch, cfg.epochs, cfg.aug_schedule, cfg.aug_strength)
-    p.loaders.set_epoch(epoch, strength, start_batch=state.batch)  # reaches the persistent workers
-    if p.mixer is not None:
-        p.mixer.set_strength(strength)  # and CutMix/MixUp
-    meters = train.EpochMeters(state.meters)
-    meters.state.setdefault("lr", p.optimizer.param_groups[0]["lr"])  # the epoch's starting lr, kept across resumes
-    tr = train.train_one_epoch(
-        p.net, p.loaders.train, p.optimizer, p.scheduler, p.normalize, p.mixer, len(p.loaders.data.classes),
-        cfg.label_smoothing, p.device, p.amp_dtype, state.step, scaler=p.scaler, accum_steps=cfg.accum_steps,
-        grad_clip=cfg.grad_clip, ema=p.ema, channels_last=cfg.channels_last, start_batch=state.batch,
-        end_batch=_batches_per_epoch(cfg, p.loaders), meters=meters,
-        should_stop=lambda: distributed.any_flag(bool(stop.signum), p.device), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-    )  # fmt: skip
-    state.step, state.batch, state.meters = tr["steps"], tr["batch"], tr["meters"]
-    if tr["interrupted"]:
-        return None
-    row = {"epoch": epoch + 1, "lr": meters.state["lr"], "aug_strength": strength}
-    row.update({k: v for k, v in tr.items() if k.startswith("train_") or k == "images_per_second"})
-    row.update(_global_train_metrics(meters, p.device) if p.ctx.enabled else {})
-    if p.loaders.val is not None:  # the unwrapped model: each process evaluates its shard, sums are reduced
-        row.update(evaluate(p.model, p.loaders.val, p.normalize, p.device, p.amp_dtype))
-        if p.ema is not None:
-            ema = evaluate(p.ema.module, p.loaders.val, p.normalize, p.device, p.amp_dtype)
-            row.update({f"ema_{k}": v for k, v in ema.items()})
-    row["epoch_seconds"] = time.perf_counter() - t0
-    return row
-
-
-def _global_train_metrics(meters: train.EpochMeters, device: torch.device) -> dict:
-    """Train loss/accuracy over every process's images (images/s stays per process)."""
-    m = meters.state
-    sums = distributed.all_reduce_(torch.tensor([m["loss"], m["top1"], m["top5"], m["n"]], dtype=torch.float64,
-                                                device=device))  # fmt: skip
-    n = max(float(sums[3]), 1.0)
-    return {
-        "train_loss": float(sums[0]) / n,
-        "train_top1": 100 * float(sums[1]) / n,
-        "train_top5": 100 * float(sums[2]) / n,
-    }
-
-
-def _end_epoch(cfg: Config, p: Parts, state: TrainState, run_dir: Path, row: dict) -> bool:
-    """Update the best, write best (+ predictions) first and last.pth.tar second: a kill between
-    the two re-runs this epoch on resume, identically. Returns whether this epoch is the best."""
-    key = "ema_val_top1" if cfg.best_on == "ema" else "val_top1"
-    score, best = row.get(key), state.best.get("val_top1")
-    improved = score is None or best is None or score > best  # without val, the latest epoch is kept
-    state.epoch, state.batch, state.meters = state.epoch + 1, 0, None
-    state.history.append(row)
-    state.bad_epochs = 0 if improved else state.bad_epochs + 1
-    if improved:
-        state.best = {"best_epoch": row["epoch"], "val_top1": score, "val_top5": row.get(key.replace("top1", "top5")),
-                      "val_loss": row.get(key.replace("top1", "loss")), "weights": cfg.best_on}  # fmt: skip
-    ckpt = run_state.make_checkpoint(p, cfg.to_dict(), state)  # every process: gathers the RNG states
-    if improved:
-        weights = p.ema.module if cfg.best_on == "ema" else p.model
-        preds = None
-        if p.loaders.test is not None:  # each process predicts its shard; the main one writes them all
-            preds = distributed.interleave(distributed.gather(predict(weights, p.loaders.test, p.normalize, p.device,
-                                                                      p.amp_dtype)))  # fmt: skip
-        if p.ctx.is_main:
-            run_state.write_checkpoint({**ckpt, "state_dict": weights.state_dict()}, run_dir / "best.pth.tar")
-            if preds is not None:
-                write_predictions(
-                    p.loaders.data.test.ids, preds, p.loaders.data.classes, run_dir / "best_test_preds.csv"
-                )
-    if not p.ctx.is_main:
-        return improved and score is not None
-    run_state.write_checkpoint(ckpt, run_dir / "last.pth.tar")
-    run_state.save_epoch_copy(run_dir / "last.pth.tar", run_dir, state.epoch, cfg.keep_last)
-    results = {"arch": cfg.arch, "params": p.params, "gflops": round(p.gflops, 4), **state.best, "epochs_run": state.epoch,
-               "wall_time_seconds": round(row["wall_seconds"], 2)}  # fmt: skip
-    tmp = run_dir / "best_results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(run_dir / "best_results.json")
-    return improved and score is not None
-
-
-def _exit_interrupted(p: Parts, cfg: Config, state: TrainState, run_dir: Path, stop: StopRequest) -> None:
-    if state.batch:  # mid-epoch: save the exact position (an epoch end has just been saved otherwise)
-        ckpt = run_state.make_checkpoint(p, cfg.to_dict(), state)
-        if p.ctx.is_main:
-            run_state.write_checkpoint(ckpt, run_dir / "last.pth.tar")
-    log.warning("interrupted; state saved in %s. Resume with:\n  python main.py --resume %s", run_dir / "last.pth.tar",
-                run_dir)  # fmt: skip
-    raise SystemExit(128 + stop.signum)
-
-
-def _summary(row: dict) -> str:
-    text = f"lr {row['lr']:.2e}  s {row['aug_strength']:.2f} | train loss {row['train_loss']:.3f} top-1 {row['train_top1']:.2f}%"
-    if "val_top1" in row:
-        text += f" | val loss {row['val_loss']:.3f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
-    if "ema_val_top1" in row:
-        text += f" | EMA top-1 {row['ema_val_top1']:.2f}%"
-    return text + f" | {row['epoch_seconds']:.0f}s, {row['images_per_second']:.0f} img/s"
-
-
-def _log_done(state: TrainState, run_dir: Path, has_test: bool, seconds: float) -> None:
-    b = state.best
-    final = "trained on train + val (no val metrics)"
-    if b.get("val_top1") is not None:
-        final = f"best val top-1 {b['val_top1']:.2f}% (top-5 {b['val_top5']:.2f}%) at epoch {b['best_epoch']}"
-    out = f"submit {run_dir / 'best_test_preds.csv'}" if has_test else f"weights in {run_dir}"
-    log.info("done: %s in %.0fs | %s", final, seconds, out)
 
 
 def print_catalogue(img_size: int, fmt: str) -> None:

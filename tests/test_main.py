@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+import engine
 import main
 from conftest import FAST_RUN, ROOT, WNIDS
 from utils import UserError, make_run_dir
@@ -30,7 +31,7 @@ def test_run_folder_is_complete(trained_run, tiny_data):
 
     metrics = _rows(trained_run / "metrics.csv")
     assert len(metrics) == 2 and [r["epoch"] for r in metrics] == ["1", "2"]
-    assert list(metrics[0]) == main.METRIC_COLUMNS
+    assert list(metrics[0]) == engine.METRIC_COLUMNS
     assert all(0 <= float(r["val_top1"]) <= float(r["val_top5"]) <= 100 for r in metrics)
     assert float(metrics[0]["aug_strength"]) == 0.0 < float(metrics[1]["aug_strength"])
 
