@@ -49,8 +49,8 @@ def test_drop_knobs_reach_every_model_that_has_them(name):
         assert 0.15 in dropout
 
 
-@pytest.mark.parametrize("name", ["vit_tiny", "swin_tiny", "resnet18"])
-def test_models_also_run_at_224(name):
+@pytest.mark.parametrize("name", [n for n in arch.list_archs() if not n.endswith("_cifar")])
+def test_models_also_run_at_224(name):  # the _cifar stems at 224 cost 100+ GFLOPs: covered at 64
     model = arch.build_model(name, num_classes=3, img_size=224).eval()
     with torch.inference_mode():
         assert model(torch.randn(1, 3, 224, 224)).shape == (1, 3)
