@@ -30,7 +30,7 @@ log = logging.getLogger("tin")
 
 METRIC_COLUMNS = [
     "epoch", "lr", "aug_strength", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
-    "epoch_seconds", "images_per_second",
+    "epoch_seconds", "images_per_second", "data_wait_fraction",
 ]  # fmt: skip
 EMA_COLUMNS = ["ema_val_loss", "ema_val_top1", "ema_val_top5"]
 
@@ -156,7 +156,9 @@ def _one_epoch(cfg: Config, p: Parts, state: TrainState, epoch: int, stop: StopR
     if tr["interrupted"]:
         return None
     row = {"epoch": epoch + 1, "lr": meters.state["lr"], "aug_strength": strength}
-    row.update({k: v for k, v in tr.items() if k.startswith("train_") or k == "images_per_second"})
+    row.update(
+        {k: v for k, v in tr.items() if k.startswith("train_") or k in ("images_per_second", "data_wait_fraction")}
+    )
     row.update(_global_train_metrics(meters, p.device) if p.ctx.enabled else {})
     if p.loaders.val is not None:  # the unwrapped model: each process evaluates its shard, sums are reduced
         row.update(evaluate(p.model, p.loaders.val, p.normalize, p.device, p.amp_dtype))
@@ -233,7 +235,10 @@ def _summary(row: dict) -> str:
         text += f" | val loss {row['val_loss']:.3f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
     if "ema_val_top1" in row:
         text += f" | EMA top-1 {row['ema_val_top1']:.2f}%"
-    return text + f" | {row['epoch_seconds']:.0f}s, {row['images_per_second']:.0f} img/s"
+    return text + (
+        f" | {row['epoch_seconds']:.0f}s, {row['images_per_second']:.0f} img/s, "
+        f"data wait {100 * row['data_wait_fraction']:.1f}%"
+    )
 
 
 def _log_done(state: TrainState, run_dir: Path, has_test: bool, seconds: float) -> None:

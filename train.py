@@ -109,7 +109,8 @@ def train_one_epoch(
     """Train on batches [start_batch, end_batch) of `loader` (whose sampler already skips the
     first start_batch batches). `step` counts optimizer updates so far (for the schedule).
 
-    Returns train loss and top-1/top-5 (against the unmixed labels, in %), images/s, seconds,
+    Returns train loss and top-1/top-5 (against the unmixed labels, in %), images/s, seconds, the
+    fraction of the time spent waiting for the next batch (data_wait_fraction),
     the update count `steps`, the batch reached `batch`, `meters` and `interrupted` (stopped
     early by `should_stop`, checked after each update)."""
     model.train()
@@ -118,9 +119,11 @@ def train_one_epoch(
     meters = meters or EpochMeters()
     end_batch = end_batch if end_batch is not None else start_batch + len(loader)
     seen, start, b, interrupted = 0, time.perf_counter(), start_batch, False
+    waited, ready = 0.0, time.perf_counter()  # time blocked on the loader: the data-wait fraction
     bar = tqdm(total=end_batch - start_batch, desc=desc, leave=False, dynamic_ncols=True, disable=None)
     optimizer.zero_grad(set_to_none=True)
     for b, (images, labels) in enumerate(loader, start=start_batch):
+        waited += time.perf_counter() - ready
         if b >= end_batch:
             b -= 1
             break
@@ -153,9 +156,11 @@ def train_one_epoch(
         if b + 1 - group_start == group_size and b + 1 < end_batch and should_stop():
             interrupted = True
             break
+        ready = time.perf_counter()
     bar.close()
     seconds = time.perf_counter() - start
     return {**meters.averages(), "images_per_second": seen / max(seconds, 1e-9), "train_seconds": seconds,
+            "data_wait_fraction": waited / max(seconds, 1e-9),
             "steps": step, "batch": b + 1, "meters": meters.state, "interrupted": interrupted}  # fmt: skip
 
 

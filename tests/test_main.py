@@ -33,6 +33,7 @@ def test_run_folder_is_complete(trained_run, tiny_data):
     assert len(metrics) == 2 and [r["epoch"] for r in metrics] == ["1", "2"]
     assert list(metrics[0]) == engine.METRIC_COLUMNS
     assert all(0 <= float(r["val_top1"]) <= float(r["val_top5"]) <= 100 for r in metrics)
+    assert all(0 <= float(r["data_wait_fraction"]) <= 1 for r in metrics)
     assert float(metrics[0]["aug_strength"]) == 0.0 < float(metrics[1]["aug_strength"])
 
     for name in ("last.pth.tar", "best.pth.tar"):
@@ -59,7 +60,7 @@ def test_run_folder_is_complete(trained_run, tiny_data):
 def test_same_seed_same_metrics_whatever_the_worker_count(tiny_data, tmp_path):
     args = [*FAST_RUN, "--data_dir", str(tiny_data), "--epochs", "2", "--wandb", "disabled"]
     runs = [main.main([*args, "--output_dir", str(tmp_path / f"o{w}"), "--workers", str(w)]) for w in (0, 2)]
-    drop = ("epoch_seconds", "images_per_second")
+    drop = ("epoch_seconds", "images_per_second", "data_wait_fraction")
     a, b = ([{k: v for k, v in r.items() if k not in drop} for r in _rows(run / "metrics.csv")] for run in runs)
     assert a == b
     wa, wb = (torch.load(run / "last.pth.tar", weights_only=True)["state_dict"] for run in runs)
