@@ -6,6 +6,8 @@ set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
+# shellcheck source=docker/_exec.sh
+. "$here/_exec.sh"
 tag="${IMAGE:-tiny-imagenet-toolkit:latest}"
 dry_run=0
 extra=()
@@ -26,12 +28,4 @@ if [ "$uid" -eq 0 ]; then uid=1000; gid=1000; fi
 cmd=(docker build -f "$here/Dockerfile" -t "$tag"
      --build-arg "UID=$uid" --build-arg "GID=$gid" ${extra[@]+"${extra[@]}"} "$root")
 
-if [ "$dry_run" -eq 1 ]; then
-    printf '%q ' "${cmd[@]}"; echo
-    exit 0
-fi
-if ! command -v docker >/dev/null 2>&1; then
-    echo "error: docker is not installed; see https://docs.docker.com/engine/install/" >&2
-    exit 1
-fi
-exec "${cmd[@]}"
+run_or_print "$dry_run" "${cmd[@]}"

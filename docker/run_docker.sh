@@ -10,6 +10,8 @@ set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
+# shellcheck source=docker/_exec.sh
+. "$here/_exec.sh"
 tag="${IMAGE:-tiny-imagenet-toolkit:latest}"
 name="tiny-imagenet"
 gpus="all"
@@ -44,12 +46,4 @@ else
     cmd+=("$tag" "${command[@]}")
 fi
 
-if [ "$dry_run" -eq 1 ]; then
-    printf '%q ' "${cmd[@]}"; echo
-    exit 0
-fi
-if ! command -v docker >/dev/null 2>&1; then
-    echo "error: docker is not installed; see https://docs.docker.com/engine/install/" >&2
-    exit 1
-fi
-exec "${cmd[@]}"
+run_or_print "$dry_run" "${cmd[@]}"
