@@ -122,3 +122,11 @@ def test_report_compares_runs_and_skips_unfinished_folders(trained_run, analysed
     header = report.splitlines()[2]
     assert header.startswith("| run | arch | params | gflops | epochs | val_top1")
     _png(tmp_path / "r" / "report_val_top1.png")
+
+
+def test_report_without_finished_runs_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, "report.py", str(tmp_path / "empty"), "--output_dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.startswith("error: none of 1 folder(s) is a finished run")
+    assert not (tmp_path / "report.md").exists()

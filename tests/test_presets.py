@@ -69,3 +69,9 @@ def test_sweep_rejects_bad_overrides_before_running(tmp_path):
     proc = subprocess.run([sys.executable, "sweep.py", str(ROOT / "configs" / "demo.yaml"), "--set", "epochz=3",
                            "--sweep_dir", str(tmp_path / "sw")], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 2 and "epochz" in proc.stderr and not list((tmp_path / "sw").glob("*.log"))
+
+
+def test_sweep_set_needs_key_equals_value(tmp_path):
+    proc = subprocess.run([sys.executable, "sweep.py", str(ROOT / "configs" / "demo.yaml"), "--set", "epochs",
+                           "--sweep_dir", str(tmp_path / "sw")], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and "expected key=value" in proc.stderr
