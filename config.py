@@ -87,7 +87,7 @@ class Config:
     accum_steps: int = _opt("batches accumulated per optimizer step", default=1)
     ema: bool = _opt("keep an exponential moving average of the weights, evaluated every epoch", default=False,
                      flag=True)  # fmt: skip
-    ema_decay: float = _opt("EMA decay per optimizer step", default=0.9998)
+    ema_decay: float = _opt("EMA decay per optimizer step (after timm's warm-up: 1 - (1 + step)^-2/3)", default=0.9998)
     best_on: str = _opt("which weights pick best.pth.tar and the test predictions", default="model",
                         choices=("model", "ema"))  # fmt: skip
     patience: int = _opt("stop after N epochs without a better val top-1 (0 = never)", default=0)

@@ -80,7 +80,9 @@ def build_parts(cfg: Config, model, loaders, device, ctx: distributed.Context) -
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        ema=ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None,
+        ema=ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
+        if cfg.ema
+        else None,  # decay ramps up: short runs too
         mixer=transforms.build_mixer(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.label_smoothing, n_classes),
         normalize=transforms.Normalize().to(device),
         loaders=loaders,
