@@ -56,10 +56,6 @@ def amp_dtype(device: torch.device, enabled: bool, name: str = "bf16") -> torch.
     return torch.bfloat16
 
 
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # --------------------------------------------------------------------------- metrics
 class AverageMeter:
     """Weighted running mean (weights = batch sizes)."""
