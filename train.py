@@ -151,8 +151,10 @@ def train_one_epoch(
         top1, top5 = topk_correct(logits.detach(), labels, (1, 5))
         meters.update(loss.item(), top1, top5, n)
         bar.update(1)
-        bar.set_postfix(loss=f"{meters.averages()['train_loss']:.3f}", top1=f"{meters.averages()['train_top1']:.1f}",
-                        lr=f"{optimizer.param_groups[0]['lr']:.2e}", ips=f"{seen / (time.perf_counter() - start):.0f}")  # fmt: skip
+        if not bar.disable:  # no formatting work per step when the bar is hidden (logs, CI, torchrun)
+            avg = meters.averages()
+            bar.set_postfix(loss=f"{avg['train_loss']:.3f}", top1=f"{avg['train_top1']:.1f}",
+                            lr=f"{optimizer.param_groups[0]['lr']:.2e}", ips=f"{seen / (time.perf_counter() - start):.0f}")  # fmt: skip
         if b + 1 - group_start == group_size and b + 1 < end_batch and should_stop():
             interrupted = True
             break
