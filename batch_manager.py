@@ -12,13 +12,12 @@ import random
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 import decode_cache
 import transforms
@@ -72,38 +71,59 @@ def prepare_data(
 class AugmentedDataset(Dataset):
     """(uint8 image (3, H, W), label) pairs of a Split; label -1 for unlabelled images.
 
-    Augmentation is a pure function of (seed, epoch, index): every sample is seeded from those
-    three numbers, so results do not depend on worker count or scheduling. Epoch and strength live
-    in a shared-memory tensor that persistent workers read, so the loader is never rebuilt.
+    With `make_pipeline` ((strength, size) -> albumentations pipeline), augmentation is a pure
+    function of (seed, epoch, index): every sample is seeded from those three numbers, so results
+    do not depend on worker count or scheduling. Epoch, strength and training size live in a
+    shared-memory tensor that persistent workers read, so the loader is never rebuilt.
+
+    Without it, images come out as stored (the fast path for evaluation and for augmentation on
+    the device), resized with cv2's bilinear to `size` only where they differ from it.
     """
 
-    def __init__(self, split: Split, make_pipeline: Callable, seed: int = 0) -> None:
+    def __init__(self, split: Split, make_pipeline: Callable | None = None, seed: int = 0, size: int = 0) -> None:
         self.split = split
         self.labels = split.labels if split.labels is not None else [-1] * len(split)
-        self.make_pipeline = make_pipeline  # strength -> albumentations pipeline
+        self.make_pipeline = make_pipeline
         self.seed = seed
-        self.state = torch.zeros(2, dtype=torch.float64).share_memory_()  # [strength, epoch]
-        self._pipeline_for: tuple[float, object] | None = None  # per-process cache
+        self.size = size
+        self.state = torch.tensor([0.0, 0.0, float(size)], dtype=torch.float64).share_memory_()  # strength, epoch, size
+        self._pipeline_for: tuple[tuple, object] | None = None  # per-process cache
 
-    def set_epoch(self, epoch: int, strength: float) -> None:
+    def set_epoch(self, epoch: int, strength: float, size: int | None = None) -> None:
         self.state[0] = float(strength)
         self.state[1] = float(epoch)
+        self.state[2] = float(size or self.size)
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def _pipeline(self, strength: float):
-        if self._pipeline_for is None or self._pipeline_for[0] != strength:
-            self._pipeline_for = (strength, self.make_pipeline(strength))
+    def _pipeline(self, strength: float, size: int):
+        if self._pipeline_for is None or self._pipeline_for[0] != (strength, size):
+            self._pipeline_for = ((strength, size), self.make_pipeline(strength, size))
         return self._pipeline_for[1]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        strength, epoch = self.state.tolist()
-        pipeline = self._pipeline(strength)
-        seq = np.random.SeedSequence([self.seed, int(epoch), i])
-        pipeline.set_random_state(np.random.default_rng(seq), random.Random(int(seq.generate_state(1)[0])))
-        image = pipeline(image=self.split.image(i))["image"]
+        image = self.split.image(i)
+        if self.make_pipeline is None:
+            if self.size and image.shape[:2] != (self.size, self.size):
+                image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
+        else:
+            strength, epoch, size = self.state.tolist()
+            pipeline = self._pipeline(strength, int(size))
+            seq = np.random.SeedSequence([self.seed, int(epoch), i])
+            pipeline.set_random_state(np.random.default_rng(seq), random.Random(int(seq.generate_state(1)[0])))
+            image = pipeline(image=image)["image"]
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), self.labels[i]
+
+    def __getitems__(self, indices: list[int]):
+        """A whole batch at once (the DataLoader calls this instead of __getitem__ per index): stored
+        images straight from the array with one gather, already stacked — no per-image work."""
+        if self.make_pipeline is not None or self.split.array is None or self.split.array.shape[1] != self.size:
+            return [self[i] for i in indices]
+        index = np.asarray(indices, dtype=np.int64)
+        rows = index if self.split.rows is None else self.split.rows[index]
+        images = torch.from_numpy(np.ascontiguousarray(self.split.array[rows])).permute(0, 3, 1, 2)  # channels-last
+        return Stacked(images, torch.tensor([self.labels[i] for i in indices], dtype=torch.long))
 
     def __getstate__(self) -> dict:
         # Under the spawn start method, send a memory map's file name, not its gigabytes.
@@ -119,6 +139,22 @@ class AugmentedDataset(Dataset):
         self.__dict__.update(state)
         if filename is not None:
             self.split = replace(self.split, array=np.load(filename, mmap_mode="r"))
+
+
+@dataclass
+class Stacked:
+    """A batch already stacked by AugmentedDataset.__getitems__: (B, 3, H, W) uint8 (channels-last
+    memory, as the models want it) and (B,) labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def collate(batch):
+    """default_collate, except for batches that arrive already stacked."""
+    if isinstance(batch, Stacked):
+        return batch.images, batch.labels
+    return default_collate(batch)
 
 
 # --------------------------------------------------------------------------- loaders
@@ -153,12 +189,18 @@ class Loaders:
     val: DataLoader | None  # None with --trainval
     test: DataLoader | None  # None when the dataset has no unlabelled test split
     data: DataSplits
+    augment: transforms.BatchAugment | None = None  # --aug_backend torch: applied by the trainer
+    img_size: int = 64
 
-    def set_epoch(self, epoch: int, strength: float, start_batch: int = 0) -> None:
-        """Call before iterating the epoch: shuffle order, augmentation strength, and where in the
-        epoch to start (a resumed epoch skips the batches already trained on)."""
+    def set_epoch(self, epoch: int, strength: float, start_batch: int = 0, size: int | None = None) -> None:
+        """Call before iterating the epoch: shuffle order, augmentation strength, training size
+        (None = the loaders' img_size) and where in the epoch to start (a resumed epoch skips the
+        batches already trained on)."""
         self.train.sampler.set_epoch(epoch, skip=start_batch * self.train.batch_size)
-        self.train.dataset.set_epoch(epoch, strength)
+        if self.augment is None:
+            self.train.dataset.set_epoch(epoch, strength, size or self.img_size)
+        else:
+            self.augment.set_epoch(epoch, strength, size or self.img_size)
 
 
 def _loader(dataset: Dataset, batch_size: int, workers: int, pin: bool, **kw) -> DataLoader:
@@ -173,6 +215,7 @@ def _loader(dataset: Dataset, batch_size: int, workers: int, pin: bool, **kw) ->
         # A private generator: creating an iterator must not draw from the global torch RNG, or a
         # resumed run (which creates one iterator more) would diverge from an uninterrupted one.
         generator=torch.Generator().manual_seed(0),
+        collate_fn=collate,
         **kw,
     )
 
@@ -186,19 +229,30 @@ def build_loaders(
     pin_memory: bool = False,
     rank: int = 0,
     world: int = 1,
+    aug_backend: str = "albumentations",
 ) -> Loaders:
     """Loaders for this process: train shuffled and sharded (rank of world), val/test sharded in
-    order without padding, so reduced metrics count every image exactly once."""
+    order without padding, so reduced metrics count every image exactly once. With aug_backend
+    'torch' the train loader delivers stored images and `Loaders.augment` augments on the device."""
     if len(data.train) < batch_size:
         raise DatasetError(
             f"{data.root}: the train split has {len(data.train)} images, fewer than --batch_size {batch_size}; "
             "lower --batch_size"
         )
-    train_set = AugmentedDataset(data.train, partial(transforms.train_pipeline, img_size), seed)
+    augment = None
+    if aug_backend == "torch":
+        augment = transforms.BatchAugment(seed, rank)
+        augment.set_epoch(0, 0.0, img_size)
+        stored = data.train.image(0).shape[0] if data.train.array is not None else img_size
+        train_set = AugmentedDataset(data.train, None, seed, size=stored)
+    elif aug_backend == "albumentations":
+        train_set = AugmentedDataset(data.train, _train_pipeline, seed, size=img_size)
+    else:
+        raise ValueError(f"unknown augmentation backend {aug_backend!r}; use albumentations or torch")
     sampler = ResumableSampler(train_set, seed, num_replicas=world, rank=rank)
     train = _loader(train_set, batch_size, workers, pin_memory, sampler=sampler, drop_last=True)
     val, test = eval_loaders(data, img_size, batch_size, workers, pin_memory, rank, world)
-    return Loaders(train=train, val=val, test=test, data=data)
+    return Loaders(train=train, val=val, test=test, data=data, augment=augment, img_size=img_size)
 
 
 def eval_loaders(
@@ -210,18 +264,21 @@ def eval_loaders(
     rank: int = 0,
     world: int = 1,
 ) -> tuple[DataLoader | None, DataLoader | None]:
-    """(val, test) loaders in split order (images rank, rank + world, ...), without augmentation;
-    None for an absent split."""
-    make = partial(_eval_pipeline, img_size)
+    """(val, test) loaders in split order (images rank, rank + world, ...), without augmentation
+    (images as stored, resized only where they differ from img_size); None for an absent split."""
     return tuple(
         None
         if split is None
         else _loader(
-            AugmentedDataset(split, make), batch_size, workers, pin_memory, sampler=list(range(rank, len(split), world))
+            AugmentedDataset(split, size=img_size),
+            batch_size,
+            workers,
+            pin_memory,
+            sampler=list(range(rank, len(split), world)),
         )  # fmt: skip
         for split in (data.val, data.test)
     )
 
 
-def _eval_pipeline(img_size: int, strength: float):
-    return transforms.eval_pipeline(img_size)
+def _train_pipeline(strength: float, size: int):
+    return transforms.train_pipeline(size, strength)

@@ -21,7 +21,8 @@ from utils import UserError
 
 AUG_SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("cosine", "step", "multistep", "none")
+SCHEDULES = ("cosine", "linear", "step", "multistep", "none")
+AUG_BACKENDS = ("albumentations", "torch")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -67,6 +68,10 @@ class Config:
                           flag=True)  # fmt: skip
     output_dir: str = _opt("where timestamped run folders are created", default="checkpoints")
     img_size: int = _opt("training resolution; 64 is native, 224 resizes", default=64)
+    min_img_size: int = _opt(
+        "progressive resizing: train at this resolution first, growing to --img_size (0 = off)", default=0
+    )
+    resize_until: float = _opt("fraction of the epochs after which training is at full --img_size", default=0.75)
     workers: int = _opt("DataLoader worker processes (0 = load in the main process)", default=_default_workers)
     # --- optimisation ---
     opt: str = _opt("optimizer", default="adamw", choices=OPTIMIZERS)
@@ -78,7 +83,7 @@ class Config:
     )
     sched: str = _opt("learning-rate schedule, updated every step", default="cosine", choices=SCHEDULES)
     warmup_epochs: float = _opt("linear learning-rate warm-up before the schedule", default=0.0)
-    min_lr: float = _opt("learning rate at the end of the cosine schedule", default=0.0)
+    min_lr: float = _opt("learning rate at the end of the cosine or linear schedule", default=0.0)
     step_size: float = _opt("--sched step: epochs between decays", default=30.0)
     gamma: float = _opt("--sched step/multistep: factor applied at each decay", default=0.1)
     milestones: str = _opt("--sched multistep: comma-separated epochs, e.g. 30,60,80", default="")
@@ -90,8 +95,19 @@ class Config:
     ema_decay: float = _opt("EMA decay per optimizer step (after timm's warm-up: 1 - (1 + step)^-2/3)", default=0.9998)
     best_on: str = _opt("which weights pick best.pth.tar and the test predictions", default="model",
                         choices=("model", "ema"))  # fmt: skip
+    tta: bool = _opt("evaluate and predict with horizontal-flip test-time augmentation (2x evaluation cost)",
+                     default=False, flag=True)  # fmt: skip
+    test_preds: str = _opt(
+        "when best_test_preds.csv is written: at every new best (an interrupted run has them), or once at "
+        "the end from best.pth.tar (one test evaluation per run instead of per improvement)",
+        default="best", choices=("best", "end"),
+    )  # fmt: skip
     patience: int = _opt("stop after N epochs without a better val top-1 (0 = never)", default=0)
     # --- progressive augmentation (strength s in [0, 1]) ---
+    aug_backend: str = _opt(
+        "torch: the recipe on whole batches on the device (faster, see README: Speed); albumentations: per "
+        "image in the loader workers", default="torch", choices=AUG_BACKENDS,
+    )  # fmt: skip
     aug_schedule: str = _opt("how s grows over epochs", default="cosine", choices=AUG_SCHEDULES)
     aug_strength: float = _opt("s for --aug_schedule constant; the ceiling for the others", default=1.0)
     mixup_alpha: float = _opt("MixUp Beta(a, a) parameter at s = 1 (0 disables MixUp)", default=0.8)
@@ -100,12 +116,14 @@ class Config:
     # --- runtime ---
     seed: int = _opt("seed for python, numpy, torch and the data order", default=42)
     device: str = _opt("where to train", default="auto", choices=DEVICES)
-    amp: bool = _opt("mixed precision (autocast) where the device supports it", default=False)
+    amp: bool = _opt("bf16 autocast (fp16 on GPUs without bf16); --no-amp for fp32. See README: Speed",
+                     default=True)  # fmt: skip
     amp_dtype: str = _opt(
         "autocast type: bf16, or fp16 with a gradient scaler", default="bf16", choices=("bf16", "fp16")
     )
     sync_bn: bool = _opt("synchronise batch-norm statistics across processes (torchrun)", default=False, flag=True)
-    channels_last: bool = _opt("channels-last memory format for model and inputs", default=False)
+    channels_last: bool = _opt("channels-last memory format for model and inputs (--no-channels_last to turn off)",
+                               default=True)  # fmt: skip
     compile: bool = _opt("torch.compile the model (off by default)", default=False, flag=True)
     keep_last: int = _opt("also keep the last K epoch checkpoints epoch_NNN.pth.tar (0 = none)", default=0)
     steps_per_epoch: int = _opt("cap on training batches per epoch (0 = all); for smoke tests", default=0)
@@ -142,6 +160,11 @@ def validate(cfg: Config) -> Config:
         (cfg.mixup_alpha >= 0 and cfg.cutmix_alpha >= 0, "--mixup_alpha and --cutmix_alpha must be >= 0"),
         (0 <= cfg.label_smoothing < 1, f"--label_smoothing must lie in [0, 1) (got {cfg.label_smoothing})"),
         (0 <= cfg.warmup_epochs < cfg.epochs, f"--warmup_epochs must lie in [0, --epochs) (got {cfg.warmup_epochs})"),
+        (
+            cfg.min_img_size == 0 or 16 <= cfg.min_img_size <= cfg.img_size,
+            f"--min_img_size must be 0 (off) or lie in [16, --img_size {cfg.img_size}] (got {cfg.min_img_size})",
+        ),
+        (0 < cfg.resize_until <= 1, f"--resize_until must lie in (0, 1] (got {cfg.resize_until})"),
         (0 <= cfg.val_split < 1, f"--val_split must lie in [0, 1) (got {cfg.val_split})"),
         (cfg.accum_steps >= 1, f"--accum_steps must be >= 1 (got {cfg.accum_steps})"),
         (0 < cfg.ema_decay < 1, f"--ema_decay must lie in (0, 1) (got {cfg.ema_decay})"),

@@ -7,6 +7,7 @@ EMA); best.pth.tar + test predictions on a new best; last.pth.tar; metrics to th
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -23,13 +24,13 @@ import train
 import transforms
 from config import Config, milestones
 from run_state import StopRequest, TrainState
-from utils import amp_dtype
+from utils import amp_dtype, load_checkpoint
 from val import evaluate, predict, write_predictions
 
 log = logging.getLogger("tin")
 
 METRIC_COLUMNS = [
-    "epoch", "lr", "aug_strength", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
+    "epoch", "lr", "aug_strength", "train_size", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
     "epoch_seconds", "images_per_second", "data_wait_fraction",
 ]  # fmt: skip
 EMA_COLUMNS = ["ema_val_loss", "ema_val_top1", "ema_val_top5"]
@@ -122,6 +123,7 @@ def fit(cfg: Config, p: Parts, state: TrainState, run_dir: Path, sinks, stop: St
             break
         if distributed.any_flag(bool(stop.signum), p.device):
             _exit_interrupted(p, cfg, state, run_dir, stop)
+    _final_test_preds(cfg, p, run_dir)
     _log_done(state, run_dir, p.loaders.test is not None, time.perf_counter() - start)
     if not cfg.no_analysis and p.loaders.val is not None and p.ctx.is_main:
         _analyze(run_dir, cfg.workers)
@@ -137,35 +139,45 @@ def _analyze(run_dir: Path, workers: int) -> None:
         log.warning("analysis failed (%s: %s); retry with: python analyze.py run %s", type(exc).__name__, exc, run_dir)
 
 
-def _one_epoch(cfg: Config, p: Parts, state: TrainState, epoch: int, stop: StopRequest) -> dict | None:
-    """Set this epoch's augmentation strength, train (from state.batch), evaluate -> metrics row,
-    or None when a stop was requested mid-epoch (state then holds the position)."""
-    t0 = time.perf_counter()
+def train_epoch(cfg: Config, p: Parts, state: TrainState, epoch: int, stop: StopRequest | None = None) -> dict:
+    """Train epoch `epoch` from state.batch (the trainer proper, no evaluation): set the epoch's
+    augmentation strength and resolution, run train.train_one_epoch, advance `state`. Returns
+    train.train_one_epoch's dict plus aug_strength and train_size. bench/step.py times this."""
     strength = transforms.strength_at(epoch, cfg.epochs, cfg.aug_schedule, cfg.aug_strength)
-    p.loaders.set_epoch(epoch, strength, start_batch=state.batch)  # reaches the persistent workers
+    size = transforms.train_size_at(epoch, cfg.epochs, cfg.img_size, cfg.min_img_size, cfg.resize_until)
+    p.loaders.set_epoch(epoch, strength, start_batch=state.batch, size=size)  # reaches the persistent workers
     if p.mixer is not None:
         p.mixer.set_strength(strength)  # and CutMix/MixUp
     meters = train.EpochMeters(state.meters)
     meters.state.setdefault("lr", p.optimizer.param_groups[0]["lr"])  # the epoch's starting lr, kept across resumes
+    signum = (lambda: bool(stop.signum)) if stop is not None else (lambda: False)
     tr = train.train_one_epoch(
         p.net, p.loaders.train, p.optimizer, p.scheduler, p.normalize, p.mixer, len(p.loaders.data.classes),
         cfg.label_smoothing, p.device, p.amp_dtype, state.step, scaler=p.scaler, accum_steps=cfg.accum_steps,
         grad_clip=cfg.grad_clip, ema=p.ema, channels_last=cfg.channels_last, start_batch=state.batch,
-        end_batch=_batches_per_epoch(cfg, p.loaders), meters=meters,
-        should_stop=lambda: distributed.any_flag(bool(stop.signum), p.device), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        end_batch=_batches_per_epoch(cfg, p.loaders), meters=meters, augment=p.loaders.augment,
+        should_stop=lambda: distributed.any_flag(signum(), p.device), desc=f"epoch {epoch + 1}/{cfg.epochs}",
     )  # fmt: skip
     state.step, state.batch, state.meters = tr["steps"], tr["batch"], tr["meters"]
+    return {**tr, "aug_strength": strength, "train_size": size, "lr": meters.state["lr"]}
+
+
+def _one_epoch(cfg: Config, p: Parts, state: TrainState, epoch: int, stop: StopRequest) -> dict | None:
+    """Train (from state.batch), evaluate -> metrics row, or None when a stop was requested
+    mid-epoch (state then holds the position)."""
+    t0 = time.perf_counter()
+    tr = train_epoch(cfg, p, state, epoch, stop)
     if tr["interrupted"]:
         return None
-    row = {"epoch": epoch + 1, "lr": meters.state["lr"], "aug_strength": strength}
+    row = {"epoch": epoch + 1, **{k: tr[k] for k in ("lr", "aug_strength", "train_size")}}
     row.update(
         {k: v for k, v in tr.items() if k.startswith("train_") or k in ("images_per_second", "data_wait_fraction")}
     )
-    row.update(_global_train_metrics(meters, p.device) if p.ctx.enabled else {})
+    row.update(_global_train_metrics(train.EpochMeters(tr["meters"]), p.device) if p.ctx.enabled else {})
     if p.loaders.val is not None:  # the unwrapped model: each process evaluates its shard, sums are reduced
-        row.update(evaluate(p.model, p.loaders.val, p.normalize, p.device, p.amp_dtype))
+        row.update(evaluate(p.model, p.loaders.val, p.normalize, p.device, p.amp_dtype, cfg.tta))
         if p.ema is not None:
-            ema = evaluate(p.ema.module, p.loaders.val, p.normalize, p.device, p.amp_dtype)
+            ema = evaluate(p.ema.module, p.loaders.val, p.normalize, p.device, p.amp_dtype, cfg.tta)
             row.update({f"ema_{k}": v for k, v in ema.items()})
     row["epoch_seconds"] = time.perf_counter() - t0
     return row
@@ -199,10 +211,7 @@ def _end_epoch(cfg: Config, p: Parts, state: TrainState, run_dir: Path, row: dic
     ckpt = run_state.make_checkpoint(p, cfg.to_dict(), state)  # every process: gathers the RNG states
     if improved:
         weights = p.ema.module if cfg.best_on == "ema" else p.model
-        preds = None
-        if p.loaders.test is not None:  # each process predicts its shard; the main one writes them all
-            preds = distributed.interleave(distributed.gather(predict(weights, p.loaders.test, p.normalize, p.device,
-                                                                      p.amp_dtype)))  # fmt: skip
+        preds = _test_preds(cfg, p, weights) if cfg.test_preds == "best" else None
         if p.ctx.is_main:
             run_state.write_checkpoint({**ckpt, "state_dict": weights.state_dict()}, run_dir / "best.pth.tar")
             if preds is not None:
@@ -221,6 +230,28 @@ def _end_epoch(cfg: Config, p: Parts, state: TrainState, run_dir: Path, row: dic
     return improved and score is not None
 
 
+def _test_preds(cfg: Config, p: Parts, weights: torch.nn.Module) -> list[int] | None:
+    """Every test image's predicted class (None without a test split): each process predicts its
+    shard, the shards are gathered in order."""
+    if p.loaders.test is None:
+        return None
+    shard = predict(weights, p.loaders.test, p.normalize, p.device, p.amp_dtype, cfg.tta)
+    return distributed.interleave(distributed.gather(shard))
+
+
+def _final_test_preds(cfg: Config, p: Parts, run_dir: Path) -> None:
+    """--test_preds end: predict the test split once, with the weights saved in best.pth.tar
+    (the main process reads them; every process gets them by broadcast)."""
+    if p.loaders.test is None or cfg.test_preds != "end":
+        return
+    state = load_checkpoint(run_dir / "best.pth.tar")["state_dict"] if p.ctx.is_main else None
+    weights = copy.deepcopy(p.model)
+    weights.load_state_dict(distributed.broadcast(state))
+    preds = _test_preds(cfg, p, weights)
+    if p.ctx.is_main:
+        write_predictions(p.loaders.data.test.ids, preds, p.loaders.data.classes, run_dir / "best_test_preds.csv")
+
+
 def _exit_interrupted(p: Parts, cfg: Config, state: TrainState, run_dir: Path, stop: StopRequest) -> None:
     if state.batch:  # mid-epoch: save the exact position (an epoch end has just been saved otherwise)
         ckpt = run_state.make_checkpoint(p, cfg.to_dict(), state)
@@ -232,7 +263,7 @@ def _exit_interrupted(p: Parts, cfg: Config, state: TrainState, run_dir: Path, s
 
 
 def _summary(row: dict) -> str:
-    text = f"lr {row['lr']:.2e}  s {row['aug_strength']:.2f} | train loss {row['train_loss']:.3f} top-1 {row['train_top1']:.2f}%"
+    text = f"lr {row['lr']:.2e}  s {row['aug_strength']:.2f}  {row['train_size']}px | train loss {row['train_loss']:.3f} top-1 {row['train_top1']:.2f}%"
     if "val_top1" in row:
         text += f" | val loss {row['val_loss']:.3f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
     if "ema_val_top1" in row:

@@ -68,7 +68,8 @@ def _main(cfg: Config, ctx: distributed.Context, argv) -> Path:
     if ckpt is not None and list(ckpt["classes"]) != data.classes:
         raise UserError(f"--resume {cfg.resume}: the run was trained on other classes than those in {data.root}")
     loaders = batch_manager.build_loaders(data, cfg.img_size, cfg.batch_size, cfg.workers, cfg.seed,
-                                          pin_memory=device.type == "cuda", rank=ctx.rank, world=ctx.world)  # fmt: skip
+                                          pin_memory=device.type == "cuda", rank=ctx.rank, world=ctx.world,
+                                          aug_backend=cfg.aug_backend)  # fmt: skip
     model = arch.build_model(cfg.arch, len(data.classes), cfg.img_size, cfg.drop_rate, cfg.attn_drop_rate,
                              cfg.drop_path_rate, cfg.pretrained and ckpt is None,
                              (cfg.pretrained_path or None) if ckpt is None else None).to(device)  # fmt: skip

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler, StepLRScheduler
 from tqdm import tqdm
 
-from transforms import Normalize, StrengthMixer, soft_targets
+from transforms import BatchAugment, Normalize, StrengthMixer, soft_targets
 from utils import topk_correct
 
 
@@ -57,6 +57,10 @@ def build_scheduler(
         # timm decays once t + 1 reaches a milestone; +1 makes the decay start exactly at epoch m
         steps = [int(round(m * updates_per_epoch)) - warmup + 1 for m in milestones or []]
         return MultiStepLRScheduler(optimizer, decay_t=steps, decay_rate=gamma, **common)
+    if sched == "linear":  # to min_lr in a straight line (timm's poly schedule, power 1)
+        return PolyLRScheduler(
+            optimizer, t_initial=max(epochs * updates_per_epoch - warmup, 1), power=1.0, lr_min=min_lr, **common
+        )
     if sched == "none":
         return StepLRScheduler(optimizer, decay_t=float("inf"), decay_rate=1.0, **common)
     raise ValueError(f"unknown schedule {sched!r}")
@@ -103,11 +107,13 @@ def train_one_epoch(
     start_batch: int = 0,
     end_batch: int | None = None,
     meters: EpochMeters | None = None,
+    augment: BatchAugment | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     desc: str = "train",
 ) -> dict[str, Any]:
     """Train on batches [start_batch, end_batch) of `loader` (whose sampler already skips the
     first start_batch batches). `step` counts optimizer updates so far (for the schedule).
+    `augment` (--aug_backend torch) augments each uint8 batch on the device, keyed by batch index.
 
     Returns train loss and top-1/top-5 (against the unmixed labels, in %), images/s, seconds, the
     fraction of the time spent waiting for the next batch (data_wait_fraction),
@@ -127,7 +133,8 @@ def train_one_epoch(
         if b >= end_batch:
             b -= 1
             break
-        images = normalize(images.to(device, non_blocking=True))
+        images = images.to(device, non_blocking=True)
+        images = normalize(augment(images, b) if augment is not None else images)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(device, non_blocking=True)

@@ -30,22 +30,32 @@ from utils import UserError
 log = logging.getLogger("tin")
 
 
-def _batches(model, loader, normalize, device, amp_dtype, desc):
+def _logits(model, x: torch.Tensor, tta: bool) -> torch.Tensor:
+    """Float logits; with tta, the log of the mean softmax over the image and its horizontal flip."""
+    logits = model(x).float()
+    if not tta:
+        return logits
+    probs = (logits.softmax(1) + model(x.flip(3)).float().softmax(1)) / 2
+    return probs.clamp_min(1e-12).log()
+
+
+def _batches(model, loader, normalize, device, amp_dtype, desc, tta: bool = False):
     model.eval()
     with torch.inference_mode():
         for images, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
             images = normalize(images.to(device, non_blocking=True))
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = model(images)
-            yield logits.float(), labels.to(device)
+                logits = _logits(model, images, tta)
+            yield logits, labels.to(device)
 
 
-def evaluate(model, loader, normalize: Normalize, device, amp_dtype=None) -> dict[str, float]:
-    """Mean cross-entropy and top-1/top-5 accuracy (%) over every labelled image in `loader`."""
+def evaluate(model, loader, normalize: Normalize, device, amp_dtype=None, tta: bool = False) -> dict[str, float]:
+    """Mean cross-entropy and top-1/top-5 accuracy (%) over every labelled image in `loader`
+    (with tta: of the flip-averaged prediction)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros(2, dtype=torch.long, device=device)
     count = 0
-    for logits, labels in _batches(model, loader, normalize, device, amp_dtype, "val"):
+    for logits, labels in _batches(model, loader, normalize, device, amp_dtype, "val", tta):
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top.eq(labels.view(-1, 1))
@@ -59,9 +69,10 @@ def evaluate(model, loader, normalize: Normalize, device, amp_dtype=None) -> dic
             "val_top5": 100.0 * float(sums[2]) / count}  # fmt: skip
 
 
-def predict(model, loader, normalize: Normalize, device, amp_dtype=None) -> list[int]:
+def predict(model, loader, normalize: Normalize, device, amp_dtype=None, tta: bool = False) -> list[int]:
     """Predicted class index for every image of `loader`, in loader order."""
-    preds = [logits.argmax(1).cpu() for logits, _ in _batches(model, loader, normalize, device, amp_dtype, "test")]
+    batches = _batches(model, loader, normalize, device, amp_dtype, "test", tta)
+    preds = [logits.argmax(1).cpu() for logits, _ in batches]
     return torch.cat(preds).tolist() if preds else []
 
 
@@ -85,12 +96,9 @@ def infer(model, loader, normalize: Normalize, device, amp_dtype=None, tta: bool
             for images, labels in tqdm(loader, desc="infer", leave=False, dynamic_ncols=True, disable=None):
                 x = normalize(images.to(device, non_blocking=True))
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    logits = model(x).float()
-                    if features:
-                        feats.append(captured[-1].flatten(1))
-                    if tta:
-                        probs = (logits.softmax(1) + model(x.flip(3)).float().softmax(1)) / 2
-                        logits = probs.clamp_min(1e-12).log()
+                    logits = _logits(model, x, tta)
+                if features:
+                    feats.append(captured[0].flatten(1))  # the unflipped image's (the first call)
                 captured.clear()
                 logits_all.append(logits.cpu())
                 labels_all.append(labels)

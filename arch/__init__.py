@@ -10,6 +10,8 @@ img_size) float images to (B, num_classes) logits. Models know nothing about con
   does not tile the 16x16 -> 2x2 stage grids of a 64x64 input).
 - Small-image ResNets (arch/resnet.py): ``resnetNN_cifar`` (3x3 stride-1 stem, no max-pool) and
   ``resnetNN_s2`` (one stride-2 3x3 conv). ``budget_cnn`` (arch/budget.py): under 1 M parameters.
+- ``resnet9`` / ``resnet9_slim`` (arch/resnet9.py): Myrtle's ResNet-9 with a 2x2 patch stem, the
+  CPU speed-run's model (widths from 64 / 48).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 
 from arch.budget import BudgetNet
 from arch.resnet import small_image_resnet
+from arch.resnet9 import ResNet9
 from utils import UserError
 
 log = logging.getLogger("tin")
@@ -38,7 +41,7 @@ _CNN = ("drop_rate", "drop_path_rate")
 @dataclass(frozen=True)
 class ArchSpec:
     name: str
-    timm_name: str  # the timm model it is built from ("" for budget_cnn)
+    timm_name: str  # the timm model it is built from ("" for this project's own models)
     family: str
     knobs: tuple[str, ...]  # which of DROP_KNOBS the model accepts
     local: Callable[..., torch.nn.Module] | None = None  # builder when not plain timm
@@ -69,6 +72,8 @@ def _specs() -> list[ArchSpec]:
             builder = partial(small_image_resnet, f"resnet{d}", stem)
             specs.append(ArchSpec(f"resnet{d}_{stem}", f"resnet{d}", "resnet-small", _CNN, local=builder))
     specs.append(ArchSpec("budget_cnn", "", "budget", _CNN, local=BudgetNet))
+    for name, width in (("resnet9", 64), ("resnet9_slim", 48)):
+        specs.append(ArchSpec(name, "", "resnet9", ("drop_rate",), local=partial(ResNet9, width=width)))
     return specs
 
 
@@ -126,7 +131,7 @@ def build_model(
         log.info("%s has no %s; those flags are ignored for this model", name, " / ".join(f"--{k}" for k in unused))
     kwargs = {k: v for k, v in requested.items() if k in spec.knobs}
     weights = _pretrained_kwargs(spec, pretrained, pretrained_path)
-    if spec.family == "budget":
+    if not spec.timm_name:  # this project's own models
         model = spec.local(num_classes=num_classes, **kwargs)
         if pretrained_path:
             load_matching(model, pretrained_path)
@@ -140,15 +145,15 @@ def _pretrained_kwargs(spec: ArchSpec, pretrained: bool, path: str | None) -> di
     if path:
         if not Path(path).is_file():
             raise UserError(f"--pretrained_path {path} does not exist")
-        if spec.family == "budget":
+        if not spec.timm_name:  # this project's own models
             return {}
         # timm loads the file with weights_only=True, drops a classifier of another size (the head
         # is re-initialised) and resizes position embeddings / patch kernels to this resolution.
         return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
     if not pretrained:
         return {}
-    if spec.family == "budget":
-        raise UserError("budget_cnn has no published weights; pass --pretrained_path FILE or train from scratch")
+    if not spec.timm_name:  # this project's own models
+        raise UserError(f"{spec.name} has no published weights; pass --pretrained_path FILE or train from scratch")
     if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
         raise UserError(
             f"--pretrained needs the Hugging Face hub for {spec.timm_name}'s ImageNet weights, and it cannot be "

@@ -17,9 +17,11 @@ from conftest import ROOT
 
 # ViT-Tiny has no batch norm, and with mixing, augmentation and dropout off, 2 processes x 4 images
 # average exactly the gradients of 1 process x 8 images: only float summation order differs.
+# fp32 (--no-amp): the comparison is about the arithmetic, not bf16 rounding.
 RECIPE = ["--arch", "vit_tiny", "--img_size", "32", "--epochs", "2", "--workers", "0", "--lr_base", "1e-3",
           "--mix_prob", "0", "--aug_schedule", "constant", "--aug_strength", "0", "--drop_rate", "0",
-          "--attn_drop_rate", "0", "--drop_path_rate", "0", "--wandb", "disabled", "--no_analysis"]  # fmt: skip
+          "--attn_drop_rate", "0", "--drop_path_rate", "0", "--wandb", "disabled", "--no_analysis",
+          "--no-amp"]  # fmt: skip
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

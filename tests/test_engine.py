@@ -44,6 +44,8 @@ def test_schedules_give_the_lr_they_promise():
         warm[0] == pytest.approx(1e-3) and warm[10] == pytest.approx(0.5, rel=0.01) and warm[20] == pytest.approx(1.0)
     )
     assert set(_lrs("none", [0, 55, 99]).values()) == {1.0}
+    lin = _lrs("linear", [0, 25, 50, 100], min_lr=0.1)
+    assert lin == pytest.approx({0: 1.0, 25: 0.775, 50: 0.55, 100: 0.1})
 
 
 def test_optimizers_and_no_decay_on_norms_and_biases():
@@ -104,6 +106,21 @@ def test_grad_clip_bounds_each_update(tiny_data):
 def _run(tiny_data, tmp_path, *extra):
     return main.main([*FAST_RUN, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--wandb", "disabled",
                       *extra])  # fmt: skip
+
+
+def test_progressive_resizing_with_augmentation_on_the_device(tiny_data, tmp_path):
+    run = _run(tiny_data, tmp_path, "--epochs", "3", "--arch", "resnet9_slim", "--aug_backend", "torch",
+               "--min_img_size", "16", "--resize_until", "0.5", "--sched", "linear", "--steps_per_epoch", "3")  # fmt: skip
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["train_size"]) for r in rows] == [16, 32, 32]  # evaluation stays at --img_size 32
+    assert all(float(r["val_top1"]) >= 0 for r in rows) and (run / "best_test_preds.csv").exists()
+
+
+def test_test_preds_at_the_end_equal_those_written_at_each_best(tiny_data, tmp_path):
+    each = _run(tiny_data, tmp_path / "each", "--epochs", "2", "--steps_per_epoch", "3", "--tta")
+    end = _run(tiny_data, tmp_path / "end", "--epochs", "2", "--steps_per_epoch", "3", "--tta", "--test_preds", "end")
+    assert (end / "best_test_preds.csv").read_text() == (each / "best_test_preds.csv").read_text()
+    assert len((end / "best_test_preds.csv").read_text().splitlines()) == 1 + 9  # header + the fixture's test images
 
 
 def test_ema_weights_are_evaluated_saved_and_load_back(tiny_data, tmp_path):
@@ -191,16 +208,16 @@ def test_divergence_stops_with_one_line_and_no_broken_checkpoint(tiny_data, tmp_
 
 
 def test_channels_last_matches_within_float_tolerance(tiny_data, tmp_path):
-    a = _run(tiny_data, tmp_path / "a", "--epochs", "1", "--steps_per_epoch", "3")
-    b = _run(tiny_data, tmp_path / "b", "--epochs", "1", "--steps_per_epoch", "3", "--channels_last")
+    a = _run(tiny_data, tmp_path / "a", "--epochs", "1", "--steps_per_epoch", "3", "--no-amp", "--no-channels_last")
+    b = _run(tiny_data, tmp_path / "b", "--epochs", "1", "--steps_per_epoch", "3", "--channels_last", "--no-amp")
     ra, rb = (next(csv.DictReader(open(r / "metrics.csv"))) for r in (a, b))
     assert float(ra["val_loss"]) == pytest.approx(float(rb["val_loss"]), rel=1e-3)
 
 
 @pytest.mark.slow
 def test_compile_matches_eager_within_float_tolerance(tiny_data, tmp_path):
-    a = _run(tiny_data, tmp_path / "a", "--epochs", "1", "--steps_per_epoch", "2")
-    b = _run(tiny_data, tmp_path / "b", "--epochs", "1", "--steps_per_epoch", "2", "--compile")
+    a = _run(tiny_data, tmp_path / "a", "--epochs", "1", "--steps_per_epoch", "2", "--no-amp")
+    b = _run(tiny_data, tmp_path / "b", "--epochs", "1", "--steps_per_epoch", "2", "--compile", "--no-amp")
     ra, rb = (next(csv.DictReader(open(r / "metrics.csv"))) for r in (a, b))
     assert float(ra["val_loss"]) == pytest.approx(float(rb["val_loss"]), rel=1e-3)
 

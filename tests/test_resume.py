@@ -46,12 +46,16 @@ def _same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def _reference(run, tiny_data, out):
+    out.mkdir(exist_ok=True)
+    with open(out / "log", "w") as log:
+        assert _start([*run, "--data_dir", str(tiny_data), "--output_dir", str(out)], log).wait(300) == 0
+    return _run_dir(out)
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference")
-    with open(out / "log", "w") as log:
-        assert _start([*RUN, "--data_dir", str(tiny_data), "--output_dir", str(out)], log).wait(300) == 0
-    return _run_dir(out)
+    return _reference(RUN, tiny_data, tmp_path_factory.mktemp("reference"))
 
 
 def _wait_until(predicate, proc, timeout=240.0, poll=0.001):
@@ -117,5 +121,27 @@ def test_sigint_saves_mid_epoch_and_resumes_exactly(reference, tiny_data, tmp_pa
     assert ckpt["epoch"] == 1 and 0 < ckpt["batch"] < 8  # a mid-epoch position
     with open(tmp_path / "resume.log", "w") as log:
         assert _start(["--resume", str(run), "--workers", "2"], log).wait(300) == 0
+    assert _rows(run) == _rows(reference)
+    assert _same_weights(run / "last.pth.tar", reference / "last.pth.tar")
+
+
+# the other augmentation backend (albumentations in the workers, seeded per image) and progressive
+# resizing resume exactly too
+ALBU_RUN = [*RUN, "--aug_backend", "albumentations", "--workers", "2", "--min_img_size", "16"]
+
+
+def test_sigkill_mid_epoch_resumes_exactly_with_albumentations_workers(tiny_data, tmp_path):
+    reference = _reference(ALBU_RUN, tiny_data, tmp_path / "reference")
+    out = tmp_path / "killed"
+    out.mkdir()
+    with open(tmp_path / "log", "w") as log:
+        proc = _start([*ALBU_RUN, "--data_dir", str(tiny_data), "--output_dir", str(out)], log)
+        reached = _wait_until(lambda: KILL_POINTS["mid epoch 2"](out), proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+    assert reached, (tmp_path / "log").read_text()[-2000:]
+    run = _run_dir(out)
+    with open(tmp_path / "resume.log", "w") as log:
+        assert _start(["--resume", str(run)], log).wait(300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     assert _rows(run) == _rows(reference)
     assert _same_weights(run / "last.pth.tar", reference / "last.pth.tar")

@@ -35,13 +35,12 @@ def test_zero_strength_is_identity_and_full_strength_is_not():
     changed = sum(not np.array_equal(strong(image=image)["image"], image) for _ in range(10))
     assert changed >= 8
     assert T.train_pipeline(32, 1.0)(image=image)["image"].shape == (32, 32, 3)
-    assert T.eval_pipeline(224)(image=image)["image"].shape == (224, 224, 3)
 
 
 class FillWithStrength:
     """A spy pipeline: paints the image with round(255 * strength) it was built with."""
 
-    def __init__(self, strength: float) -> None:
+    def __init__(self, strength: float, size: int) -> None:
         self.strength = strength
 
     def set_random_state(self, *args) -> None:
@@ -111,3 +110,74 @@ def test_normalize_on_device_matches_float_math():
         1, 3, 1, 1
     )
     assert torch.allclose(T.Normalize()(x), expected, atol=1e-5)
+
+
+def test_training_size_grows_to_img_size_in_multiples_of_8():
+    sizes = [T.train_size_at(e, 10, 64, 32, until=0.75) for e in range(10)]
+    assert sizes[0] == 32 and sizes == sorted(sizes) and all(s % 8 == 0 for s in sizes)
+    assert sizes[7:] == [64, 64, 64] and 64 not in sizes[:5]
+    assert {T.train_size_at(e, 10, 64, 0) for e in range(10)} == {64}  # off
+    assert T.train_size_at(0, 1, 64, 32) == 32
+
+
+def _batch(n=16, size=64, seed=0):
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_batch_augment_is_identity_at_zero_strength_and_resizes_like_bilinear():
+    x = _batch()
+    aug = T.BatchAugment(seed=1)
+    aug.set_epoch(3, 0.0, 64)
+    assert torch.equal(aug(x, 0), x.float())
+    aug.set_epoch(3, 0.0, 32)  # progressive resizing: the whole image, resampled
+    expected = torch.nn.functional.interpolate(x.float(), size=32, mode="bilinear", align_corners=False)
+    assert torch.allclose(aug(x, 0), expected, atol=1e-3)
+
+
+def test_batch_augment_depends_on_seed_epoch_and_batch_only():
+    x = _batch()
+    aug = T.BatchAugment(seed=1)
+    aug.set_epoch(2, 1.0, 48)
+    a = aug(x, 5)
+    assert a.shape == (16, 3, 48, 48) and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 255
+    assert torch.equal(a, aug(x, 5))  # a resumed run re-creates batch 5 exactly
+    assert not torch.equal(a, aug(x, 6))
+    aug.set_epoch(3, 1.0, 48)
+    assert not torch.equal(a, aug(x, 5))
+    other = T.BatchAugment(seed=1, rank=1)  # another process of a torchrun job draws its own
+    other.set_epoch(2, 1.0, 48)
+    assert not torch.equal(a, other(x, 5))
+
+
+def test_batch_augment_changes_most_images_at_full_strength_and_keeps_greys_grey():
+    grey = _batch(64)[:, :1].expand(-1, 3, -1, -1).contiguous()  # R = G = B everywhere
+    aug = T.BatchAugment(seed=0)
+    aug.set_epoch(1, 1.0, 64)
+    out = aug(grey, 0)
+    changed = (out != grey.float()).flatten(1).any(1).float().mean()
+    assert changed > 0.9
+    # saturation, hue and grey act on colour only: the colour matrices map grey to grey
+    assert torch.allclose(out[:, 0], out[:, 1], atol=1e-2) and torch.allclose(out[:, 1], out[:, 2], atol=1e-2)
+
+
+def test_batch_augment_flips_about_half_the_images_at_full_strength():
+    # a left-bright / right-dark image: a flip makes the right half the brighter one
+    x = torch.zeros(400, 3, 64, 64, dtype=torch.uint8)
+    x[..., :32] = 255
+    aug = T.BatchAugment(seed=0)
+    aug.set_epoch(0, 1.0, 64)
+    out = aug(x, 0)
+    flipped = (out[..., 32:].mean((1, 2, 3)) > out[..., :32].mean((1, 2, 3))).float().mean()
+    assert 0.4 < flipped < 0.62  # p = 0.5 x s; colour jitter, crops and greying keep the sides apart
+
+
+def test_torch_backend_loader_gives_stored_uint8_images(tiny_data, tmp_path):
+    plain = loaders_for(tiny_data, batch_size=4, img_size=32, use_cache=True, cache_dir=tmp_path)
+    fast = bm.build_loaders(plain.data, 32, 4, 0, 0, aug_backend="torch")
+    x, _ = next(iter(fast.train))
+    assert x.dtype == torch.uint8 and x.shape[-1] == 64  # resized by the augmentation, on the device
+    assert fast.augment is not None and plain.augment is None
+    fast.set_epoch(1, 0.5, size=16)
+    assert (fast.augment.epoch, fast.augment.strength, fast.augment.size) == (1, 0.5, 16)
+    v, _ = next(iter(fast.val))
+    assert v.shape[-1] == 32  # evaluation: resized in the loader to img_size
