@@ -2,15 +2,18 @@
 
     python bench/pipeline.py --data_dir data/tiny-imagenet-200 [--images 6000] [--workers 2] [--reps 3]
 
-seed-style: every epoch, decode each JPEG, run albumentations, normalise to float32 in the worker,
-            collate float32 batches; the DataLoader (and its workers) is rebuilt every epoch.
-ours:       decode once into the memory-mapped uint8 cache; workers run the same albumentations
-            pipeline on uint8 arrays and collate uint8 batches (normalised later, on the device);
-            persistent workers.
+seed-style:  every epoch, decode each JPEG, run albumentations, normalise to float32 in the
+             worker, collate float32 batches; the DataLoader (and its workers) is rebuilt every epoch.
+albu:        `--aug_backend albumentations`: decode once into the memory-mapped uint8 cache;
+             workers run the same albumentations pipeline on uint8 arrays and collate uint8
+             batches (normalised later, on the device); persistent workers.
+torch:       `--aug_backend torch`: the loader collates stored uint8 images from the cache and
+             the same recipe runs on whole batches in the training process (transforms.BatchAugment)
+             up to normalised float batches, with one torch thread, on the CPU.
 
-Both run over the same random subset of the train split, alternating, `--reps` times each; the
-table gives the median images/s and the ratio ours / seed-style. Prints a Markdown table and writes
-JSON (default bench/results/pipeline.json). Nothing here is part of the test suite.
+All run over the same random subset of the train split at the same strength, alternating,
+`--reps` times each; the table gives the median images/s and the ratios to seed-style. Prints a
+Markdown table and writes JSON (default bench/results/pipeline.json). Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import platform
 import statistics
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,17 @@ def ours_epoch(loader, dataset, epoch: int, strength: float) -> float:
     return n / (time.perf_counter() - start)
 
 
+def torch_epoch(loader, augment, normalize, epoch: int, strength: float, img_size: int) -> float:
+    start = time.perf_counter()
+    loader.sampler.set_epoch(epoch) if hasattr(loader.sampler, "set_epoch") else None
+    augment.set_epoch(epoch, strength, img_size)
+    n = 0
+    for b, (x, _) in enumerate(loader):
+        normalize(augment(x, b))
+        n += x.shape[0]
+    return n / (time.perf_counter() - start)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data_dir", default="data/tiny-imagenet-200")
@@ -105,35 +118,47 @@ def main() -> None:
     cached = data.train.subset(index)
 
     rows = []
+    normalize = transforms.Normalize()
     for workers in (0, args.workers):
-        dataset = batch_manager.AugmentedDataset(cached, partial(transforms.train_pipeline, args.img_size), seed=0)
+        dataset = batch_manager.AugmentedDataset(cached, batch_manager._train_pipeline, seed=0, size=args.img_size)
         loader = batch_manager._loader(dataset, args.batch_size, workers, False, shuffle=True, drop_last=False)
-        seed_ips, ours_ips = [], []
+        raw = batch_manager.AugmentedDataset(cached, None, seed=0, size=64 if args.dataset == "tiny-imagenet" else 0)
+        raw_loader = batch_manager._loader(raw, args.batch_size, workers, False, shuffle=True, drop_last=False)
+        augment = transforms.BatchAugment(seed=0)
+        seed_ips, ours_ips, torch_ips = [], [], []
         ours_epoch(loader, dataset, 0, args.strength)  # warm-up: starts the persistent workers
+        torch_epoch(raw_loader, augment, normalize, 0, args.strength, args.img_size)
         for rep in range(args.reps):
             seed_ips.append(seed_style_epoch(paths, labels, args, workers))
             ours_ips.append(ours_epoch(loader, dataset, rep + 1, args.strength))
-        del loader
-        seed_med, ours_med = statistics.median(seed_ips), statistics.median(ours_ips)
+            torch_ips.append(torch_epoch(raw_loader, augment, normalize, rep + 1, args.strength, args.img_size))
+        del loader, raw_loader
+        seed_med, ours_med, torch_med = (statistics.median(v) for v in (seed_ips, ours_ips, torch_ips))
         rows.append(
             {
                 "workers": workers,
                 "seed_style_ips": seed_med,
                 "ours_ips": ours_med,
                 "ratio": ours_med / seed_med,
+                "torch_ips": torch_med,
+                "torch_ratio": torch_med / seed_med,
                 "seed_style_all": seed_ips,
                 "ours_all": ours_ips,
+                "torch_all": torch_ips,
             }  # fmt: skip
         )
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}"
     print(f"\ninput pipeline, {args.images} train images/epoch, strength {args.strength}, batch {args.batch_size}")
     print(f"machine: {machine}; cache prepared in {cache_seconds:.1f} s (0 if it already existed)\n")
-    print("| loader processes | seed-style img/s | ours img/s | ours / seed-style |")
+    print("| loader processes | seed-style img/s | albu img/s (ratio) | torch img/s (ratio) |")
     print("|---|---|---|---|")
     for r in rows:
         procs = "main process" if r["workers"] == 0 else f"{r['workers']} workers"
-        print(f"| {procs} | {r['seed_style_ips']:,.0f} | {r['ours_ips']:,.0f} | {r['ratio']:.2f}x |")
+        print(
+            f"| {procs} | {r['seed_style_ips']:,.0f} | {r['ours_ips']:,.0f} ({r['ratio']:.2f}x) "
+            f"| {r['torch_ips']:,.0f} ({r['torch_ratio']:.2f}x) |"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "machine": machine, "cache_seconds": cache_seconds, "rows": rows},

@@ -1,0 +1,138 @@
+"""Numeric format and compilation: training images/s of the main archs under fp32, bf16 autocast,
+channels_last and torch.compile, on the device at hand.
+
+    python bench/precision.py [--archs resnet18,resnet9_slim,budget_cnn,vit_tiny] [--batch_size 64]
+                              [--img_size 64] [--variants fp32,bf16,fp32_cl,bf16_cl,bf16_cl_compile]
+
+Each (arch, variant) trains on one resident random batch (forward, backward, SGD step):
+`--warmup` untimed updates (>= 5: the first bf16 steps on a CPU are erratic; compilation happens
+here too and is reported separately), then `--steps` timed updates, `--reps` times; the table
+gives the median images/s and the speed-up over fp32. This is the evidence behind main.py's
+defaults (README: Speed). Prints a Markdown table and writes JSON (default
+bench/results/precision.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import arch  # noqa: E402
+from utils import resolve_device  # noqa: E402
+
+VARIANTS = {  # name -> (autocast bf16, channels_last, compile)
+    "fp32": (False, False, False),
+    "bf16": (True, False, False),
+    "fp32_cl": (False, True, False),
+    "bf16_cl": (True, True, False),
+    "bf16_cl_compile": (True, True, True),
+}
+
+
+def measure(name: str, variant: str, args, device: torch.device) -> dict:
+    bf16, channels_last, compiled = VARIANTS[variant]
+    torch.manual_seed(0)
+    model = arch.build_model(name, 200, args.img_size).to(device).train()
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    y = torch.randint(0, 200, (args.batch_size,), device=device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    net = torch.compile(model) if compiled else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(net(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    warmup_s = time.perf_counter() - start
+    ips = []
+    for _ in range(args.reps):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        _sync(device)
+        ips.append(args.steps * args.batch_size / (time.perf_counter() - start))
+    return {"arch": name, "variant": variant, "ips": statistics.median(ips), "ips_all": ips, "warmup_s": warmup_s}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    logging.basicConfig(level=logging.WARNING)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--archs", default="resnet18,resnet9_slim,budget_cnn,vit_tiny")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--img_size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=6)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--out", default="bench/results/precision.json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown --variants {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    for a in archs:
+        arch.resolve(a)  # unknown names fail before anything runs
+
+    rows = []
+    for name in archs:
+        for variant in variants:
+            rows.append(measure(name, variant, args, device))
+            print(f"  {name:<14} {variant:<16} {rows[-1]['ips']:8.0f} img/s", file=sys.stderr, flush=True)
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"\ntraining img/s, batch {args.batch_size}, {args.img_size}x{args.img_size}, {device} ({where}, "
+          f"{torch.get_num_threads()} threads), median of {args.reps} x {args.steps} updates\n")  # fmt: skip
+    print("| arch | " + " | ".join(variants) + " |")
+    print("|---|" + "---|" * len(variants))
+    for name in archs:
+        mine = {r["variant"]: r for r in rows if r["arch"] == name}
+        fp32 = mine.get("fp32", {}).get("ips")
+        cells = [f"{mine[v]['ips']:,.0f}" + (f" ({mine[v]['ips'] / fp32:.2f}x)" if fp32 and v != "fp32" else "")
+                 for v in variants]  # fmt: skip
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    compiled = [r for r in rows if VARIANTS[r["variant"]][2]]
+    for r in compiled:
+        print(f"\n{r['arch']}: torch.compile warm-up (compilation included) took {r['warmup_s']:.0f} s", end="")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores"
+    out.write_text(json.dumps({"args": vars(args), "device": str(device), "device_name": where, "machine": machine,
+                               "rows": rows}, indent=2) + "\n")  # fmt: skip
+    print(f"\n\nwritten: {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Trainer overhead: the full trainer on the real data path against a bare loop, same model.
+
+    python bench/step.py --arch resnet18 --batch_size 64 [any main.py flag] [--steps 30] [--reps 5]
+
+bare:    forward, backward and optimizer step on one batch already resident on the device (already
+         augmented and normalised): what the model's arithmetic alone costs;
+trainer: engine.train_epoch, i.e. what `main.py` runs per epoch: the loader (cache, augmentation
+         in the workers or on the device at full strength), copy, normalisation, CutMix/MixUp,
+         loss, accuracy, LR schedule, EMA if asked, progress accounting.
+
+Both use the same model, optimizer, autocast and memory format, built from main.py's own flags
+(config.py; `--config FILE` works too). They alternate `--reps` times, `--steps` updates each,
+after `--warmup` updates of each (the first bf16 steps on a CPU are erratic; the warm-up also
+starts the loader's workers). Augmentation runs at strength `--strength` (default 1, the most
+expensive), and at `--img_size` throughout (progressive resizing is turned off). Prints a Markdown table: images/s of each, the ratio trainer / bare (median and
+range over the repetitions) and the trainer's data-wait fraction; writes JSON
+(default bench/results/step.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from timm.loss import SoftTargetCrossEntropy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import arch  # noqa: E402
+import batch_manager  # noqa: E402
+import distributed  # noqa: E402
+import engine  # noqa: E402
+import transforms  # noqa: E402
+from config import parse_config  # noqa: E402
+from run_state import TrainState  # noqa: E402
+from utils import resolve_device, seed_everything  # noqa: E402
+
+
+def bench_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
+    p.add_argument("--steps", type=int, default=30, help="updates per timed repetition")
+    p.add_argument("--reps", type=int, default=5, help="alternating repetitions of each")
+    p.add_argument("--warmup", type=int, default=8, help="untimed updates of each first (>= 5 for bf16 on CPU)")
+    p.add_argument("--strength", type=float, default=1.0, help="augmentation strength during the benchmark")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--out", default="bench/results/step.json")
+    p.add_argument("-h", "--help", action="store_true")
+    args, rest = p.parse_known_args(argv)
+    if args.help:
+        p.print_help()
+        print("\nevery other flag is main.py's (python main.py --help)")
+        raise SystemExit(0)
+    return args, rest
+
+
+def build(cfg, steps: int):
+    """Data, loaders, model and trainer parts exactly as main.py builds them."""
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    data = batch_manager.prepare_data(**cfg.data_kwargs())
+    loaders = batch_manager.build_loaders(data, cfg.img_size, cfg.batch_size, cfg.workers, cfg.seed,
+                                          pin_memory=device.type == "cuda", aug_backend=cfg.aug_backend)  # fmt: skip
+    model = arch.build_model(cfg.arch, len(data.classes), cfg.img_size, cfg.drop_rate, cfg.attn_drop_rate,
+                             cfg.drop_path_rate).to(device)  # fmt: skip
+    return engine.build_parts(cfg, model, loaders, device, distributed.Context()), device
+
+
+def resident_batch(p, cfg, device):
+    """One training batch, augmented and normalised, kept on the device (the bare loop's input)."""
+    images, labels = next(iter(p.loaders.train))
+    images = images.to(device)
+    if p.loaders.augment is not None:
+        images = p.loaders.augment(images, 0)
+    images = p.normalize(images)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    n = len(p.loaders.data.classes)
+    targets = transforms.soft_targets(images, labels.to(device), None, n, cfg.label_smoothing)[1]
+    return images, targets
+
+
+def bare_steps(p, images, targets, steps: int) -> float:
+    """images/s of forward + backward + optimizer step on resident tensors."""
+    loss_fn = SoftTargetCrossEntropy()
+    p.net.train()
+    _sync(p.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        with torch.autocast(p.device.type, dtype=p.amp_dtype or torch.float32, enabled=p.amp_dtype is not None):
+            loss = loss_fn(p.net(images).float(), targets)
+        loss.backward()
+        p.optimizer.step()
+        p.optimizer.zero_grad(set_to_none=True)
+    _sync(p.device)
+    return steps * images.shape[0] / (time.perf_counter() - start)
+
+
+def trainer_steps(p, cfg, epoch: int) -> tuple[float, float]:
+    """(images/s, data-wait fraction) of engine.train_epoch over cfg.steps_per_epoch updates."""
+    _sync(p.device)
+    start = time.perf_counter()
+    tr = engine.train_epoch(cfg, p, TrainState(step=0), epoch)
+    _sync(p.device)
+    images = tr["batch"] * cfg.batch_size
+    return images / (time.perf_counter() - start), tr["data_wait_fraction"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    args, rest = bench_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # constant strength: every timed epoch augments at --strength
+    base = ["--aug_schedule", "constant", "--aug_strength", str(args.strength), "--no_analysis", "--wandb", "disabled"]
+    fixed = ["--min_img_size", "0"]  # every timed epoch at --img_size, like the resident batch
+    warm_cfg = parse_config(base + rest + fixed + ["--steps_per_epoch", str(args.warmup)])
+    cfg = parse_config(base + rest + fixed + ["--steps_per_epoch", str(args.steps)])
+    p, device = build(cfg, args.steps)
+    images, targets = resident_batch(p, cfg, device)
+
+    bare_steps(p, images, targets, args.warmup)
+    trainer_steps(p, warm_cfg, 0)  # also starts the persistent workers
+    bare, trainer, wait = [], [], []
+    for rep in range(args.reps):
+        bare.append(bare_steps(p, images, targets, args.steps))
+        ips, w = trainer_steps(p, cfg, rep + 1)
+        trainer.append(ips)
+        wait.append(w)
+    ratios = [t / b for t, b in zip(trainer, bare, strict=True)]
+    result = {
+        "arch": cfg.arch, "batch_size": cfg.batch_size, "img_size": cfg.img_size, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(), "amp": str(p.amp_dtype), "channels_last": cfg.channels_last,
+        "compile": cfg.compile, "aug_backend": cfg.aug_backend, "workers": cfg.workers, "strength": args.strength,
+        "bare_ips": statistics.median(bare), "trainer_ips": statistics.median(trainer),
+        "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "data_wait_median": statistics.median(wait), "bare_all": bare, "trainer_all": trainer, "ratios": ratios,
+        "data_wait_all": wait, "steps": args.steps, "reps": args.reps, "warmup": args.warmup,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    }  # fmt: skip
+    r = result
+    print(f"\n{r['arch']}, batch {r['batch_size']}, {r['img_size']}x{r['img_size']}, {r['device']} "
+          f"({r['device_name']}, {r['threads']} threads), autocast {r['amp']}, channels_last {r['channels_last']}, "
+          f"aug {r['aug_backend']} at s={r['strength']}, {r['workers']} workers; {r['reps']} x {r['steps']} updates\n")  # fmt: skip
+    print("| bare img/s | trainer img/s | trainer / bare (median, range) | data wait |")
+    print("|---|---|---|---|")
+    print(f"| {r['bare_ips']:,.0f} | {r['trainer_ips']:,.0f} | {r['ratio_median']:.3f} "
+          f"({r['ratio_min']:.3f}-{r['ratio_max']:.3f}) | {100 * r['data_wait_median']:.1f} % |")  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwritten: {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
