@@ -23,6 +23,9 @@ AUG_SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "linear", "step", "multistep", "none")
 AUG_BACKENDS = ("albumentations", "torch")
+# Settings whose default changed after runs had been saved without them: a resumed older run keeps
+# the behaviour it was started with.
+BEFORE_DEFAULT_CHANGES = {"aug_backend": "albumentations"}
 DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -274,7 +277,8 @@ def parse_config(argv: list[str] | None = None, base: dict[str, Any] | None = No
         if pre.config:
             raise UserError("--resume takes the run's own settings: drop --config")
         known = {f.name for f in fields(Config)}
-        parser.set_defaults(**{k: v for k, v in base.items() if k in known})
+        older = {k: v for k, v in BEFORE_DEFAULT_CHANGES.items() if k not in base}  # a run saved before they changed
+        parser.set_defaults(**older, **{k: v for k, v in base.items() if k in known})
     if pre.config:
         parser.set_defaults(**load_yaml_defaults(pre.config))
     args = vars(parser.parse_args(argv))

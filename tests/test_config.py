@@ -88,3 +88,11 @@ def test_config_is_frozen_and_plain():
         cfg.arch = "x"  # type: ignore[misc]
     assert all(isinstance(v, (int, float, str, bool)) for v in cfg.to_dict().values())
     assert Config(**cfg.to_dict()) == cfg
+
+
+def test_a_run_saved_before_a_default_changed_resumes_with_its_old_behaviour():
+    old = dataclasses.asdict(parse_config([]))
+    del old["aug_backend"]  # saved before --aug_backend existed: it used albumentations
+    assert parse_config([], base=old).aug_backend == "albumentations"
+    assert parse_config([], base={**old, "aug_backend": "torch"}).aug_backend == "torch"
+    assert parse_config([]).aug_backend == "torch"
