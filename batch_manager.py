@@ -243,7 +243,7 @@ def build_loaders(
     if aug_backend == "torch":
         augment = transforms.BatchAugment(seed, rank)
         augment.set_epoch(0, 0.0, img_size)
-        stored = data.train.image(0).shape[0] if data.train.array is not None else img_size
+        stored = data.train.array.shape[1] if data.train.array is not None else img_size
         train_set = AugmentedDataset(data.train, None, seed, size=stored)
     elif aug_backend == "albumentations":
         train_set = AugmentedDataset(data.train, _train_pipeline, seed, size=img_size)

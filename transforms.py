@@ -87,6 +87,7 @@ def train_pipeline(img_size: int, strength: float) -> A.Compose:
 # luma weights (ITU-R 601, as cv2/albumentations use for grey) and the YIQ basis for hue rotation
 _GRAY = torch.tensor([0.299, 0.587, 0.114])
 _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
 
 
 class BatchAugment:
@@ -159,12 +160,11 @@ class BatchAugment:
         # saturation: blend with grey, M = sat * I + (1 - sat) * 1 g^T; hue: rotate the IQ plane
         eye = torch.eye(3, device=dev).expand(n, 3, 3)
         m_sat = sat.view(n, 1, 1) * eye + (1 - sat).view(n, 1, 1) * gray_w.view(1, 1, 3).expand(n, 3, 3)
-        yiq = _RGB2YIQ.to(dev)
         rot = torch.zeros(n, 3, 3, device=dev)
         rot[:, 0, 0] = 1
         rot[:, 1, 1], rot[:, 1, 2] = hue.cos(), -hue.sin()
         rot[:, 2, 1], rot[:, 2, 2] = hue.sin(), hue.cos()
-        m_hue = torch.linalg.inv(yiq) @ rot @ yiq
+        m_hue = _YIQ2RGB.to(dev) @ rot @ _RGB2YIQ.to(dev)
         to_gray = coin(0.1 * s).view(n, 1, 1)
         m_gray = gray_w.view(1, 1, 3).expand(n, 3, 3)
         m = torch.where(to_gray, m_gray @ m_hue @ m_sat, m_hue @ m_sat) * bright.view(n, 1, 1)

@@ -174,8 +174,11 @@ def test_batch_augment_flips_about_half_the_images_at_full_strength():
 def test_torch_backend_loader_gives_stored_uint8_images(tiny_data, tmp_path):
     plain = loaders_for(tiny_data, batch_size=4, img_size=32, use_cache=True, cache_dir=tmp_path)
     fast = bm.build_loaders(plain.data, 32, 4, 0, 0, aug_backend="torch")
-    x, _ = next(iter(fast.train))
+    x, y = next(iter(fast.train))
     assert x.dtype == torch.uint8 and x.shape[-1] == 64  # resized by the augmentation, on the device
+    first = list(fast.train.sampler)[:4]  # the batch was gathered in one go: same as image by image
+    assert torch.equal(x, torch.stack([fast.train.dataset[i][0] for i in first]))
+    assert y.tolist() == [fast.train.dataset[i][1] for i in first]
     assert fast.augment is not None and plain.augment is None
     fast.set_epoch(1, 0.5, size=16)
     assert (fast.augment.epoch, fast.augment.strength, fast.augment.size) == (1, 0.5, 16)
