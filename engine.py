@@ -150,13 +150,12 @@ def train_epoch(cfg: Config, p: Parts, state: TrainState, epoch: int, stop: Stop
         p.mixer.set_strength(strength)  # and CutMix/MixUp
     meters = train.EpochMeters(state.meters)
     meters.state.setdefault("lr", p.optimizer.param_groups[0]["lr"])  # the epoch's starting lr, kept across resumes
-    signum = (lambda: bool(stop.signum)) if stop is not None else (lambda: False)
     tr = train.train_one_epoch(
         p.net, p.loaders.train, p.optimizer, p.scheduler, p.normalize, p.mixer, len(p.loaders.data.classes),
         cfg.label_smoothing, p.device, p.amp_dtype, state.step, scaler=p.scaler, accum_steps=cfg.accum_steps,
         grad_clip=cfg.grad_clip, ema=p.ema, channels_last=cfg.channels_last, start_batch=state.batch,
         end_batch=_batches_per_epoch(cfg, p.loaders), meters=meters, augment=p.loaders.augment,
-        should_stop=lambda: distributed.any_flag(signum(), p.device), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        should_stop=lambda: distributed.any_flag(bool(stop and stop.signum), p.device), desc=f"epoch {epoch + 1}/{cfg.epochs}",
     )  # fmt: skip
     state.step, state.batch, state.meters = tr["steps"], tr["batch"], tr["meters"]
     return {**tr, "aug_strength": strength, "train_size": size, "lr": meters.state["lr"]}

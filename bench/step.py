@@ -61,7 +61,7 @@ def bench_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return args, rest
 
 
-def build(cfg, steps: int):
+def build(cfg):
     """Data, loaders, model and trainer parts exactly as main.py builds them."""
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     fixed = ["--min_img_size", "0"]  # every timed epoch at --img_size, like the resident batch
     warm_cfg = parse_config(base + rest + fixed + ["--steps_per_epoch", str(args.warmup)])
     cfg = parse_config(base + rest + fixed + ["--steps_per_epoch", str(args.steps)])
-    p, device = build(cfg, args.steps)
+    p, device = build(cfg)
     images, targets = resident_batch(p, cfg, device)
 
     bare_steps(p, images, targets, args.warmup)
