@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 DEMO_DATA ?= data/demo-digits
 ARGS ?=
 
-.PHONY: venv demo train test test-slow lint format clean-demo
+.PHONY: venv demo train test test-slow lint format clean-demo docker-smoke
 
 venv: $(VENV)/.installed
 
@@ -46,3 +46,8 @@ format: venv
 
 clean-demo:
 	rm -rf $(DEMO_DATA)
+
+# The Docker image end to end, CPU only: base (BASE_IMAGE, else the local stand-in), image, one demo
+# epoch in the container, outputs checked on the host (docs/DOCKER.md; needs a Docker daemon).
+docker-smoke:
+	bash docker/smoke.sh

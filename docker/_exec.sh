@@ -1,5 +1,12 @@
 # shellcheck shell=bash
-# Shared by build_docker.sh and run_docker.sh: print the docker command (--dry-run) or run it.
+# Shared by the scripts in docker/: the docker client, the usage text, printing or running a command.
+DOCKER="${DOCKER:-docker}"  # the docker client (DOCKER=/usr/bin/docker picks one of several)
+
+# The usage text is the script's leading comment block (line 2 to the first line that is not a comment).
+usage() {
+    awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$1"
+}
+
 run_or_print() {
     local dry_run="$1"
     shift
@@ -8,8 +15,8 @@ run_or_print() {
         echo
         return 0
     fi
-    if ! command -v docker >/dev/null 2>&1; then
-        echo "error: docker is not installed; see https://docs.docker.com/engine/install/" >&2
+    if ! command -v "$1" >/dev/null 2>&1; then
+        echo "error: $1 is not installed; see https://docs.docker.com/engine/install/" >&2
         return 1
     fi
     exec "$@"
