@@ -116,8 +116,15 @@ def top_confusions(cm: np.ndarray, classes: list[str], names: dict[str, str], k:
         t, p = divmod(int(idx), len(cm))
         if off[t, p] == 0:
             break
-        rows.append({"true": classes[t], "true_name": names.get(classes[t], classes[t]), "predicted": classes[p],
-                     "predicted_name": names.get(classes[p], classes[p]), "count": int(off[t, p])})  # fmt: skip
+        rows.append(
+            {
+                "true": classes[t],
+                "true_name": names.get(classes[t], classes[t]),
+                "predicted": classes[p],
+                "predicted_name": names.get(classes[p], classes[p]),
+                "count": int(off[t, p]),
+            }
+        )
     return rows
 
 
@@ -160,13 +167,21 @@ def plot_misclassified(images: list[np.ndarray], captions: list[str], out: Path,
 
 
 # --------------------------------------------------------------------------- a run
-def analyze_run(run_dir: str | Path, output_dir: str | Path | None = None, tsne_samples: int = 2000,
-                workers: int | None = None) -> Path:  # fmt: skip
+def analyze_run(
+    run_dir: str | Path,
+    output_dir: str | Path | None = None,
+    tsne_samples: int = 2000,
+    workers: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Path:
+    """Curves, per-class accuracy, confusions, features and t-SNE of a run folder; the model runs
+    on `device` (main.py passes the training device, so a GPU run is analysed on the GPU)."""
     import arch
     import batch_manager
-    from config import Config
+    import hardware
+    from config import from_saved
     from transforms import Normalize
-    from utils import amp_dtype, load_checkpoint
+    from utils import load_checkpoint
     from val import infer, per_class_accuracy, write_csv
 
     run_dir = Path(run_dir)
@@ -175,18 +190,17 @@ def analyze_run(run_dir: str | Path, output_dir: str | Path | None = None, tsne_
     if (run_dir / "metrics.csv").is_file():
         plot_curves(run_dir / "metrics.csv", out / "curves.png")
     ckpt = load_checkpoint(run_dir / "best.pth.tar")
-    cfg = Config(
-        **{**ckpt["config"], "trainval": False, "resume": "", **({"workers": workers} if workers is not None else {})}
-    )
+    cfg = from_saved(ckpt["config"], trainval=False, resume="", **({"workers": workers} if workers is not None else {}))
     data = batch_manager.prepare_data(**cfg.data_kwargs())
     if data.val is None or data.classes != list(ckpt["classes"]):
         raise UserError(f"{run_dir}: its dataset's labelled val split is needed for the analysis")
+    device = torch.device(device)
     model = arch.build_model(cfg.arch, len(data.classes), cfg.img_size)
     model.load_state_dict(ckpt["state_dict"])
-    val_loader, _ = batch_manager.eval_loaders(data, cfg.img_size, 256, cfg.workers)
-    res = infer(
-        model, val_loader, Normalize(), torch.device("cpu"), amp_dtype(torch.device("cpu"), cfg.amp), features=True
-    )
+    model.to(device)
+    val_loader, _ = batch_manager.eval_loaders(data, cfg.img_size, 256, cfg.workers, pin_memory=device.type == "cuda")
+    dtype = hardware.decide_runtime(device, cfg.amp, cfg.amp_dtype).amp_dtype
+    res = infer(model, val_loader, Normalize().to(device), device, dtype, features=True)
     for key in ("logits", "labels", "features"):
         torch.save(res[key], out / "features" / f"{key}.pt")
     probs = res["logits"].softmax(1)
@@ -204,10 +218,13 @@ def analyze_run(run_dir: str | Path, output_dir: str | Path | None = None, tsne_
     worst = wrong[probs[wrong].max(1).values.argsort(descending=True)][:24].tolist()
     plot_misclassified(
         [data.val.image(i) for i in worst],
-        [f"{data.names[data.classes[labels[i]]][:16]}\n→ {data.names[data.classes[preds[i]]][:16]} "
-         f"({100 * probs[i].max():.0f}%)" for i in worst],
+        [
+            f"{data.names[data.classes[labels[i]]][:16]}\n→ {data.names[data.classes[preds[i]]][:16]} "
+            f"({100 * probs[i].max():.0f}%)"
+            for i in worst
+        ],
         out / "misclassified.png",
-    )  # fmt: skip
+    )
     log.info("analysis written to %s", out)
     return out
 
@@ -262,15 +279,21 @@ def analyze_dataset(kind: str, data_dir: str | Path, output_dir: str | Path) -> 
     plt.close(fig)
     rng = np.random.default_rng(0)
     pick = rng.choice(len(data.train), size=min(32, len(data.train)), replace=False)
-    plot_misclassified([data.train.image(int(i)) for i in pick],
-                       [data.names[data.classes[data.train.labels[int(i)]]][:18] for i in pick], out / "sample_grid.png",
-                       title="random train images")  # fmt: skip
+    plot_misclassified(
+        [data.train.image(int(i)) for i in pick],
+        [data.names[data.classes[data.train.labels[int(i)]]][:18] for i in pick],
+        out / "sample_grid.png",
+        title="random train images",
+    )
     summary = {
-        "root": str(data.root), "classes": len(data.classes), "images": {n: len(s) for n, s in splits.items()},
-        "grayscale": {n: m.get("L", 0) for n, m in modes.items()}, "modes": {n: dict(m) for n, m in modes.items()},
+        "root": str(data.root),
+        "classes": len(data.classes),
+        "images": {n: len(s) for n, s in splits.items()},
+        "grayscale": {n: m.get("L", 0) for n, m in modes.items()},
+        "modes": {n: dict(m) for n, m in modes.items()},
         "train_per_class": {"min": int(counts.min()), "max": int(counts.max())},
         "sizes": {n: dict(Counter(f"{w}x{h}" for w, h in s).most_common(5)) for n, s in sizes.items()},
-    }  # fmt: skip
+    }
     (out / "dataset_summary.json").write_text(json.dumps(summary, indent=2))
     log.info("dataset: %s", json.dumps(summary["images"]) + f", grayscale {summary['grayscale']}")
     return summary
@@ -286,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--output_dir", default=None, help="default: the run folder")
     r.add_argument("--tsne_samples", type=int, default=2000)
     r.add_argument("--workers", type=int, default=None)
+    r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
     d = sub.add_parser("dataset", help="analyse a dataset folder")
     d.add_argument("--data_dir", default="data/tiny-imagenet-200")
     d.add_argument("--dataset", default="tiny-imagenet")
@@ -294,7 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         if args.what == "run":
-            analyze_run(args.run_dir, args.output_dir, args.tsne_samples, args.workers)
+            import hardware
+
+            device = hardware.resolve_device(args.device)
+            analyze_run(args.run_dir, args.output_dir, args.tsne_samples, args.workers, device)
         else:
             analyze_dataset(args.dataset, args.data_dir, args.output_dir)
     except UserError as exc:

@@ -230,6 +230,7 @@ def build_loaders(
     rank: int = 0,
     world: int = 1,
     aug_backend: str = "albumentations",
+    recipe: dict | None = None,
 ) -> Loaders:
     """Loaders for this process: train shuffled and sharded (rank of world), val/test sharded in
     order without padding, so reduced metrics count every image exactly once. With aug_backend
@@ -239,16 +240,9 @@ def build_loaders(
             f"{data.root}: the train split has {len(data.train)} images, fewer than --batch_size {batch_size}; "
             "lower --batch_size"
         )
-    augment = None
-    if aug_backend == "torch":
-        augment = transforms.BatchAugment(seed, rank)
-        augment.set_epoch(0, 0.0, img_size)
-        stored = data.train.array.shape[1] if data.train.array is not None else img_size
-        train_set = AugmentedDataset(data.train, None, seed, size=stored)
-    elif aug_backend == "albumentations":
-        train_set = AugmentedDataset(data.train, _train_pipeline, seed, size=img_size)
-    else:
-        raise ValueError(f"unknown augmentation backend {aug_backend!r}; use albumentations or torch")
+    if aug_backend not in AUG_BACKENDS:
+        raise ValueError(f"unknown augmentation backend {aug_backend!r}; use {', '.join(AUG_BACKENDS)}")
+    train_set, augment = AUG_BACKENDS[aug_backend](data.train, img_size, seed, rank, recipe or transforms.RECIPE)
     sampler = ResumableSampler(train_set, seed, num_replicas=world, rank=rank)
     train = _loader(train_set, batch_size, workers, pin_memory, sampler=sampler, drop_last=True)
     val, test = eval_loaders(data, img_size, batch_size, workers, pin_memory, rank, world)
@@ -275,10 +269,33 @@ def eval_loaders(
             workers,
             pin_memory,
             sampler=list(range(rank, len(split), world)),
-        )  # fmt: skip
+        )
         for split in (data.val, data.test)
     )
 
 
-def _train_pipeline(strength: float, size: int):
-    return transforms.train_pipeline(size, strength)
+@dataclass(frozen=True, eq=False)
+class _Pipelines:
+    """(strength, size) -> the albumentations pipeline of `recipe` (picklable for spawned workers)."""
+
+    recipe: dict
+
+    def __call__(self, strength: float, size: int):
+        return transforms.train_pipeline(size, strength, self.recipe)
+
+
+def _albumentations_backend(split: Split, img_size: int, seed: int, rank: int, recipe: dict):
+    """Per image in the loader workers, seeded by (seed, epoch, index)."""
+    return AugmentedDataset(split, _Pipelines(recipe), seed, size=img_size), None
+
+
+def _torch_backend(split: Split, img_size: int, seed: int, rank: int, recipe: dict):
+    """The loader gathers stored uint8 images; BatchAugment augments whole batches on the device."""
+    augment = transforms.BatchAugment(seed, rank, recipe)
+    augment.set_epoch(0, 0.0, img_size)
+    stored = split.array.shape[1] if split.array is not None else img_size
+    return AugmentedDataset(split, None, seed, size=stored), augment
+
+
+# --aug_backend NAME -> (train split, img_size, seed, rank) -> (train dataset, batch augmenter or None)
+AUG_BACKENDS: dict[str, Callable] = {"torch": _torch_backend, "albumentations": _albumentations_backend}

@@ -1,8 +1,11 @@
 """Run configuration: one frozen ``Config`` dataclass and the argparse parser built from it.
 
 Precedence, lowest to highest: dataclass defaults < ``--config FILE.yaml`` < command line.
-The seed project's flag names (``--arch --lr_base --batch_size --epochs --drop_rate
---attn_drop_rate --drop_path_rate``) and defaults are kept exactly.
+The original project's flag names (``--arch --lr_base --batch_size --epochs --drop_rate
+--attn_drop_rate --drop_path_rate``) are kept; ``auto`` values (learning rate, warm-up,
+precision, memory format) are decided when the run starts, from the model and the machine
+(main.py logs the decision and writes it into the run's config.yaml under ``resolved:``).
+Each field declares whether it may change when a run is resumed (``resume=True``).
 """
 
 from __future__ import annotations
@@ -16,76 +19,94 @@ from typing import Any
 
 import yaml
 
-from data_sources import DATASETS
-from utils import UserError
+import batch_manager
+import hardware
+import optim
+import transforms
+from data_sources import READERS
+from utils import WANDB_MODES, UserError
 
-AUG_SCHEDULES = ("cosine", "linear", "constant")
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("cosine", "linear", "step", "multistep", "none")
-AUG_BACKENDS = ("albumentations", "torch")
-# Settings whose default changed after runs had been saved without them: a resumed older run keeps
-# the behaviour it was started with.
-BEFORE_DEFAULT_CHANGES = {"aug_backend": "albumentations"}
-DEVICES = ("auto", "cpu", "cuda")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
+ON_OFF = ("auto", "on", "off")
+
+
+def _opt(help_text: str, *, default: Any, resume: bool = False, before: Any = None, **extra: Any) -> Any:
+    """A Config field whose metadata carries its --help text and how it behaves:
+
+    resume=True: may change when a run is resumed (where it runs, not what it computes);
+    before=X:    runs saved before this field existed behaved as X (a resumed old run keeps it);
+    flag=True:   a plain switch (--no_cache); other bools get --name / --no-name;
+    onoff=True:  auto|on|off, with --name meaning on and --no-name off;
+    choices=...: the allowed values (taken from where they are implemented)."""
+    meta = {"help": help_text, "resume": resume, "before": before, **extra}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def _default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-def _opt(help_text: str, **extra: Any) -> Any:
-    """A dataclass field whose metadata carries its --help text (and argparse extras)."""
-    default = extra.pop("default")
-    if callable(default):
-        return field(default_factory=default, metadata={"help": help_text, **extra})
-    return field(default=default, metadata={"help": help_text, **extra})
-
-
 @dataclass(frozen=True)
 class Config:
-    # --- the seed's flags (names and defaults unchanged) ---
-    arch: str = _opt("model name from the arch/ registry (see README)", default="swin_tiny")
-    lr_base: float = _opt("peak learning rate of AdamW", default=2e-5)
-    batch_size: int = _opt("images per optimizer step", default=128)
-    epochs: int = _opt("number of training epochs", default=100)
+    # --- the seed's flags (names unchanged; defaults: README "How defaults are decided") ---
+    arch: str = _opt("model name from the arch/ registry (see README: Models)", default="swin_tiny")
+    lr_base: float | None = _opt(
+        "peak learning rate; auto = the recipe table for the model family, optimizer and pretrained or not, "
+        "scaled to the batch (README: Learning rates)",
+        default=None,
+    )
+    batch_size: int = _opt("images per process per forward pass (micro-batch with --accum_steps)", default=128)
+    epochs: int = _opt("number of training epochs (an upper bound with --time_budget)", default=100)
     drop_rate: float = _opt("dropout before the classifier", default=0.2)
     attn_drop_rate: float = _opt("attention dropout (transformers only)", default=0.1)
     drop_path_rate: float = _opt("stochastic depth rate", default=0.1)
-    pretrained: bool = _opt("start from timm's ImageNet weights (needs the internet)", default=False, flag=True)
-    pretrained_path: str = _opt("start from these weights (.safetensors or .pth); works offline", default="")
-    max_params: int = _opt("refuse models with more parameters than this (0 = no limit)", default=0)
-    list_archs: bool = _opt("print the model catalogue (params, GFLOPs at --img_size) and exit", default=False,
-                            flag=True)  # fmt: skip
-    format: str = _opt("--list_archs output", default="table", choices=("table", "csv"))
+    pretrained: bool = _opt(
+        "start from timm's ImageNet weights (needs the internet)", default=False, flag=True, resume=True
+    )
+    pretrained_path: str = _opt(
+        "start from these weights (.safetensors or .pth); works offline", default="", resume=True
+    )
+    max_params: int = _opt("refuse models with more parameters than this (0 = no limit)", default=0, resume=True)
+    list_archs: bool = _opt(
+        "print the model catalogue (params, GFLOPs at --img_size) and exit", default=False, flag=True, resume=True
+    )
+    format: str = _opt("--list_archs output", default="table", choices=("table", "csv"), resume=True)
     # --- data and outputs ---
-    dataset: str = _opt("dataset format (see README: Datasets)", default="tiny-imagenet", choices=DATASETS)
-    data_dir: str = _opt("dataset root folder", default="data/tiny-imagenet-200")
-    cache_dir: str = _opt("where the decode-once cache goes (default: DATA_DIR/.cache)", default="")
-    no_cache: bool = _opt("decode image files every epoch instead of once", default=False, flag=True)
-    skip_bad_images: bool = _opt("train without unreadable images (they are listed) instead of stopping",
-                                 default=False, flag=True)  # fmt: skip
-    val_split: float = _opt("hold out this stratified fraction of train as val (0 = use the dataset's val)",
-                            default=0.0)  # fmt: skip
-    trainval: bool = _opt("final fit on train + val: no val metrics, predictions still written", default=False,
-                          flag=True)  # fmt: skip
-    output_dir: str = _opt("where timestamped run folders are created", default="checkpoints")
+    dataset: str = _opt("dataset format (see README: Other datasets)", default="tiny-imagenet", choices=tuple(READERS))
+    data_dir: str = _opt("dataset root folder", default="data/tiny-imagenet-200", resume=True)
+    cache_dir: str = _opt("where the decode-once cache goes (default: DATA_DIR/.cache)", default="", resume=True)
+    no_cache: bool = _opt("decode image files every epoch instead of once", default=False, flag=True, resume=True)
+    skip_bad_images: bool = _opt(
+        "train without unreadable images (they are listed) instead of stopping", default=False, flag=True
+    )
+    val_split: float = _opt(
+        "hold out this stratified fraction of train as val (0 = use the dataset's val)", default=0.0
+    )
+    trainval: bool = _opt(
+        "final fit on train + val: no val metrics, predictions still written", default=False, flag=True
+    )
+    output_dir: str = _opt("where timestamped run folders are created", default="checkpoints", resume=True)
     img_size: int = _opt("training resolution; 64 is native, 224 resizes", default=64)
     min_img_size: int = _opt(
         "progressive resizing: train at this resolution first, growing to --img_size (0 = off)", default=0
     )
-    resize_until: float = _opt("fraction of the epochs after which training is at full --img_size", default=0.75)
-    workers: int = _opt("DataLoader worker processes (0 = load in the main process)", default=_default_workers)
+    resize_until: float = _opt("fraction of the run after which training is at full --img_size", default=0.75)
+    workers: int = _opt(
+        "DataLoader worker processes (0 = load in the main process)", default=_default_workers, resume=True
+    )
     # --- optimisation ---
-    opt: str = _opt("optimizer", default="adamw", choices=OPTIMIZERS)
+    opt: str = _opt("optimizer", default="adamw", choices=optim.OPTIMIZERS)
     momentum: float = _opt("SGD momentum", default=0.9)
     nesterov: bool = _opt("Nesterov momentum (with --opt sgd)", default=False, flag=True)
     weight_decay: float = _opt("weight decay (not applied to norms and biases)", default=0.05)
     lr_scale_batch: int = _opt(
         "linear scaling rule: lr = lr_base * global batch / N (0 = use lr_base as given)", default=0
     )
-    sched: str = _opt("learning-rate schedule, updated every step", default="cosine", choices=SCHEDULES)
-    warmup_epochs: float = _opt("linear learning-rate warm-up before the schedule", default=0.0)
+    sched: str = _opt("learning-rate schedule, updated every step", default="cosine", choices=tuple(optim.SCHEDULES))
+    warmup_epochs: float | None = _opt(
+        "linear learning-rate warm-up before the schedule; auto = from the recipe table", default=None
+    )
     min_lr: float = _opt("learning rate at the end of the cosine or linear schedule", default=0.0)
     step_size: float = _opt("--sched step: epochs between decays", default=30.0)
     gamma: float = _opt("--sched step/multistep: factor applied at each decay", default=0.1)
@@ -93,57 +114,116 @@ class Config:
     label_smoothing: float = _opt("label smoothing of the training targets", default=0.1)
     grad_clip: float = _opt("clip the gradient norm to this value (0 = off)", default=0.0)
     accum_steps: int = _opt("batches accumulated per optimizer step", default=1)
-    ema: bool = _opt("keep an exponential moving average of the weights, evaluated every epoch", default=False,
-                     flag=True)  # fmt: skip
+    ema: bool = _opt(
+        "keep an exponential moving average of the weights, evaluated every epoch", default=False, flag=True
+    )
     ema_decay: float = _opt("EMA decay per optimizer step (after timm's warm-up: 1 - (1 + step)^-2/3)", default=0.9998)
-    best_on: str = _opt("which weights pick best.pth.tar and the test predictions", default="model",
-                        choices=("model", "ema"))  # fmt: skip
-    tta: bool = _opt("evaluate and predict with horizontal-flip test-time augmentation (2x evaluation cost)",
-                     default=False, flag=True)  # fmt: skip
+    best_on: str = _opt(
+        "which weights pick best.pth.tar and the test predictions", default="model", choices=("model", "ema")
+    )
+    tta: bool = _opt(
+        "evaluate and predict with horizontal-flip test-time augmentation (2x evaluation cost)",
+        default=False,
+        flag=True,
+    )
     test_preds: str = _opt(
         "when best_test_preds.csv is written: at every new best (an interrupted run has them), or once at "
         "the end from best.pth.tar (one test evaluation per run instead of per improvement)",
-        default="best", choices=("best", "end"),
-    )  # fmt: skip
+        default="best",
+        choices=("best", "end"),
+    )
     patience: int = _opt("stop after N epochs without a better val top-1 (0 = never)", default=0)
+    time_budget: float = _opt(
+        "train for this many minutes of wall clock, start to final predictions: the run measures its own speed "
+        "and plans the schedule to fit (0 = off; --epochs becomes an upper bound)",
+        default=0.0,
+    )
     # --- progressive augmentation (strength s in [0, 1]) ---
     aug_backend: str = _opt(
         "torch: the recipe on whole batches on the device (faster, see README: Speed); albumentations: per "
-        "image in the loader workers", default="torch", choices=AUG_BACKENDS,
-    )  # fmt: skip
-    aug_schedule: str = _opt("how s grows over epochs", default="cosine", choices=AUG_SCHEDULES)
+        "image in the loader workers",
+        default="torch",
+        choices=tuple(batch_manager.AUG_BACKENDS),
+        before="albumentations",
+    )
+    aug_schedule: str = _opt("how s grows over the run", default="cosine", choices=tuple(transforms.AUG_SCHEDULES))
     aug_strength: float = _opt("s for --aug_schedule constant; the ceiling for the others", default=1.0)
+    aug_ops: str = _opt(
+        'per-op changes to the augmentation recipe, "op.param=value,...", e.g. "flip.p=0,affine.rotate=30" '
+        "(values at s = 1; README: Augmentation recipe)",
+        default="",
+    )
+    randaugment: bool = _opt(
+        "add RandAugment (torchvision's 14 ops), scaled by s like every op", default=False, flag=True
+    )
+    randaugment_n: int = _opt("RandAugment: ops per image", default=2)
+    randaugment_m: float = _opt("RandAugment: magnitude 0-10 at s = 1", default=9.0)
     mixup_alpha: float = _opt("MixUp Beta(a, a) parameter at s = 1 (0 disables MixUp)", default=0.8)
     cutmix_alpha: float = _opt("CutMix Beta(a, a) parameter at s = 1 (0 disables CutMix)", default=1.0)
     mix_prob: float = _opt("probability of mixing a batch at s = 1", default=1.0)
     # --- runtime ---
     seed: int = _opt("seed for python, numpy, torch and the data order", default=42)
-    device: str = _opt("where to train", default="auto", choices=DEVICES)
-    amp: bool = _opt("bf16 autocast (fp16 on GPUs without bf16); --no-amp for fp32. See README: Speed",
-                     default=True)  # fmt: skip
+    device: str = _opt("where to train", default="auto", choices=hardware.DEVICES, resume=True)
+    amp: str = _opt(
+        "autocast: auto = bf16 where the device has native bf16, fp16 + grad scaler on older GPUs, else fp32 "
+        "(README: How defaults are decided); --amp forces it on, --no-amp off",
+        default="auto",
+        choices=ON_OFF,
+        onoff=True,
+        resume=True,
+    )
     amp_dtype: str = _opt(
-        "autocast type: bf16, or fp16 with a gradient scaler", default="bf16", choices=("bf16", "fp16")
+        "autocast type: auto, bf16, or fp16 with a gradient scaler",
+        default="auto",
+        choices=("auto", *hardware.DTYPES),
+        resume=True,
+    )
+    channels_last: str = _opt(
+        "channels-last memory format: auto = on for CUDA and for bf16 on a CPU, off for fp32 on a CPU",
+        default="auto",
+        choices=ON_OFF,
+        onoff=True,
+        resume=True,
+    )
+    deterministic: bool = _opt(
+        "CUDA: deterministic cuDNN algorithms, no autotuning (the original project's choice; attention and Swin's "
+        "position bias stay non-deterministic on GPUs); --no-deterministic lets cuDNN pick the fastest",
+        default=True,
+        resume=True,
     )
     sync_bn: bool = _opt("synchronise batch-norm statistics across processes (torchrun)", default=False, flag=True)
-    channels_last: bool = _opt("channels-last memory format for model and inputs (--no-channels_last to turn off)",
-                               default=True)  # fmt: skip
-    compile: bool = _opt("torch.compile the model (off by default)", default=False, flag=True)
-    keep_last: int = _opt("also keep the last K epoch checkpoints epoch_NNN.pth.tar (0 = none)", default=0)
+    compile: bool = _opt("torch.compile the model (off by default)", default=False, flag=True, resume=True)
+    keep_last: int = _opt("also keep the last K epoch checkpoints epoch_NNN.pth.tar (0 = none)", default=0, resume=True)
     steps_per_epoch: int = _opt("cap on training batches per epoch (0 = all); for smoke tests", default=0)
-    no_analysis: bool = _opt("skip the end-of-run analysis (plots, confusions, features)", default=False, flag=True)
-    resume: str = _opt("continue the run in this run folder (or from this checkpoint)", default="")
-    wandb: str = _opt(
-        "wandb mode; auto = online when logged in, otherwise offline", default="auto", choices=WANDB_MODES
+    no_analysis: bool = _opt(
+        "skip the end-of-run analysis (plots, confusions, features)", default=False, flag=True, resume=True
     )
-    wandb_project: str = _opt("wandb project name", default="tiny-imagenet-200")
+    resume: str = _opt("continue the run in this run folder (or from this checkpoint)", default="", resume=True)
+    wandb: str = _opt(
+        "wandb mode; auto = online when logged in, otherwise offline", default="auto", choices=WANDB_MODES, resume=True
+    )
+    wandb_project: str = _opt(
+        "wandb project name (default: $WANDB_PROJECT, else tiny-imagenet-200)", default="", resume=True
+    )
+
+    def recipe(self) -> dict[str, dict[str, float]]:
+        """The augmentation recipe table with --randaugment and --aug_ops applied (transforms.RECIPE)."""
+        return transforms.build_recipe(self.aug_ops, self.randaugment, self.randaugment_n, self.randaugment_m)
 
     def data_kwargs(self) -> dict[str, Any]:
         """Arguments of batch_manager.prepare_data for this run."""
         return {
-            "kind": self.dataset, "data_dir": self.data_dir, "img_size": self.img_size, "workers": self.workers,
-            "use_cache": not self.no_cache, "cache_dir": self.cache_dir or None, "skip_bad": self.skip_bad_images,
-            "val_split": self.val_split, "trainval": self.trainval, "seed": self.seed,
-        }  # fmt: skip
+            "kind": self.dataset,
+            "data_dir": self.data_dir,
+            "img_size": self.img_size,
+            "workers": self.workers,
+            "use_cache": not self.no_cache,
+            "cache_dir": self.cache_dir or None,
+            "skip_bad": self.skip_bad_images,
+            "val_split": self.val_split,
+            "trainval": self.trainval,
+            "seed": self.seed,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, so checkpoints load with ``torch.load(weights_only=True)``."""
@@ -155,14 +235,17 @@ def validate(cfg: Config) -> Config:
     checks = [
         (cfg.epochs >= 1, f"--epochs must be >= 1 (got {cfg.epochs})"),
         (cfg.batch_size >= 1, f"--batch_size must be >= 1 (got {cfg.batch_size})"),
-        (cfg.lr_base > 0, f"--lr_base must be > 0 (got {cfg.lr_base})"),
+        (cfg.lr_base is None or cfg.lr_base > 0, f"--lr_base must be > 0 or auto (got {cfg.lr_base})"),
         (cfg.img_size >= 16, f"--img_size must be >= 16 pixels (got {cfg.img_size})"),
         (cfg.workers >= 0, f"--workers must be >= 0 (got {cfg.workers})"),
         (0 <= cfg.aug_strength <= 1, f"--aug_strength must lie in [0, 1] (got {cfg.aug_strength})"),
         (0 <= cfg.mix_prob <= 1, f"--mix_prob must lie in [0, 1] (got {cfg.mix_prob})"),
         (cfg.mixup_alpha >= 0 and cfg.cutmix_alpha >= 0, "--mixup_alpha and --cutmix_alpha must be >= 0"),
         (0 <= cfg.label_smoothing < 1, f"--label_smoothing must lie in [0, 1) (got {cfg.label_smoothing})"),
-        (0 <= cfg.warmup_epochs < cfg.epochs, f"--warmup_epochs must lie in [0, --epochs) (got {cfg.warmup_epochs})"),
+        (
+            cfg.warmup_epochs is None or 0 <= cfg.warmup_epochs < cfg.epochs,
+            f"--warmup_epochs must lie in [0, --epochs) (got {cfg.warmup_epochs})",
+        ),
         (
             cfg.min_img_size == 0 or 16 <= cfg.min_img_size <= cfg.img_size,
             f"--min_img_size must be 0 (off) or lie in [16, --img_size {cfg.img_size}] (got {cfg.min_img_size})",
@@ -181,6 +264,12 @@ def validate(cfg: Config) -> Config:
         ),
         (cfg.grad_clip >= 0 and cfg.momentum >= 0, "--grad_clip and --momentum must be >= 0"),
         (not (cfg.trainval and cfg.val_split), "--trainval merges val back into train: drop --val_split"),
+        (cfg.time_budget >= 0, f"--time_budget must be >= 0 minutes (got {cfg.time_budget})"),
+        (
+            not (cfg.time_budget and cfg.sched in ("step", "multistep")),
+            f"--time_budget plans the run's length, which --sched {cfg.sched} counts in fixed epochs; "
+            "use --sched cosine or linear with it",
+        ),
     ]
     for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
         value = getattr(cfg, name)
@@ -193,10 +282,21 @@ def validate(cfg: Config) -> Config:
             "or pass --mix_prob 0",
         )
     )
+    checks.append(
+        (
+            cfg.randaugment_n >= 1 and 0 <= cfg.randaugment_m <= 10,
+            f"--randaugment_n must be >= 1 and --randaugment_m lie in [0, 10] (got {cfg.randaugment_n}, "
+            f"{cfg.randaugment_m})",
+        )
+    )
     for ok, message in checks:
         if not ok:
             raise UserError(message)
     milestones(cfg)
+    try:
+        cfg.recipe()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     return cfg
 
 
@@ -211,6 +311,22 @@ def milestones(cfg: Config) -> list[float]:
     return values
 
 
+# --------------------------------------------------------------------------- argparse from the fields
+def _base_type(f: dataclasses.Field) -> str:
+    """'float | None' -> 'float' (None stands for auto)."""
+    return str(f.type).replace(" | None", "")
+
+
+def _auto_number(kind: type):
+    def parse(text: str):
+        if str(text).strip().lower() in ("auto", "none", ""):
+            return None
+        return kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train an image classifier on Tiny-ImageNet-200.",
@@ -219,20 +335,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file whose keys become the defaults")
     for f in fields(Config):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs: dict[str, Any] = {"default": default, "help": f.metadata["help"]}
-        if f.type == "bool":
-            # on/off switches (--amp/--no-amp); plain flags (--no_cache) where the seed style has them
-            kwargs["action"] = "store_true" if f.metadata.get("flag") else argparse.BooleanOptionalAction
+        meta, name = f.metadata, f"--{f.name}"
+        kwargs: dict[str, Any] = {"default": "auto" if default is None else default, "help": meta["help"]}
+        if meta.get("onoff"):  # --amp [auto|on|off], --amp = on, --no-amp = off
+            parser.add_argument(name, nargs="?", const="on", choices=meta["choices"], **kwargs)
+            parser.add_argument(f"--no-{f.name}", dest=f.name, action="store_const", const="off", help=f"{name} off")
+            continue
+        if _base_type(f) == "bool":
+            # on/off switches (--tta/--no-tta); plain flags (--no_cache) where the seed style has them
+            kwargs["action"] = "store_true" if meta.get("flag") else argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = {"int": int, "float": float, "str": str}[f.type]
-            if "choices" in f.metadata:
-                kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(f"--{f.name}", **kwargs)
+            kind = {"int": int, "float": float, "str": str}[_base_type(f)]
+            kwargs["type"] = _auto_number(kind) if default is None else kind
+            if "choices" in meta:
+                kwargs["choices"] = meta["choices"]
+        parser.add_argument(name, **kwargs)
     return parser
 
 
+# --------------------------------------------------------------------------- YAML presets and saved configs
+RESOLVED_KEY = "resolved"  # written by main.py into config.yaml: what the auto settings became; ignored on reading
+
+
 def load_yaml_defaults(path: str) -> dict[str, Any]:
-    """Read a YAML preset; unknown keys and wrong types are errors naming the file."""
+    """Read a YAML preset (or a run's config.yaml); unknown keys and wrong types are errors naming the file."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file {p} does not exist; check the path given to --config")
@@ -242,19 +368,25 @@ def load_yaml_defaults(path: str) -> dict[str, Any]:
         raise UserError(f"config file {p} is not valid YAML: {exc}".replace("\n", " ")) from None
     if not isinstance(data, dict):
         raise UserError(f"config file {p} must be a mapping of option: value, got {type(data).__name__}")
+    data.pop(RESOLVED_KEY, None)
     known = {f.name: f for f in fields(Config)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise UserError(f"config file {p}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
     for key, value in data.items():
-        data[key] = _coerce(p, key, value, known[key].type)
+        data[key] = _coerce(p, key, value, known[key])
         choices = known[key].metadata.get("choices")
         if choices is not None and data[key] not in choices:
             raise UserError(f"config file {p}: {key} must be one of {list(choices)}, got {value!r}")
     return data
 
 
-def _coerce(path: Path, key: str, value: Any, type_name: str) -> Any:
+def _coerce(path: Path, key: str, value: Any, f: dataclasses.Field) -> Any:
+    type_name = _base_type(f)
+    if f.metadata.get("onoff") and isinstance(value, bool):  # older files: amp: true
+        return "on" if value else "off"
+    if f.default is None and (value is None or str(value).strip().lower() == "auto"):
+        return None
     wanted = {"int": int, "float": float, "str": str, "bool": bool}[type_name]
     if wanted is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -265,7 +397,32 @@ def _coerce(path: Path, key: str, value: Any, type_name: str) -> Any:
             pass
     if isinstance(value, wanted) and not (wanted is int and isinstance(value, bool)):
         return value
-    raise UserError(f"config file {path}: {key} must be {type_name}, got {value!r}")
+    raise UserError(
+        f"config file {path}: {key} must be {type_name}{' or auto' if f.default is None else ''}, got {value!r}"
+    )
+
+
+def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config saved by an older version of this toolkit, in today's terms: fields it lacked take
+    the behaviour that version had (`before=`), fields that no longer exist are dropped, and
+    values of an older type are converted (amp: true -> 'on')."""
+    known = {f.name: f for f in fields(Config)}
+    out = {k: v for k, v in saved.items() if k in known}
+    for name, f in known.items():
+        if name not in out and f.metadata.get("before") is not None:
+            out[name] = f.metadata["before"]
+        elif f.metadata.get("onoff") and isinstance(out.get(name), bool):
+            out[name] = "on" if out[name] else "off"
+    return out
+
+
+def from_saved(saved: dict[str, Any], **overrides: Any) -> Config:
+    """The Config of a saved run (a checkpoint's config), with overrides."""
+    return Config(**{**upgrade_saved(saved), **overrides})
+
+
+def may_change_on_resume() -> set[str]:
+    return {f.name for f in fields(Config) if f.metadata.get("resume")}
 
 
 def parse_config(argv: list[str] | None = None, base: dict[str, Any] | None = None) -> Config:
@@ -276,11 +433,12 @@ def parse_config(argv: list[str] | None = None, base: dict[str, Any] | None = No
     if base is not None:
         if pre.config:
             raise UserError("--resume takes the run's own settings: drop --config")
-        known = {f.name for f in fields(Config)}
-        older = {k: v for k, v in BEFORE_DEFAULT_CHANGES.items() if k not in base}  # a run saved before they changed
-        parser.set_defaults(**older, **{k: v for k, v in base.items() if k in known})
+        parser.set_defaults(**upgrade_saved(base))
     if pre.config:
         parser.set_defaults(**load_yaml_defaults(pre.config))
     args = vars(parser.parse_args(argv))
     args.pop("config")
+    for f in fields(Config):
+        if f.default is None and args[f.name] == "auto":  # the parser's shown default
+            args[f.name] = None
     return validate(Config(**args))

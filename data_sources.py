@@ -36,7 +36,6 @@ from utils import UserError
 
 log = logging.getLogger("tin")
 
-DATASETS = ("tiny-imagenet", "cifar10", "cifar100", "folder", "npy")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 GET_DATA_HINT = (
     "download it with `sh data/download_and_unzip.sh` (or --archive for a local copy), "
@@ -125,16 +124,9 @@ def read_dataset(kind: str, root: str | Path) -> DataSplits:
     root = Path(root)
     if not root.exists():
         raise DatasetError(f"dataset folder {root} does not exist; {GET_DATA_HINT}")
-    readers = {
-        "tiny-imagenet": read_tiny_imagenet,
-        "cifar10": lambda r: read_cifar(r, 10),
-        "cifar100": lambda r: read_cifar(r, 100),
-        "folder": read_folder,
-        "npy": read_npy,
-    }
-    if kind not in readers:
-        raise DatasetError(f"unknown --dataset {kind!r}; choose one of {', '.join(DATASETS)}")
-    return readers[kind](root)
+    if kind not in READERS:
+        raise DatasetError(f"unknown --dataset {kind!r}; choose one of {', '.join(READERS)}")
+    return READERS[kind](root)
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -228,9 +220,12 @@ class _ArraysOnly(pickle.Unpickler):
     could run code."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-    }  # fmt: skip
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
@@ -284,7 +279,7 @@ def read_cifar(root: Path, num_classes: int) -> DataSplits:
             [f"test_{i:05d}" for i in range(len(test[key]))],
             [int(v) for v in test[key]],
             array=_cifar_images(test, test_file),
-        ),  # fmt: skip
+        ),
         test=None,
     )
 
@@ -353,6 +348,16 @@ def read_npy(root: Path) -> DataSplits:
         xt = _load_array(root / "x_test.npy", "x")
         test = Split([f"test_{i:06d}" for i in range(len(xt))], None, array=xt)
     return DataSplits(root, classes, {c: c for c in classes}, split("train"), split("val"), test)
+
+
+# --dataset NAME -> reader(root) -> DataSplits; config.py takes its choices from here.
+READERS = {
+    "tiny-imagenet": read_tiny_imagenet,
+    "cifar10": lambda root: read_cifar(root, 10),
+    "cifar100": lambda root: read_cifar(root, 100),
+    "folder": read_folder,
+    "npy": read_npy,
+}
 
 
 # --------------------------------------------------------------------------- re-splitting

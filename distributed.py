@@ -75,6 +75,14 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every process, in place: each process
+    saw its own shard, so without this each would evaluate with its own statistics."""
+    if active():
+        for buf in module.buffers():
+            dist.broadcast(buf.data, src=0)
+
+
 def gather(obj: Any) -> list[Any]:
     """[value of rank 0, value of rank 1, ...] on every process."""
     if not active():

@@ -11,81 +11,135 @@ last.pth.tar, best.pth.tar, best_results.json and best_test_preds.csv (see READM
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 import arch
 import batch_manager
+import budget
 import distributed
 import engine
+import hardware
+import optim
 import run_state
-from config import Config, parse_config
+from config import RESOLVED_KEY, Config, parse_config
 from run_state import StopRequest, TrainState
-from utils import (
-    CsvSink,
-    UserError,
-    WandbSink,
-    load_checkpoint,
-    make_run_dir,
-    resolve_device,
-    seed_everything,
-    setup_logging,
-)
+from train import Parts
+from utils import CsvSink, UserError, WandbSink, load_checkpoint, make_run_dir, seed_everything, setup_logging
 
 log = logging.getLogger("tin")
 
 
 def main(argv: list[str] | None = None) -> Path | None:
     """Parse argv, train (or resume), and return the run folder (None for --list_archs)."""
+    started = budget.clock()
     setup_logging()
     cfg = parse_config(argv)
     if cfg.list_archs:
-        print_catalogue(cfg.img_size, cfg.format)
+        arch.print_catalogue(cfg.img_size, cfg.format)
         return None
     ctx = distributed.init(cfg.device)
     try:
-        return _main(cfg, ctx, argv)
+        return _main(cfg, ctx, argv, started)
     finally:
         distributed.shutdown()
 
 
-def _main(cfg: Config, ctx: distributed.Context, argv) -> Path:
+@dataclass
+class Built:
+    """What build() makes from a config: the resolved config and everything the loop needs."""
+
+    cfg: Config
+    parts: Parts
+    recipe: optim.LrRecipe | None = None
+    recipe_fields: list[str] = field(default_factory=list)
+
+
+def build(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None) -> Built:
+    """Device and precision, data, loaders, model, training parts: for a new run (auto learning
+    rate and warm-up resolved from the recipe table) or for `ckpt`'s (weights not yet loaded).
+    bench/step.py and bench/gpu_check.py build exactly this way."""
+    seed_everything(cfg.seed)
+    runtime = hardware.decide_runtime(
+        distributed.device_for(ctx, hardware.resolve_device(cfg.device)), cfg.amp, cfg.amp_dtype, cfg.channels_last
+    )
+    log.info("%s (%s): %s", runtime.device, runtime.device_name, runtime.reason)
+    if ckpt is not None:
+        hardware.warn_if_changed(ckpt.get("runtime"), runtime)
+    hardware.configure(runtime.device, deterministic=cfg.deterministic)
+    data = _prepare_data_once(cfg, ctx)
+    if ckpt is not None and list(ckpt["classes"]) != data.classes:
+        raise UserError(f"--resume {cfg.resume}: the run was trained on other classes than those in {data.root}")
+    cfg, recipe, recipe_fields = _resolve_recipe(cfg, ctx) if ckpt is None else (cfg, None, [])
+    loaders = batch_manager.build_loaders(
+        data,
+        img_size=cfg.img_size,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        seed=cfg.seed,
+        pin_memory=runtime.device.type == "cuda",
+        rank=ctx.rank,
+        world=ctx.world,
+        aug_backend=cfg.aug_backend,
+        recipe=cfg.recipe(),
+    )
+    fresh = ckpt is None  # pretrained weights only for a new run; a resumed one loads its own
+    model = arch.build_model(
+        cfg.arch,
+        len(data.classes),
+        img_size=cfg.img_size,
+        drop_rate=cfg.drop_rate,
+        attn_drop_rate=cfg.attn_drop_rate,
+        drop_path_rate=cfg.drop_path_rate,
+        pretrained=cfg.pretrained and fresh,
+        pretrained_path=(cfg.pretrained_path or None) if fresh else None,
+    ).to(runtime.device)
+    params, gflops = arch.model_stats(model, cfg.img_size)
+    if cfg.max_params and params > cfg.max_params:
+        raise UserError(f"--arch {cfg.arch} has {params:,} parameters, over --max_params {cfg.max_params:,}")
+    log.info(
+        "%s: %s parameters, %.3f GFLOPs per %dx%d image", cfg.arch, f"{params:,}", gflops, cfg.img_size, cfg.img_size
+    )
+    if ctx.enabled:  # same initial weights everywhere (DDP broadcasts them); own dropout/mixing draws per process
+        seed_everything(cfg.seed + ctx.rank)
+    parts = engine.build_parts(cfg, model, loaders, runtime=runtime, ctx=ctx)
+    parts.params, parts.gflops = params, gflops
+    return Built(cfg, parts, recipe, recipe_fields)
+
+
+def _main(cfg: Config, ctx: distributed.Context, argv, started: float) -> Path:
     ckpt, run_dir = None, None
     if not ctx.is_main:
         setup_logging(level=logging.WARNING)  # one process speaks; the others only warn
     if cfg.resume:
         path = run_state.find_checkpoint(cfg.resume)
         ckpt, run_dir = load_checkpoint(path), path.parent
+        if ctx.is_main:
+            setup_logging(run_dir)  # the resumed process's lines go on in the run's log.txt
         cfg = parse_config(argv, base=ckpt["config"])
         run_state.check_compatible(ckpt["config"], cfg.to_dict(), path)
-    seed_everything(cfg.seed)
-    device = distributed.device_for(ctx, resolve_device(cfg.device))
-    data = _prepare_data_once(cfg, ctx)
-    if ckpt is not None and list(ckpt["classes"]) != data.classes:
-        raise UserError(f"--resume {cfg.resume}: the run was trained on other classes than those in {data.root}")
-    loaders = batch_manager.build_loaders(data, cfg.img_size, cfg.batch_size, cfg.workers, cfg.seed,
-                                          pin_memory=device.type == "cuda", rank=ctx.rank, world=ctx.world,
-                                          aug_backend=cfg.aug_backend)  # fmt: skip
-    model = arch.build_model(cfg.arch, len(data.classes), cfg.img_size, cfg.drop_rate, cfg.attn_drop_rate,
-                             cfg.drop_path_rate, cfg.pretrained and ckpt is None,
-                             (cfg.pretrained_path or None) if ckpt is None else None).to(device)  # fmt: skip
-    params, gflops = arch.model_stats(model, cfg.img_size)
-    if cfg.max_params and params > cfg.max_params:
-        raise UserError(f"--arch {cfg.arch} has {params:,} parameters, over --max_params {cfg.max_params:,}")
-    if ctx.enabled:  # same initial weights everywhere (DDP broadcasts them); own dropout/mixing draws per process
-        seed_everything(cfg.seed + ctx.rank)
-    run_dir = distributed.broadcast(_open_run_dir(cfg, model, run_dir) if ctx.is_main else None)
-    parts = engine.build_parts(cfg, model, loaders, device, ctx)
-    parts.params, parts.gflops = params, gflops
-    log.info("%s: %s parameters, %.3f GFLOPs per %dx%d image", cfg.arch, f"{params:,}", gflops, cfg.img_size,
-             cfg.img_size)  # fmt: skip
-    state = run_state.restore(parts, ckpt) if ckpt is not None else TrainState()
-    columns = engine.METRIC_COLUMNS + (engine.EMA_COLUMNS if cfg.ema else [])
-    sinks: list = [CsvSink(run_dir / "metrics.csv", columns, rows=state.history)] if ctx.is_main else []
+    built = build(cfg, ctx, ckpt)
+    cfg, parts = built.cfg, built.parts
+    if ckpt is not None:
+        plan = budget.Plan.from_dict(ckpt["plan"]) if "plan" in ckpt else engine.base_plan(cfg, parts.loaders)
+        parts.scheduler = engine.build_scheduler(cfg, parts, plan)
+        state = run_state.restore(parts, ckpt)
+    else:
+        plan = distributed.broadcast(engine.plan_run(cfg, parts, budget.clock() - started))  # rank 0's, everywhere
+        cfg = _fit_warmup_to_plan(cfg, plan, built.recipe)
+        parts.scheduler = engine.build_scheduler(cfg, parts, plan)
+        state = TrainState()
+    resolved = {"runtime": parts.runtime.to_dict(), "plan": plan.to_dict()}
+    if built.recipe is not None:
+        resolved["recipe"] = {"why": built.recipe.why, **{k: getattr(cfg, k) for k in built.recipe_fields}}
+    run_dir = distributed.broadcast(_open_run_dir(cfg, parts.model, run_dir, resolved) if ctx.is_main else None)
+    sinks: list = [CsvSink(run_dir / "metrics.csv", engine.METRIC_ORDER, rows=state.history)] if ctx.is_main else []
     stop = StopRequest()
     try:
         if cfg.wandb != "disabled" and ctx.is_main:
@@ -97,12 +151,52 @@ def _main(cfg: Config, ctx: distributed.Context, argv) -> Path:
                 rngs[ctx.rank] if len(rngs) == ctx.world else ckpt["rng"]
             )  # last: nothing may draw after
             log.info("resumed %s at epoch %d, batch %d (update %d)", run_dir, state.epoch + 1, state.batch, state.step)
-        engine.fit(cfg, parts, state, run_dir, sinks, stop)
+        engine.fit(cfg, parts, state, plan=plan, run_dir=run_dir, sinks=sinks, stop=stop, started=started)
     finally:
         stop.restore()
         for sink in sinks:
             sink.close()
     return run_dir
+
+
+def _resolve_recipe(cfg: Config, ctx: distributed.Context) -> tuple[Config, optim.LrRecipe | None, list[str]]:
+    """--lr_base auto / --warmup_epochs auto -> numbers from the recipe table, logged, and written
+    into the config (so config.yaml and the checkpoints hold the numbers the run used)."""
+    if cfg.lr_base is not None and cfg.warmup_epochs is not None:
+        return cfg, None, []
+    spec = arch.resolve(cfg.arch)
+    recipe = optim.lr_recipe(spec.family, cfg.pretrained or bool(cfg.pretrained_path), cfg.opt)
+    changes = {}
+    if cfg.lr_base is None:
+        per = cfg.lr_scale_batch or 256  # the recipe's rate is per 256 images; the scaling rule applies it
+        changes.update(lr_base=recipe.lr_per_256 * per / 256, lr_scale_batch=per)
+        global_batch = cfg.batch_size * cfg.accum_steps * ctx.world
+        log.info(
+            "learning rate %.3g for a global batch of %d (%.3g per %d images; recipe: %s; --lr_base to set it)",
+            changes["lr_base"] * global_batch / per,
+            global_batch,
+            changes["lr_base"],
+            per,
+            recipe.why,
+        )
+    if cfg.warmup_epochs is None:
+        changes["warmup_epochs"] = min(recipe.warmup_epochs, 0.1 * cfg.epochs)
+    return dataclasses.replace(cfg, **changes), recipe, list(changes)
+
+
+def _fit_warmup_to_plan(cfg: Config, plan: budget.Plan, recipe: optim.LrRecipe | None) -> Config:
+    """A warm-up from the recipe is at most a tenth of the run the time budget planned; one the user
+    gave must fit inside it."""
+    if not plan.budget_s:
+        return cfg
+    if recipe is not None and cfg.warmup_epochs > 0.1 * plan.epochs:
+        cfg = dataclasses.replace(cfg, warmup_epochs=round(min(recipe.warmup_epochs, 0.1 * plan.epochs), 4))
+    if cfg.warmup_epochs >= plan.epochs:
+        raise UserError(
+            f"--warmup_epochs {cfg.warmup_epochs:g} is as long as the {plan.epochs:.2f} epochs that fit "
+            f"--time_budget {cfg.time_budget:g}; shorten the warm-up or give more minutes"
+        )
+    return cfg
 
 
 def _prepare_data_once(cfg: Config, ctx: distributed.Context):
@@ -115,8 +209,9 @@ def _prepare_data_once(cfg: Config, ctx: distributed.Context):
     return data
 
 
-def _open_run_dir(cfg: Config, model, run_dir: Path | None) -> Path:
-    """A new run folder (or the resumed one), created only once data and model are known good."""
+def _open_run_dir(cfg: Config, model, run_dir: Path | None, resolved: dict) -> Path:
+    """A new run folder (or the resumed one), created only once data and model are known good.
+    config.yaml: the configuration (usable as --config), then what the auto settings became here."""
     new_run = run_dir is None
     run_dir = run_dir or make_run_dir(cfg.output_dir, cfg.arch)
     try:
@@ -126,23 +221,10 @@ def _open_run_dir(cfg: Config, model, run_dir: Path | None) -> Path:
             run_dir.rmdir()
         raise
     setup_logging(run_dir)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    text += f"# {RESOLVED_KEY}: what auto settings became on this machine (ignored when read back with --config)\n"
+    (run_dir / "config.yaml").write_text(text + yaml.safe_dump({RESOLVED_KEY: resolved}, sort_keys=False))
     return run_dir
-
-
-def print_catalogue(img_size: int, fmt: str) -> None:
-    rows = arch.catalogue(img_size)
-    if fmt == "csv":
-        print("name,family,params,gflops,drop_path")
-        for r in rows:
-            print(f"{r['name']},{r['family']},{r['params']},{r['gflops']},{str(r['drop_path']).lower()}")
-        return
-    print(f"{'name':<18}{'family':<14}{'params':>14}{f'GFLOPs@{img_size}':>14}  drop-path")
-    for r in rows:
-        print(
-            f"{r['name']:<18}{r['family']:<14}{r['params']:>14,}{r['gflops']:>14.3f}  {'yes' if r['drop_path'] else 'no'}"
-        )
-    print("any other timm model: --arch timm:NAME   (GFLOPs: torch's flop counter, a multiply-add = 2 FLOPs)")
 
 
 def cli() -> None:

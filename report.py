@@ -33,11 +33,17 @@ def load_run(run: Path) -> dict | None:
     cfg = yaml.safe_load(files[2].read_text())
     speeds = [float(r["images_per_second"]) for r in rows if r.get("images_per_second")]
     return {
-        "run": run.name, "arch": best.get("arch", cfg.get("arch")), "params": best.get("params"),
-        "gflops": best.get("gflops"), "epochs": best.get("epochs_run"), "val_top1": best.get("val_top1"),
-        "val_top5": best.get("val_top5"), "wall_time_s": best.get("wall_time_seconds"),
-        "images_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None, "_rows": rows,
-    }  # fmt: skip
+        "run": run.name,
+        "arch": best.get("arch", cfg.get("arch")),
+        "params": best.get("params"),
+        "gflops": best.get("gflops"),
+        "epochs": best.get("epochs_run"),
+        "val_top1": best.get("val_top1"),
+        "val_top5": best.get("val_top5"),
+        "wall_time_s": best.get("wall_time_seconds"),
+        "images_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
+        "_rows": rows,
+    }
 
 
 def _cell(value) -> str:
@@ -85,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run(path) if path.is_dir() else None
         (runs.append(run) if run else skipped.append(path.name))
     if not runs:
-        print(f"error: none of {len(args.runs)} folder(s) is a finished run (best_results.json, metrics.csv, "
-              "config.yaml)", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: none of {len(args.runs)} folder(s) is a finished run (best_results.json, metrics.csv, "
+            "config.yaml)",
+            file=sys.stderr,
+        )
         return 1
     report = write_report(runs, Path(args.output_dir), skipped)
     print(report.read_text())

@@ -27,10 +27,6 @@ from utils import UserError, atomic_save
 
 log = logging.getLogger("tin")
 
-# Settings that may change when resuming (where things run, not what is computed).
-RESUME_MAY_CHANGE = {"workers", "device", "wandb", "wandb_project", "data_dir", "cache_dir", "no_cache", "resume",
-                     "output_dir", "pretrained", "pretrained_path", "max_params", "list_archs", "format", "no_analysis"}  # fmt: skip
-
 
 @dataclass
 class TrainState:
@@ -42,6 +38,9 @@ class TrainState:
     bad_epochs: int = 0  # epochs since the best (early stopping)
     history: list[dict] = field(default_factory=list)  # one metrics row per finished epoch
     wandb_id: str | None = None
+    elapsed_s: float = 0.0  # the run's wall-clock seconds so far, across resumes (the time budget's clock)
+    finished: bool = False  # the plan ran out, or early stopping / the time budget ended it
+    epoch_lr: float | None = None  # the unfinished epoch's starting learning rate (its metrics row reports it)
 
 
 # --------------------------------------------------------------------------- random states
@@ -52,8 +51,8 @@ def rng_state() -> dict[str, Any]:
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's own device only: resumable on any GPU count
     return state
 
 
@@ -63,13 +62,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, gauss_np = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_np))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, list):  # saved by an older version: one state per visible GPU; ours is the current one
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 # --------------------------------------------------------------------------- checkpoints
-def make_checkpoint(parts, cfg_dict: dict, state: TrainState) -> dict[str, Any]:
-    """`parts`: main.Parts (model, optimizer, scheduler, scaler, ema, loaders)."""
+def make_checkpoint(parts, cfg_dict: dict, state: TrainState, plan) -> dict[str, Any]:
+    """`parts`: train.Parts (model, optimizer, scheduler, scaler, ema, loaders, runtime); `plan`:
+    budget.Plan (how many updates the run makes)."""
     last = state.history[-1] if state.history and state.batch == 0 else {}
     return {
         "state_dict": parts.model.state_dict(),
@@ -85,6 +89,11 @@ def make_checkpoint(parts, cfg_dict: dict, state: TrainState) -> dict[str, Any]:
         "bad_epochs": state.bad_epochs,
         "history": state.history,
         "wandb_id": state.wandb_id,
+        "elapsed_s": state.elapsed_s,
+        "finished": state.finished,
+        "epoch_lr": state.epoch_lr,
+        "plan": plan.to_dict(),
+        "runtime": parts.runtime.to_dict(),
         "rng": rng_state(),
         "rng_all": distributed.gather(rng_state()),  # every process's, for an exact multi-process resume
         "top1": last.get("val_top1"),
@@ -102,10 +111,22 @@ def restore(parts, ckpt: dict[str, Any]) -> TrainState:
     parts.scaler.load_state_dict(ckpt["scaler"])
     if parts.ema is not None and ckpt.get("ema") is not None:
         parts.ema.load_state_dict(ckpt["ema"])
+    history = list(ckpt["history"])
+    meters = ckpt["meters"]
     return TrainState(
-        epoch=ckpt["epoch"], step=ckpt["step"], batch=ckpt["batch"], meters=ckpt["meters"], best=ckpt["best"],
-        bad_epochs=ckpt["bad_epochs"], history=list(ckpt["history"]), wandb_id=ckpt["wandb_id"],
-    )  # fmt: skip
+        epoch=ckpt["epoch"],
+        step=ckpt["step"],
+        batch=ckpt["batch"],
+        meters=meters,
+        best=ckpt["best"],
+        bad_epochs=ckpt["bad_epochs"],
+        history=history,
+        wandb_id=ckpt["wandb_id"],
+        # older checkpoints: the run's time was the last row's, the epoch's lr lived in its meters
+        elapsed_s=ckpt.get("elapsed_s", history[-1]["wall_seconds"] if history else 0.0),
+        finished=ckpt.get("finished", False),
+        epoch_lr=ckpt.get("epoch_lr", (meters or {}).get("lr")),
+    )
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -118,11 +139,15 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def check_compatible(saved: dict[str, Any], cfg_dict: dict[str, Any], path: Path) -> None:
-    """A resumed run is the same run: refuse settings that would change what is computed."""
+    """A resumed run is the same run: refuse settings that would change what is computed (those
+    not declared `resume=True` in config.Config)."""
+    from config import may_change_on_resume, upgrade_saved
+
+    free, saved = may_change_on_resume(), upgrade_saved(saved)
     diffs = [
         f"--{k} {cfg_dict[k]!r} (the run has {saved[k]!r})"
         for k in cfg_dict
-        if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != cfg_dict[k]
+        if k not in free and k in saved and saved[k] != cfg_dict[k]
     ]
     if diffs:
         raise UserError(

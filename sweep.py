@@ -25,8 +25,18 @@ import yaml
 from config import load_yaml_defaults
 from utils import UserError
 
-COLUMNS = ["name", "status", "arch", "params", "epochs_run", "best_epoch", "val_top1", "val_top5", "wall_time_seconds",
-           "run_dir"]  # fmt: skip
+COLUMNS = [
+    "name",
+    "status",
+    "arch",
+    "params",
+    "epochs_run",
+    "best_epoch",
+    "val_top1",
+    "val_top5",
+    "wall_time_seconds",
+    "run_dir",
+]
 
 
 def parse_sets(pairs: list[str]) -> dict:
@@ -60,8 +70,12 @@ def run_one(name: str, cfg_path: Path, sweep_dir: Path, threads: int) -> dict:
     # Runs side by side share the cores: more threads than cores makes every run slower.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     with open(sweep_dir / f"{name}.log", "w") as log:
-        code = subprocess.call([sys.executable, str(Path(__file__).with_name("main.py")), "--config", str(cfg_path)],
-                               stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        code = subprocess.call(
+            [sys.executable, str(Path(__file__).with_name("main.py")), "--config", str(cfg_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     row = {"name": name, "status": "ok" if code == 0 else f"failed (exit {code}, see {name}.log)"}
     runs = sorted((sweep_dir / name).glob("*/best_results.json"))
     if runs:

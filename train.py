@@ -1,192 +1,219 @@
-"""Training: optimizer and schedule factories (timm's), and ``train_one_epoch(...) -> dict``.
+"""Training: the parts of a run and ``train_one_epoch(parts, spec, ...) -> dict`` (optimizers,
+schedules and the learning-rate recipes: optim.py).
 
 One code path whether AMP is on or off (a disabled autocast and grad scaler are no-ops);
 exactly one optimizer step per update (``accum_steps`` batches); the LR schedule advances per
-update. An epoch can stop early at an update boundary (Ctrl-C) and later resume at that batch.
+update. The host reads from the device only every ``spec.sync_every`` updates (progress bar,
+finiteness of the loss, the stop flag under torchrun), so on a GPU the next batch is loaded and
+augmented while the current one computes. An epoch can stop at an update boundary (Ctrl-C, the
+time budget) and later resume at that batch.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from timm.loss import SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler, StepLRScheduler
 from tqdm import tqdm
 
-from transforms import BatchAugment, Normalize, StrengthMixer, soft_targets
+import distributed
+from transforms import Normalize, StrengthMixer, soft_targets
 from utils import topk_correct
 
 
-def build_optimizer(model: torch.nn.Module, opt: str, lr: float, weight_decay: float, momentum: float = 0.9,
-                    nesterov: bool = False) -> torch.optim.Optimizer:  # fmt: skip
-    """timm's factory: weight decay is not applied to norm layers and biases."""
-    if opt == "sgd":  # timm: 'momentum' = SGD with momentum, 'nesterov' = with Nesterov momentum
-        return create_optimizer_v2(model, "nesterov" if nesterov else "momentum", lr=lr, weight_decay=weight_decay,
-                                   momentum=momentum)  # fmt: skip
-    return create_optimizer_v2(model, opt, lr=lr, weight_decay=weight_decay)
+# --------------------------------------------------------------------------- the parts of a run
+@dataclass
+class Parts:
+    """What the epochs need, built once by engine.build_parts."""
+
+    model: torch.nn.Module  # the module whose weights are saved
+    net: torch.nn.Module  # what is called: `model`, its DDP wrapper, or torch.compile of that
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    ema: Any  # timm ModelEmaV3 or None
+    mixer: StrengthMixer | None
+    normalize: Normalize
+    loaders: Any  # batch_manager.Loaders
+    runtime: Any  # hardware.Runtime: device, autocast dtype, memory format
+    ctx: distributed.Context = field(default_factory=distributed.Context)
+    params: int = 0
+    gflops: float = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return self.runtime.amp_dtype
+
+    def autocast(self):
+        dtype = self.amp_dtype
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer,
-    sched: str,
-    epochs: int,
-    updates_per_epoch: int,
-    warmup_epochs: float = 0.0,
-    min_lr: float = 0.0,
-    step_size: float = 30.0,
-    gamma: float = 0.1,
-    milestones: list[float] | None = None,
-):
-    """timm scheduler counted in optimizer updates (call ``step_update(n)``); the warm-up is linear
-    from lr/1000 and comes before the schedule proper."""
-    warmup = int(round(warmup_epochs * updates_per_epoch))
-    lr = optimizer.param_groups[0]["lr"]
-    common = {"warmup_t": warmup, "warmup_lr_init": lr * 1e-3, "warmup_prefix": True, "t_in_epochs": False}
-    if sched == "cosine":
-        return CosineLRScheduler(
-            optimizer, t_initial=max(epochs * updates_per_epoch - warmup, 1), lr_min=min_lr, **common
-        )
-    if sched == "step":
-        return StepLRScheduler(optimizer, decay_t=step_size * updates_per_epoch, decay_rate=gamma, **common)
-    if sched == "multistep":
-        # timm decays once t + 1 reaches a milestone; +1 makes the decay start exactly at epoch m
-        steps = [int(round(m * updates_per_epoch)) - warmup + 1 for m in milestones or []]
-        return MultiStepLRScheduler(optimizer, decay_t=steps, decay_rate=gamma, **common)
-    if sched == "linear":  # to min_lr in a straight line (timm's poly schedule, power 1)
-        return PolyLRScheduler(
-            optimizer, t_initial=max(epochs * updates_per_epoch - warmup, 1), power=1.0, lr_min=min_lr, **common
-        )
-    if sched == "none":
-        return StepLRScheduler(optimizer, decay_t=float("inf"), decay_rate=1.0, **common)
-    raise ValueError(f"unknown schedule {sched!r}")
+@dataclass(frozen=True)
+class StepSpec:
+    """How an update is made, beyond the parts."""
+
+    num_classes: int
+    label_smoothing: float = 0.0
+    accum_steps: int = 1
+    grad_clip: float = 0.0
+    sync_every: int = 25  # updates between host reads of the device (bar, finiteness, torchrun stop flag)
 
 
 class EpochMeters:
-    """Running sums of one epoch; saved in mid-epoch checkpoints so a resumed epoch reports the
-    same numbers as an uninterrupted one."""
+    """Running sums of one epoch, kept on the device (summing never waits for the GPU). `state` reads
+    them (a host sync) for checkpoints, so a resumed epoch reports what an uninterrupted one does."""
 
-    def __init__(self, state: dict | None = None) -> None:
-        self.state = dict(state or {"loss": 0.0, "top1": 0.0, "top5": 0.0, "n": 0})
+    def __init__(self, state: dict | None = None, device: torch.device | str = "cpu") -> None:
+        s = state or {"loss": 0.0, "top1": 0.0, "top5": 0.0, "n": 0}
+        self.sums = torch.tensor([s["loss"], s["top1"], s["top5"]], dtype=torch.float64, device=device)
+        self.n = int(s["n"])
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first update with a non-finite loss
 
-    def update(self, loss: float, top1: int, top5: int, n: int) -> None:
-        s = self.state
-        s["loss"] += loss * n
-        s["top1"] += top1
-        s["top5"] += top5
-        s["n"] += n
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, update: int) -> None:
+        n = labels.shape[0]
+        self.sums += torch.cat([(loss.detach().double() * n).view(1), topk_correct(logits.detach(), labels).double()])
+        self.n += n
+        bad = ~torch.isfinite(loss.detach()) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, update, self.first_bad)
+
+    @property
+    def state(self) -> dict:
+        loss, top1, top5 = self.sums.tolist()
+        return {"loss": loss, "top1": top1, "top5": top5, "n": self.n}
 
     def averages(self) -> dict[str, float]:
-        n = max(self.state["n"], 1)
-        s = self.state
+        s, n = self.state, max(self.n, 1)
         return {"train_loss": s["loss"] / n, "train_top1": 100.0 * s["top1"] / n, "train_top5": 100.0 * s["top5"] / n}
 
+    def check_finite(self, optimizer: torch.optim.Optimizer) -> None:
+        """Raise at the first non-finite loss of the epoch so far (a host sync)."""
+        bad = int(self.first_bad)
+        if bad >= 0:
+            raise FloatingPointError(
+                f"the training loss became non-finite at update {bad} (lr {optimizer.param_groups[0]['lr']:.3g}); the "
+                "last checkpoint is intact. Lower --lr_base, or add --grad_clip 1.0 or --warmup_epochs 2"
+            )
 
+
+# --------------------------------------------------------------------------- the epoch
 def train_one_epoch(
-    model: torch.nn.Module,
-    loader: torch.utils.data.DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    normalize: Normalize,
-    mixer: StrengthMixer | None,
-    num_classes: int,
-    label_smoothing: float,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    step: int = 0,
+    p: Parts,
+    spec: StepSpec,
     *,
-    scaler: torch.amp.GradScaler | None = None,
-    accum_steps: int = 1,
-    grad_clip: float = 0.0,
-    ema: torch.nn.Module | None = None,
-    channels_last: bool = False,
-    start_batch: int = 0,
-    end_batch: int | None = None,
+    step: int,
+    start_batch: int,
+    end_batch: int,
     meters: EpochMeters | None = None,
-    augment: BatchAugment | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
+    should_stop: Callable[[int], bool] | None = None,
     desc: str = "train",
 ) -> dict[str, Any]:
-    """Train on batches [start_batch, end_batch) of `loader` (whose sampler already skips the
-    first start_batch batches). `step` counts optimizer updates so far (for the schedule).
-    `augment` (--aug_backend torch) augments each uint8 batch on the device, keyed by batch index.
+    """Train on batches [start_batch, end_batch) of p.loaders.train (whose sampler already skips
+    the first start_batch). `step` counts optimizer updates so far (the schedule's clock).
+    `should_stop(step)` is asked after every update; True ends the epoch there (interrupted).
 
     Returns train loss and top-1/top-5 (against the unmixed labels, in %), images/s, seconds, the
-    fraction of the time spent waiting for the next batch (data_wait_fraction),
-    the update count `steps`, the batch reached `batch`, `meters` and `interrupted` (stopped
-    early by `should_stop`, checked after each update)."""
-    model.train()
+    fraction of the time spent waiting for the next batch (data_wait_fraction), the update count
+    `steps`, the batch reached `batch`, the running sums `meters` and `interrupted`."""
+    p.net.train()
     loss_fn = SoftTargetCrossEntropy()
-    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
-    meters = meters or EpochMeters()
-    end_batch = end_batch if end_batch is not None else start_batch + len(loader)
-    seen, start, b, interrupted = 0, time.perf_counter(), start_batch, False
-    waited, ready = 0.0, time.perf_counter()  # time blocked on the loader: the data-wait fraction
+    meters = meters or EpochMeters(device=p.device)
     bar = tqdm(total=end_batch - start_batch, desc=desc, leave=False, dynamic_ncols=True, disable=None)
-    optimizer.zero_grad(set_to_none=True)
-    for b, (images, labels) in enumerate(loader, start=start_batch):
-        waited += time.perf_counter() - ready
+    start = ready = time.perf_counter()
+    waited, b, interrupted = 0.0, start_batch, False
+    p.optimizer.zero_grad(set_to_none=True)
+    for b, (images, labels) in enumerate(p.loaders.train, start=start_batch):
+        waited += time.perf_counter() - ready  # time blocked on the loader
         if b >= end_batch:
             b -= 1
             break
-        images = images.to(device, non_blocking=True)
-        images = normalize(augment(images, b) if augment is not None else images)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device, non_blocking=True)
-        inputs, targets = soft_targets(images, labels, mixer, num_classes, label_smoothing)
-        group_start = b - b % accum_steps
-        group_size = min(accum_steps, end_batch - group_start)  # the epoch's last group may be short
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(inputs)
+        inputs, targets, labels = _device_batch(p, spec, images, labels, b)
+        group = b - b % spec.accum_steps  # first batch of this update's group; the epoch's last may be short
+        group_size = min(spec.accum_steps, end_batch - group)
+        updates = b + 1 - group == group_size
+        with p.autocast(), _no_sync(p.net, not updates):
+            logits = p.net(inputs)
             loss = loss_fn(logits.float(), targets)
-        if not torch.isfinite(loss):
-            lr = optimizer.param_groups[0]["lr"]
-            raise FloatingPointError(
-                f"the training loss became {loss.item()} at update {step} (lr {lr:.3g}); the last checkpoint is "
-                "intact. Lower --lr_base, or add --grad_clip 1.0 or --warmup_epochs 2"
-            )
-        scaler.scale(loss / group_size).backward()
-        if b + 1 - group_start == group_size:
-            step = _update(model, optimizer, scheduler, scaler, grad_clip, ema, step)
-        n = labels.shape[0]
-        seen += n
-        top1, top5 = topk_correct(logits.detach(), labels, (1, 5))
-        meters.update(loss.item(), top1, top5, n)
-        bar.update(1)
-        if not bar.disable:  # no formatting work per step when the bar is hidden (logs, CI, torchrun)
-            avg = meters.averages()
-            bar.set_postfix(loss=f"{avg['train_loss']:.3f}", top1=f"{avg['train_top1']:.1f}",
-                            lr=f"{optimizer.param_groups[0]['lr']:.2e}", ips=f"{seen / (time.perf_counter() - start):.0f}")  # fmt: skip
-        if b + 1 - group_start == group_size and b + 1 < end_batch and should_stop():
-            interrupted = True
-            break
+        p.scaler.scale(loss / group_size).backward()
+        meters.add(loss, logits, labels, step)
+        if updates:
+            step = _update(p, spec, step)
+            if step % spec.sync_every == 0:
+                _host_sync(meters, p.optimizer, bar, b + 1 - start_batch, start)
+            if b + 1 < end_batch and should_stop is not None and should_stop(step):
+                interrupted = True
+                break
         ready = time.perf_counter()
+    _host_sync(meters, p.optimizer, bar, b + 1 - start_batch, start)  # nothing non-finite is returned as trained
     bar.close()
-    seconds = time.perf_counter() - start
-    return {**meters.averages(), "images_per_second": seen / max(seconds, 1e-9), "train_seconds": seconds,
-            "data_wait_fraction": waited / max(seconds, 1e-9),
-            "steps": step, "batch": b + 1, "meters": meters.state, "interrupted": interrupted}  # fmt: skip
+    seconds, seen = time.perf_counter() - start, (b + 1 - start_batch) * p.loaders.train.batch_size
+    return {
+        **meters.averages(),
+        "images_per_second": seen / max(seconds, 1e-9),
+        "train_seconds": seconds,
+        "data_wait_fraction": waited / max(seconds, 1e-9),
+        "steps": step,
+        "batch": b + 1,
+        "meters": meters.state,
+        "interrupted": interrupted,
+    }
 
 
-def _update(model, optimizer, scheduler, scaler, grad_clip: float, ema, step: int) -> int:
+def _device_batch(p: Parts, spec: StepSpec, images, labels, b: int):
+    """uint8 batch -> augmented (batch backend), normalised, channels-last, mixed inputs on the
+    device, their soft targets (B, num_classes), and the unmixed labels."""
+    images = images.to(p.device, non_blocking=True)
+    labels = labels.to(p.device, non_blocking=True)
+    augment = p.loaders.augment
+    images = p.normalize(augment(images, b) if augment is not None else images)
+    if p.runtime.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    inputs, targets = soft_targets(images, labels, p.mixer, spec.num_classes, spec.label_smoothing)
+    return inputs, targets, labels
+
+
+def _update(p: Parts, spec: StepSpec, step: int) -> int:
     """One optimizer update: unscale, clip, step, schedule, EMA. Returns the new update count."""
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    if spec.grad_clip > 0:
+        p.scaler.unscale_(p.optimizer)
+        torch.nn.utils.clip_grad_norm_(p.model.parameters(), spec.grad_clip)
+    p.scaler.step(p.optimizer)
+    p.scaler.update()
+    p.optimizer.zero_grad(set_to_none=True)
     step += 1
-    scheduler.step_update(num_updates=step)
-    if ema is not None:
-        ema.update(model, step=step)
+    p.scheduler.step_update(num_updates=step)
+    if p.ema is not None:
+        p.ema.update(p.model, step=step)
     return step
 
 
-def updates_per_epoch(batches: int, accum_steps: int) -> int:
-    return math.ceil(batches / accum_steps)
+def _no_sync(net: torch.nn.Module, skip: bool):
+    """DDP: don't all-reduce gradients on the micro-batches before the last of an update."""
+    inner = getattr(net, "_orig_mod", net)  # torch.compile wrapper
+    if skip and isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+        return inner.no_sync()
+    return contextlib.nullcontext()
+
+
+def _host_sync(meters: EpochMeters, optimizer, bar, done: int, start: float) -> None:
+    """The only place the loop waits for the device: finiteness, then the progress bar (`done`
+    batches since `start`)."""
+    meters.check_finite(optimizer)
+    if not bar.disable:  # no formatting work when the bar is hidden (logs, CI, torchrun ranks > 0)
+        avg = meters.averages()
+        bar.update(done - bar.n)
+        bar.set_postfix(
+            loss=f"{avg['train_loss']:.3f}",
+            top1=f"{avg['train_top1']:.1f}",
+            lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+            batches_per_s=f"{done / max(time.perf_counter() - start, 1e-9):.1f}",
+        )

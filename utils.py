@@ -6,9 +6,11 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import pickletools
 import random
 import sys
 import tempfile
+import zipfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,9 @@ import numpy as np
 import torch
 
 log = logging.getLogger("tin")
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+DEFAULT_WANDB_PROJECT = "tiny-imagenet-200"
 
 
 class UserError(ValueError):
@@ -28,57 +33,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.backends.cudnn.deterministic = True  # the seed project's reproducibility choice
-        torch.backends.cudnn.benchmark = False
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(name)
-
-
-def amp_dtype(device: torch.device, enabled: bool, name: str = "bf16") -> torch.dtype | None:
-    """The autocast dtype (bf16, or fp16 with a grad scaler), or None for fp32."""
-    if not enabled:
-        return None
-    if name == "fp16":
-        if device.type != "cuda":
-            log.warning("--amp_dtype fp16 needs a CUDA GPU; using bf16 on %s", device.type)
-            return torch.bfloat16
-        return torch.float16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        log.warning("--amp: this GPU has no bf16; using fp16 with a gradient scaler")
-        return torch.float16
-    return torch.bfloat16
-
-
-# --------------------------------------------------------------------------- metrics
-class AverageMeter:
-    """Weighted running mean (weights = batch sizes)."""
-
-    def __init__(self) -> None:
-        self.sum = 0.0
-        self.count = 0
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.sum += float(value) * n
-        self.count += n
-
-    @property
-    def avg(self) -> float:
-        return self.sum / max(self.count, 1)
-
-
-def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
-    """Number of rows of logits (B, C) whose true class is among the k highest, for each k."""
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """How many rows of logits (B, C) have their true class among the k highest, for each k: a
+    (len(ks),) long tensor on the logits' device (no host synchronisation)."""
     maxk = min(max(ks), logits.shape[1])
-    top = logits.topk(maxk, dim=1).indices  # (B, maxk)
-    hits = top.eq(target.view(-1, 1))
-    return [int(hits[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
+    hits = logits.topk(maxk, dim=1).indices.eq(target.view(-1, 1))  # (B, maxk)
+    return torch.stack([hits[:, : min(k, maxk)].any(dim=1).sum() for k in ks])
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -105,7 +67,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {p} does not exist; pass a RUN_FOLDER/best.pth.tar file")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated file, pickle of foreign objects, not a torch file
+    except Exception as exc:  # pickled objects refused by the weights-only loader, truncated file, not a torch file
+        if _holds_code(p, exc):
+            raise UserError(
+                f"checkpoint {p} holds objects other than tensors and plain data (pickled code); it was refused "
+                "unloaded, for safety. Load only checkpoints written by this toolkit or from a source you trust"
+            ) from None
         raise UserError(
             f"checkpoint {p} could not be read ({type(exc).__name__}); is it a complete .pth.tar?"
         ) from None
@@ -113,6 +80,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if missing:
         raise UserError(f"checkpoint {p} lacks {sorted(missing)}; it was not written by this toolkit's main.py")
     return ckpt
+
+
+_CODE_OPS = {"GLOBAL", "STACK_GLOBAL", "REDUCE", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX"}
+
+
+def _holds_code(path: Path, exc: Exception) -> bool:
+    """Did the weights-only loader refuse `path` because it names functions or classes to call?
+    (a raw pickle is scanned opcode by opcode without running anything; a torch zip says so itself)"""
+    if "Unsupported global" in str(exc):
+        return True
+    if zipfile.is_zipfile(path):
+        return False
+    try:
+        with open(path, "rb") as fh:
+            return any(op.name in _CODE_OPS for op, _, _ in pickletools.genops(fh))
+    except Exception:  # noqa: BLE001 - not a pickle at all: garbage or truncated
+        return False
 
 
 # --------------------------------------------------------------------------- run folder and logging
@@ -140,17 +124,38 @@ def make_run_dir(output_dir: str | Path, arch: str) -> Path:
     raise UserError(f"could not create a new run folder in {root}")
 
 
+class _Early(logging.Handler):
+    """Keeps the lines logged before the run folder exists (device, data, model, plan), so that
+    log.txt starts with them too."""
+
+    def __init__(self, capacity: int = 2000) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.capacity = capacity
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < self.capacity:
+            self.records.append(record)
+
+
 def setup_logging(run_dir: Path | None = None, level: int = logging.INFO) -> list[logging.Handler]:
-    """Console (stdout) and, when given, run_dir/log.txt get the same lines."""
+    """Console (stdout) and, once given, run_dir/log.txt get the same lines; the lines logged
+    before run_dir was given are written into log.txt first."""
     log.setLevel(level)
     log.propagate = False
+    early = next((h for h in log.handlers if isinstance(h, _Early)), None)
     for h in list(log.handlers):
         log.removeHandler(h)
         h.close()
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if run_dir is not None:
-        handlers.append(logging.FileHandler(run_dir / "log.txt"))
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if run_dir is None:
+        handlers.append(_Early())
+    else:
+        handlers.append(logging.FileHandler(run_dir / "log.txt"))
+        for record in early.records if early is not None else []:
+            handlers[-1].setFormatter(fmt)
+            handlers[-1].handle(record)
     for h in handlers:
         h.setFormatter(fmt)
         log.addHandler(h)
@@ -159,20 +164,40 @@ def setup_logging(run_dir: Path | None = None, level: int = logging.INFO) -> lis
 
 # --------------------------------------------------------------------------- metric sinks
 class CsvSink:
-    """metrics.csv: one row per epoch, flushed every row. Created from `rows` (a resumed run's
-    history), so rows of an epoch that was being written when the run died are never duplicated."""
+    """metrics.csv: one row per epoch; every key any row has is a column (those in `order` first, in
+    that order, then the rest as they appear; a new key rewrites the file with the new header);
+    flushed every row. Created from `rows` (a resumed run's history), so rows of an epoch that was
+    being written when the run died are never duplicated, and an older run's rows fit the header."""
 
-    def __init__(self, path: Path, columns: list[str], rows: list[dict] | None = None) -> None:
-        self.path, self.columns = path, columns
-        tmp = path.with_suffix(".csv.tmp")
+    def __init__(self, path: Path, order: list[str] | None = None, rows: list[dict] | None = None) -> None:
+        self.path, self.order, self.rows = path, list(order or []), [dict(r) for r in rows or []]
+        self.columns: list[str] = []
+        self._seen: list[str] = []
+        for row in self.rows:
+            self._note_keys(row)
+        self._rewrite()
+
+    def _note_keys(self, row: dict) -> bool:
+        """Record `row`'s keys; True when the header changes."""
+        self._seen += [k for k in row if k not in self._seen]
+        rank = {k: (self.order.index(k) if k in self.order else len(self.order) + i) for i, k in enumerate(self._seen)}
+        columns = sorted(self._seen, key=rank.__getitem__)
+        changed, self.columns = columns != self.columns, columns
+        return changed
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(columns)
-            for row in rows or []:
-                writer.writerow([_fmt(row.get(c, "")) for c in columns])
-        tmp.replace(path)
+            writer.writerow(self.columns)
+            writer.writerows([_fmt(row.get(c, "")) for c in self.columns] for row in self.rows)
+        tmp.replace(self.path)
 
     def log(self, row: dict[str, float]) -> None:
+        self.rows.append(dict(row))
+        if self._note_keys(row):
+            self._rewrite()
+            return
         with open(self.path, "a", newline="") as fh:
             csv.writer(fh).writerow([_fmt(row.get(c, "")) for c in self.columns])
 
@@ -195,7 +220,7 @@ class WandbSink:
         self._wandb = wandb
         mode = resolve_wandb_mode(mode)
         self.run = wandb.init(
-            project=project,
+            project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_WANDB_PROJECT,  # WANDB_ENTITY: read by wandb
             name=run_dir.name,
             dir=str(run_dir),
             mode=mode,

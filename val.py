@@ -39,7 +39,8 @@ def _logits(model, x: torch.Tensor, tta: bool) -> torch.Tensor:
     return probs.clamp_min(1e-12).log()
 
 
-def _batches(model, loader, normalize, device, amp_dtype, desc, tta: bool = False):
+def batches(model, loader, normalize, device, amp_dtype, desc, tta: bool = False):
+    """(logits, labels) of each batch of `loader`, in eval mode, without gradients."""
     model.eval()
     with torch.inference_mode():
         for images, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
@@ -55,24 +56,27 @@ def evaluate(model, loader, normalize: Normalize, device, amp_dtype=None, tta: b
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros(2, dtype=torch.long, device=device)
     count = 0
-    for logits, labels in _batches(model, loader, normalize, device, amp_dtype, "val", tta):
+    for logits, labels in batches(model, loader, normalize, device, amp_dtype, "val", tta):
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top.eq(labels.view(-1, 1))
         correct += torch.stack([hits[:, :1].any(1).sum(), hits.any(1).sum()])
         count += labels.shape[0]
     # Under torchrun each process saw its own shard: add the sums up (no image counted twice).
-    sums = distributed.all_reduce_(torch.cat([loss_sum.view(1), correct.double(), torch.tensor([count], device=device,
-                                                                                               dtype=torch.float64)]))  # fmt: skip
+    sums = distributed.all_reduce_(
+        torch.cat([loss_sum.view(1), correct.double(), torch.tensor([count], device=device, dtype=torch.float64)])
+    )
     count = max(float(sums[3]), 1.0)
-    return {"val_loss": float(sums[0]) / count, "val_top1": 100.0 * float(sums[1]) / count,
-            "val_top5": 100.0 * float(sums[2]) / count}  # fmt: skip
+    return {
+        "val_loss": float(sums[0]) / count,
+        "val_top1": 100.0 * float(sums[1]) / count,
+        "val_top5": 100.0 * float(sums[2]) / count,
+    }
 
 
 def predict(model, loader, normalize: Normalize, device, amp_dtype=None, tta: bool = False) -> list[int]:
     """Predicted class index for every image of `loader`, in loader order."""
-    batches = _batches(model, loader, normalize, device, amp_dtype, "test", tta)
-    preds = [logits.argmax(1).cpu() for logits, _ in batches]
+    preds = [logits.argmax(1).cpu() for logits, _ in batches(model, loader, normalize, device, amp_dtype, "test", tta)]
     return torch.cat(preds).tolist() if preds else []
 
 
@@ -128,8 +132,11 @@ def metrics_from_probs(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, f
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
     top = probs.topk(min(5, probs.shape[1]), dim=1).indices
     hits = top.eq(labels.view(-1, 1))
-    return {"val_loss": loss, "val_top1": 100.0 * hits[:, 0].float().mean().item(),
-            "val_top5": 100.0 * hits.any(1).float().mean().item()}  # fmt: skip
+    return {
+        "val_loss": loss,
+        "val_top1": 100.0 * hits[:, 0].float().mean().item(),
+        "val_top5": 100.0 * hits.any(1).float().mean().item(),
+    }
 
 
 def per_class_accuracy(preds: torch.Tensor, labels: torch.Tensor, classes: list[str], names: dict[str, str]):
@@ -178,8 +185,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--output_dir", default=None, help="where to write the outputs (default: beside the first checkpoint)"
     )
     p.add_argument("--tta", choices=("none", "flip"), default="none", help="test-time augmentation")
-    p.add_argument("--ensemble", choices=("mean", "max_conf"), default="mean",
-                   help="mean of probabilities, or each image takes the most confident model's label")  # fmt: skip
+    p.add_argument(
+        "--ensemble",
+        choices=("mean", "max_conf"),
+        default="mean",
+        help="mean of probabilities, or each image takes the most confident model's label",
+    )
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--workers", type=int, default=None, help="loader processes (default: as in training)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -188,7 +199,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _load_models(args, device):
     import arch
-    from config import Config
+    from config import from_saved
     from utils import load_checkpoint
 
     models = []
@@ -196,7 +207,7 @@ def _load_models(args, device):
         ckpt = load_checkpoint(path)
         overrides = {"data_dir": args.data_dir} if args.data_dir else {}
         overrides.update({"workers": args.workers} if args.workers is not None else {})
-        cfg = Config(**{**ckpt["config"], **overrides, "trainval": False, "resume": ""})
+        cfg = from_saved(ckpt["config"], **overrides, trainval=False, resume="")
         if ckpt["config"].get("trainval"):
             log.warning("%s was trained on train + val: its val metrics are not a fair estimate", path)
         if models and list(ckpt["classes"]) != models[0][2]:
@@ -209,12 +220,12 @@ def _load_models(args, device):
 
 def run(argv: list[str] | None = None) -> dict[str, float]:
     import batch_manager
-    from utils import amp_dtype as pick_amp
-    from utils import resolve_device, setup_logging
+    import hardware
+    from utils import setup_logging
 
     args = _parse(argv)
     setup_logging()
-    device = resolve_device(args.device)
+    device = hardware.resolve_device(args.device)
     models = _load_models(args, device)
     cfg0, classes = models[0][1], models[0][2]
     data = batch_manager.prepare_data(**cfg0.data_kwargs())
@@ -227,7 +238,7 @@ def run(argv: list[str] | None = None) -> dict[str, float]:
     val_probs, test_probs, labels = [], [], None
     for model, cfg, _ in models:  # each model at its own resolution, from the same decoded data
         val_loader, test_loader = batch_manager.eval_loaders(data, cfg.img_size, args.batch_size, cfg.workers)
-        dtype, tta = pick_amp(device, cfg.amp, cfg.amp_dtype), args.tta == "flip"
+        dtype, tta = hardware.decide_runtime(device, cfg.amp, cfg.amp_dtype).amp_dtype, args.tta == "flip"
         out = infer(model, val_loader, normalize, device, dtype, tta=tta)
         val_probs.append(out["logits"].softmax(1))
         labels = out["labels"]
@@ -246,8 +257,14 @@ def run(argv: list[str] | None = None) -> dict[str, float]:
         where = str(write_predictions(data.test.ids, preds, data.classes, out_dir / "test_preds.csv"))
     log.info(
         "%d model(s), tta %s, ensemble %s | val loss %.4f  top-1 %.2f%%  top-5 %.2f%% | test predictions: %s",
-        len(models), args.tta, args.ensemble, metrics["val_loss"], metrics["val_top1"], metrics["val_top5"], where,
-    )  # fmt: skip
+        len(models),
+        args.tta,
+        args.ensemble,
+        metrics["val_loss"],
+        metrics["val_top1"],
+        metrics["val_top5"],
+        where,
+    )
     return metrics
 
 

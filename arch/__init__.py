@@ -185,8 +185,13 @@ def load_matching(model: torch.nn.Module, path: str) -> None:
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(usable, strict=False)
     skipped = sorted(set(own) - set(usable))
-    log.info("loaded %d tensors from %s; %d kept their initialisation: %s", len(usable), path, len(skipped),
-             ", ".join(skipped[:6]))  # fmt: skip
+    log.info(
+        "loaded %d tensors from %s; %d kept their initialisation: %s",
+        len(usable),
+        path,
+        len(skipped),
+        ", ".join(skipped[:6]),
+    )
 
 
 def model_stats(model: torch.nn.Module, img_size: int) -> tuple[int, float]:
@@ -208,6 +213,28 @@ def catalogue(img_size: int = 64, num_classes: int = 200) -> list[dict]:
     rows = []
     for spec in REGISTRY.values():
         params, gflops = model_stats(build_model(spec.name, num_classes, img_size), img_size)
-        rows.append({"name": spec.name, "family": spec.family, "params": params, "gflops": round(gflops, 3),
-                     "drop_path": "drop_path_rate" in spec.knobs})  # fmt: skip
+        rows.append(
+            {
+                "name": spec.name,
+                "family": spec.family,
+                "params": params,
+                "gflops": round(gflops, 3),
+                "drop_path": "drop_path_rate" in spec.knobs,
+            }
+        )
     return rows
+
+
+def print_catalogue(img_size: int, fmt: str) -> None:
+    """`main.py --list_archs`: the catalogue as a table or CSV."""
+    rows = catalogue(img_size)
+    if fmt == "csv":
+        print("name,family,params,gflops,drop_path")
+        for r in rows:
+            print(f"{r['name']},{r['family']},{r['params']},{r['gflops']},{str(r['drop_path']).lower()}")
+        return
+    print(f"{'name':<18}{'family':<14}{'params':>14}{f'GFLOPs@{img_size}':>14}  drop-path")
+    for r in rows:
+        drop_path = "yes" if r["drop_path"] else "no"
+        print(f"{r['name']:<18}{r['family']:<14}{r['params']:>14,}{r['gflops']:>14.3f}  {drop_path}")
+    print("any other timm model: --arch timm:NAME   (GFLOPs: torch's flop counter, a multiply-add = 2 FLOPs)")

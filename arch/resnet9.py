@@ -37,10 +37,15 @@ class ResNet9(nn.Module):
         w = [width, 2 * width, 4 * width, 8 * width]
         self.features = nn.Sequential(
             _cbr(3, w[0], k=2, stride=2),  # 64 -> 32: a 2x2 patch stem
-            _cbr(w[0], w[1]), nn.MaxPool2d(2), _Residual(w[1]),  # 16
-            _cbr(w[1], w[2]), nn.MaxPool2d(2),  # 8
-            _cbr(w[2], w[3]), nn.MaxPool2d(2), _Residual(w[3]),  # 4
-        )  # fmt: skip
+            _cbr(w[0], w[1]),
+            nn.MaxPool2d(2),
+            _Residual(w[1]),  # 16
+            _cbr(w[1], w[2]),
+            nn.MaxPool2d(2),  # 8
+            _cbr(w[2], w[3]),
+            nn.MaxPool2d(2),
+            _Residual(w[3]),  # 4
+        )
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(drop_rate), nn.Linear(w[3], num_classes)
         )

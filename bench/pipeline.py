@@ -120,7 +120,9 @@ def main() -> None:
     rows = []
     normalize = transforms.Normalize()
     for workers in (0, args.workers):
-        dataset = batch_manager.AugmentedDataset(cached, batch_manager._train_pipeline, seed=0, size=args.img_size)
+        dataset = batch_manager.AugmentedDataset(
+            cached, batch_manager._Pipelines(transforms.RECIPE), seed=0, size=args.img_size
+        )
         loader = batch_manager._loader(dataset, args.batch_size, workers, False, shuffle=True, drop_last=False)
         raw = batch_manager.AugmentedDataset(cached, None, seed=0, size=64 if args.dataset == "tiny-imagenet" else 0)
         raw_loader = batch_manager._loader(raw, args.batch_size, workers, False, shuffle=True, drop_last=False)
@@ -145,7 +147,7 @@ def main() -> None:
                 "seed_style_all": seed_ips,
                 "ours_all": ours_ips,
                 "torch_all": torch_ips,
-            }  # fmt: skip
+            }
         )
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}"
@@ -161,8 +163,9 @@ def main() -> None:
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "machine": machine, "cache_seconds": cache_seconds, "rows": rows},
-                              indent=2))  # fmt: skip
+    out.write_text(
+        json.dumps({"args": vars(args), "machine": machine, "cache_seconds": cache_seconds, "rows": rows}, indent=2)
+    )
     print(f"\nwritten: {out}")
 
 

@@ -20,6 +20,7 @@ range over the repetitions) and the trainer's data-wait fraction; writes JSON
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -34,14 +35,12 @@ from timm.loss import SoftTargetCrossEntropy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import arch  # noqa: E402
-import batch_manager  # noqa: E402
 import distributed  # noqa: E402
 import engine  # noqa: E402
+import main as toolkit  # noqa: E402  (main.py; this file has its own main)
 import transforms  # noqa: E402
 from config import parse_config  # noqa: E402
 from run_state import TrainState  # noqa: E402
-from utils import resolve_device, seed_everything  # noqa: E402
 
 
 def bench_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -62,28 +61,22 @@ def bench_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def build(cfg):
-    """Data, loaders, model and trainer parts exactly as main.py builds them."""
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
-    data = batch_manager.prepare_data(**cfg.data_kwargs())
-    loaders = batch_manager.build_loaders(data, cfg.img_size, cfg.batch_size, cfg.workers, cfg.seed,
-                                          pin_memory=device.type == "cuda", aug_backend=cfg.aug_backend)  # fmt: skip
-    model = arch.build_model(cfg.arch, len(data.classes), cfg.img_size, cfg.drop_rate, cfg.attn_drop_rate,
-                             cfg.drop_path_rate).to(device)  # fmt: skip
-    return engine.build_parts(cfg, model, loaders, device, distributed.Context()), device
+    """Data, loaders, model and trainer parts exactly as main.py builds them (main.build)."""
+    built = toolkit.build(cfg, distributed.Context())
+    return built.cfg, built.parts
 
 
-def resident_batch(p, cfg, device):
+def resident_batch(p, cfg):
     """One training batch, augmented and normalised, kept on the device (the bare loop's input)."""
     images, labels = next(iter(p.loaders.train))
-    images = images.to(device)
+    images = images.to(p.device)
     if p.loaders.augment is not None:
         images = p.loaders.augment(images, 0)
     images = p.normalize(images)
-    if cfg.channels_last:
+    if p.runtime.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     n = len(p.loaders.data.classes)
-    targets = transforms.soft_targets(images, labels.to(device), None, n, cfg.label_smoothing)[1]
+    targets = transforms.soft_targets(images, labels.to(p.device), None, n, cfg.label_smoothing)[1]
     return images, targets
 
 
@@ -94,7 +87,7 @@ def bare_steps(p, images, targets, steps: int) -> float:
     _sync(p.device)
     start = time.perf_counter()
     for _ in range(steps):
-        with torch.autocast(p.device.type, dtype=p.amp_dtype or torch.float32, enabled=p.amp_dtype is not None):
+        with p.autocast():
             loss = loss_fn(p.net(images).float(), targets)
         loss.backward()
         p.optimizer.step()
@@ -105,9 +98,10 @@ def bare_steps(p, images, targets, steps: int) -> float:
 
 def trainer_steps(p, cfg, epoch: int) -> tuple[float, float]:
     """(images/s, data-wait fraction) of engine.train_epoch over cfg.steps_per_epoch updates."""
+    plan = engine.base_plan(cfg, p.loaders)
     _sync(p.device)
     start = time.perf_counter()
-    tr = engine.train_epoch(cfg, p, TrainState(step=0), epoch)
+    tr = engine.train_epoch(cfg, p, engine.step_spec(cfg, p), TrainState(step=0), plan=plan, epoch=epoch)
     _sync(p.device)
     images = tr["batch"] * cfg.batch_size
     return images / (time.perf_counter() - start), tr["data_wait_fraction"]
@@ -129,8 +123,12 @@ def main(argv: list[str] | None = None) -> dict:
     fixed = ["--min_img_size", "0"]  # every timed epoch at --img_size, like the resident batch
     warm_cfg = parse_config(base + rest + fixed + ["--steps_per_epoch", str(args.warmup)])
     cfg = parse_config(base + rest + fixed + ["--steps_per_epoch", str(args.steps)])
-    p, device = build(cfg)
-    images, targets = resident_batch(p, cfg, device)
+    cfg, p = build(cfg)
+    warm_cfg = dataclasses.replace(
+        warm_cfg, lr_base=cfg.lr_base, warmup_epochs=cfg.warmup_epochs, lr_scale_batch=cfg.lr_scale_batch
+    )
+    device = p.device
+    images, targets = resident_batch(p, cfg)
 
     bare_steps(p, images, targets, args.warmup)
     trainer_steps(p, warm_cfg, 0)  # also starts the persistent workers
@@ -142,24 +140,45 @@ def main(argv: list[str] | None = None) -> dict:
         wait.append(w)
     ratios = [t / b for t, b in zip(trainer, bare, strict=True)]
     result = {
-        "arch": cfg.arch, "batch_size": cfg.batch_size, "img_size": cfg.img_size, "device": str(device),
+        "arch": cfg.arch,
+        "batch_size": cfg.batch_size,
+        "img_size": cfg.img_size,
+        "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(), "amp": str(p.amp_dtype), "channels_last": cfg.channels_last,
-        "compile": cfg.compile, "aug_backend": cfg.aug_backend, "workers": cfg.workers, "strength": args.strength,
-        "bare_ips": statistics.median(bare), "trainer_ips": statistics.median(trainer),
-        "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-        "data_wait_median": statistics.median(wait), "bare_all": bare, "trainer_all": trainer, "ratios": ratios,
-        "data_wait_all": wait, "steps": args.steps, "reps": args.reps, "warmup": args.warmup,
+        "threads": torch.get_num_threads(),
+        "amp": p.runtime.precision,
+        "channels_last": p.runtime.channels_last,
+        "compile": cfg.compile,
+        "aug_backend": cfg.aug_backend,
+        "workers": cfg.workers,
+        "strength": args.strength,
+        "bare_ips": statistics.median(bare),
+        "trainer_ips": statistics.median(trainer),
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "data_wait_median": statistics.median(wait),
+        "bare_all": bare,
+        "trainer_all": trainer,
+        "ratios": ratios,
+        "data_wait_all": wait,
+        "steps": args.steps,
+        "reps": args.reps,
+        "warmup": args.warmup,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-    }  # fmt: skip
+    }
     r = result
-    print(f"\n{r['arch']}, batch {r['batch_size']}, {r['img_size']}x{r['img_size']}, {r['device']} "
-          f"({r['device_name']}, {r['threads']} threads), autocast {r['amp']}, channels_last {r['channels_last']}, "
-          f"aug {r['aug_backend']} at s={r['strength']}, {r['workers']} workers; {r['reps']} x {r['steps']} updates\n")  # fmt: skip
+    print(
+        f"\n{r['arch']}, batch {r['batch_size']}, {r['img_size']}x{r['img_size']}, {r['device']} "
+        f"({r['device_name']}, {r['threads']} threads), autocast {r['amp']}, channels_last {r['channels_last']}, "
+        f"aug {r['aug_backend']} at s={r['strength']}, {r['workers']} workers; {r['reps']} x {r['steps']} updates\n"
+    )
     print("| bare img/s | trainer img/s | trainer / bare (median, range) | data wait |")
     print("|---|---|---|---|")
-    print(f"| {r['bare_ips']:,.0f} | {r['trainer_ips']:,.0f} | {r['ratio_median']:.3f} "
-          f"({r['ratio_min']:.3f}-{r['ratio_max']:.3f}) | {100 * r['data_wait_median']:.1f} % |")  # fmt: skip
+    print(
+        f"| {r['bare_ips']:,.0f} | {r['trainer_ips']:,.0f} | {r['ratio_median']:.3f} "
+        f"({r['ratio_min']:.3f}-{r['ratio_max']:.3f}) | {100 * r['data_wait_median']:.1f} % |"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

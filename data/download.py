@@ -43,7 +43,7 @@ CIFAR = {  # name: (url, md5, folder inside the archive, files it must hold)
         "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
         "cifar-100-python", ["meta", "train", "test"],
     ),
-}  # fmt: skip
+}
 OFFICIAL_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 OFFICIAL_SIZE = 248_100_043
 OFFICIAL_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"

@@ -52,8 +52,34 @@ def tiny_data(tmp_path_factory) -> Path:
     return make_layout(tmp_path_factory.mktemp("data") / "tiny-imagenet-200")
 
 
-FAST_RUN = ["--arch", "resnet18", "--img_size", "32", "--batch_size", "8", "--workers", "0", "--no_analysis",
-            "--lr_base", "2e-3", "--drop_rate", "0", "--drop_path_rate", "0", "--attn_drop_rate", "0"]  # fmt: skip
+# metrics.csv columns that measure time, not what was computed: left out when runs are compared
+TIMING = ("epoch_seconds", "train_seconds", "wall_seconds", "images_per_second", "data_wait_fraction")
+
+# fp32 and the plain memory format, pinned: the tests check training behaviour, not this machine's
+# precision default (bf16 would be emulated, 10x slower, on a CPU without native bf16).
+PINNED = ["--no-amp", "--no-channels_last"]
+FAST_RUN = [
+    "--arch",
+    "resnet18",
+    "--img_size",
+    "32",
+    "--batch_size",
+    "8",
+    "--workers",
+    "0",
+    "--no_analysis",
+    "--lr_base",
+    "2e-3",
+    "--warmup_epochs",
+    "0",
+    "--drop_rate",
+    "0",
+    "--drop_path_rate",
+    "0",
+    "--attn_drop_rate",
+    "0",
+    *PINNED,
+]
 
 
 @pytest.fixture(scope="session")
@@ -62,8 +88,22 @@ def trained_run(tiny_data, tmp_path_factory) -> Path:
     import main
 
     out = tmp_path_factory.mktemp("checkpoints")
-    return main.main([*FAST_RUN, "--data_dir", str(tiny_data), "--output_dir", str(out), "--epochs", "2",
-                      "--wandb", "offline"])  # fmt: skip
+    return main.main(
+        [*FAST_RUN, "--data_dir", str(tiny_data), "--output_dir", str(out), "--epochs", "2", "--wandb", "offline"]
+    )
+
+
+@pytest.fixture
+def tin_log(caplog):
+    """caplog for the toolkit's own logger (which does not propagate once main.py set it up)."""
+    import logging
+
+    logger = logging.getLogger("tin")
+    old = logger.propagate
+    logger.propagate = True
+    caplog.set_level(logging.INFO, logger="tin")
+    yield caplog
+    logger.propagate = old
 
 
 def loaders_for(root, batch_size=8, workers=0, seed=0, img_size=64, kind="tiny-imagenet", **prepare):

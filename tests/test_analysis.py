@@ -26,8 +26,19 @@ def _rows(path):
 def analysed_run(tiny_data, tmp_path_factory):
     """A real run with the end-of-run analysis on (FAST_RUN turns it off)."""
     args = [a for a in FAST_RUN if a != "--no_analysis"]
-    return main.main([*args, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path_factory.mktemp("ana")),
-                      "--epochs", "2", "--wandb", "disabled"])  # fmt: skip
+    return main.main(
+        [
+            *args,
+            "--data_dir",
+            str(tiny_data),
+            "--output_dir",
+            str(tmp_path_factory.mktemp("ana")),
+            "--epochs",
+            "2",
+            "--wandb",
+            "disabled",
+        ]
+    )
 
 
 def _png(path, min_side=300):
@@ -53,19 +64,34 @@ def test_end_of_run_analysis_writes_every_output(analysed_run):
 
 
 def test_analyze_cli_on_a_run_and_on_a_dataset(trained_run, tiny_data, tmp_path):
-    proc = subprocess.run([sys.executable, "analyze.py", "run", str(trained_run), "--output_dir", str(tmp_path / "a")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "analyze.py", "run", str(trained_run), "--output_dir", str(tmp_path / "a")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     _png(tmp_path / "a" / "confusion_matrix.png")
-    proc = subprocess.run([sys.executable, "analyze.py", "dataset", "--data_dir", str(tiny_data), "--output_dir",
-                           str(tmp_path / "d")], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "analyze.py", "dataset", "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "d")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ("size_distribution_histograms.png", "split_image_counts.png", "class_balance.png", "sample_grid.png"):
         _png(tmp_path / "d" / name, min_side=250)
     summary = json.loads((tmp_path / "d" / "dataset_summary.json").read_text())
     assert summary["images"] == {"train": 64, "val": 20, "test": 9} and summary["grayscale"]["train"] > 0
-    proc = subprocess.run([sys.executable, "analyze.py", "dataset", "--data_dir", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "analyze.py", "dataset", "--data_dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
 
@@ -88,15 +114,40 @@ def test_max_conf_takes_each_image_from_its_most_confident_model():
 
 
 def test_flip_tta_runs_and_ensembles_mix_archs_and_sizes(trained_run, tiny_data, tmp_path):
-    other = main.main(["--arch", "budget_cnn", "--img_size", "48", "--batch_size", "8", "--workers", "0", "--epochs",
-                       "1", "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "b"), "--wandb", "disabled",
-                       "--no_analysis"])  # fmt: skip
+    other = main.main(
+        [
+            "--arch",
+            "budget_cnn",
+            "--img_size",
+            "48",
+            "--batch_size",
+            "8",
+            "--workers",
+            "0",
+            "--epochs",
+            "1",
+            "--data_dir",
+            str(tiny_data),
+            "--output_dir",
+            str(tmp_path / "b"),
+            "--wandb",
+            "disabled",
+            "--no_analysis",
+        ]
+    )
     tta = val.run(
         ["--checkpoint", str(trained_run / "best.pth.tar"), "--tta", "flip", "--output_dir", str(tmp_path / "t")]
     )
     assert 0 <= tta["val_top1"] <= 100 and tta["val_loss"] > 0
-    mixed = val.run(["--checkpoint", str(trained_run / "best.pth.tar"), str(other / "best.pth.tar"), "--output_dir",
-                     str(tmp_path / "m")])  # fmt: skip
+    mixed = val.run(
+        [
+            "--checkpoint",
+            str(trained_run / "best.pth.tar"),
+            str(other / "best.pth.tar"),
+            "--output_dir",
+            str(tmp_path / "m"),
+        ]
+    )
     assert 0 <= mixed["val_top1"] <= 100 and len(_rows(tmp_path / "m" / "test_preds.csv")) == 9
 
 
@@ -106,16 +157,40 @@ def test_checkpoints_with_other_classes_are_not_ensembled(trained_run, tmp_path)
     (other / "train" / "n04000002").rename(other / "train" / "n09999999")
     ann = (other / "val" / "val_annotations.txt").read_text().replace("n04000002", "n09999999")
     (other / "val" / "val_annotations.txt").write_text(ann)
-    run = main.main([*FAST_RUN, "--data_dir", str(other), "--output_dir", str(tmp_path / "o"), "--epochs", "1",
-                     "--wandb", "disabled"])  # fmt: skip
+    run = main.main(
+        [
+            *FAST_RUN,
+            "--data_dir",
+            str(other),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--epochs",
+            "1",
+            "--wandb",
+            "disabled",
+        ]
+    )
     with pytest.raises(UserError, match="cannot ensemble"):
         val.run(["--checkpoint", str(trained_run / "best.pth.tar"), str(run / "best.pth.tar")])
 
 
 def test_report_compares_runs_and_skips_unfinished_folders(trained_run, analysed_run, tmp_path):
     (tmp_path / "half").mkdir()
-    proc = subprocess.run([sys.executable, "report.py", str(trained_run), str(analysed_run), str(tmp_path / "half"),
-                           "--output_dir", str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "report.py",
+            str(trained_run),
+            str(analysed_run),
+            str(tmp_path / "half"),
+            "--output_dir",
+            str(tmp_path / "r"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     report = (tmp_path / "r" / "report.md").read_text()
     assert report.count("| resnet18 |") == 2 and "Skipped (not finished runs): half" in report
@@ -126,7 +201,12 @@ def test_report_compares_runs_and_skips_unfinished_folders(trained_run, analysed
 
 def test_report_without_finished_runs_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    proc = subprocess.run([sys.executable, "report.py", str(tmp_path / "empty"), "--output_dir", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "report.py", str(tmp_path / "empty"), "--output_dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and proc.stderr.startswith("error: none of 1 folder(s) is a finished run")
     assert not (tmp_path / "report.md").exists()

@@ -74,8 +74,23 @@ def test_budget_model_is_under_one_million_and_the_budget_is_enforced(tiny_data,
     with pytest.raises(UserError, match="over --max_params 1,000,000"):
         main.main([*FAST_RUN, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--max_params", "1000000"])
     assert not any(tmp_path.iterdir())  # refused before a run folder exists
-    run = main.main([*FAST_RUN, "--arch", "budget_cnn", "--data_dir", str(tiny_data), "--output_dir", str(tmp_path),
-                     "--max_params", "1000000", "--epochs", "1", "--wandb", "disabled"])  # fmt: skip
+    run = main.main(
+        [
+            *FAST_RUN,
+            "--arch",
+            "budget_cnn",
+            "--data_dir",
+            str(tiny_data),
+            "--output_dir",
+            str(tmp_path),
+            "--max_params",
+            "1000000",
+            "--epochs",
+            "1",
+            "--wandb",
+            "disabled",
+        ]
+    )
     import json
 
     results = json.loads((run / "best_results.json").read_text())
@@ -133,8 +148,13 @@ def test_any_timm_model_by_name_and_unknown_names():
 
 
 def test_list_archs_csv_for_scripts():
-    proc = subprocess.run([sys.executable, "main.py", "--list_archs", "--format", "csv", "--img_size", "32"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "main.py", "--list_archs", "--format", "csv", "--img_size", "32"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0 and lines[0] == "name,family,params,gflops,drop_path"
     rows = {ln.split(",")[0]: ln.split(",") for ln in lines[1:]}

@@ -8,42 +8,97 @@ import os
 import subprocess
 import sys
 
+import torch
+
+import hardware
 from conftest import ROOT
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1"}
 
 
 def _bench(script, *args, timeout=300):
-    proc = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=ENV, timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
 def test_step_bench_compares_the_trainer_with_a_bare_loop(tiny_data, tmp_path):
     out = tmp_path / "step.json"
-    text = _bench("step.py", "--data_dir", str(tiny_data), "--arch", "resnet9_slim", "--img_size", "32",
-                  "--batch_size", "8", "--workers", "0", "--aug_backend", "torch", "--steps", "2", "--reps", "2",
-                  "--warmup", "1", "--out", str(out))  # fmt: skip
+    text = _bench(
+        "step.py",
+        "--data_dir",
+        str(tiny_data),
+        "--arch",
+        "resnet9_slim",
+        "--img_size",
+        "32",
+        "--batch_size",
+        "8",
+        "--workers",
+        "0",
+        "--aug_backend",
+        "torch",
+        "--steps",
+        "2",
+        "--reps",
+        "2",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+    )
     assert "| bare img/s | trainer img/s | trainer / bare" in text
     r = json.loads(out.read_text())
     assert r["bare_ips"] > 0 and r["trainer_ips"] > 0 and len(r["ratios"]) == 2 and 0 <= r["data_wait_median"] < 1
-    assert r["amp"] == "torch.bfloat16" and r["strength"] == 1.0  # main.py's defaults, full strength
+    default = hardware.decide_runtime(torch.device("cpu"))  # main.py's defaults on this machine, full strength
+    assert (r["amp"], r["channels_last"], r["strength"]) == (default.precision, default.channels_last, 1.0)
 
 
 def test_precision_bench_prints_one_row_per_arch(tmp_path):
     out = tmp_path / "precision.json"
-    text = _bench("precision.py", "--archs", "budget_cnn,resnet9_slim", "--variants", "fp32,bf16_cl",
-                  "--batch_size", "4", "--img_size", "32", "--steps", "1", "--reps", "1", "--warmup", "1",
-                  "--out", str(out))  # fmt: skip
-    assert "| arch | fp32 | bf16_cl |" in text and "| budget_cnn |" in text and "| resnet9_slim |" in text
-    assert len(json.loads(out.read_text())["rows"]) == 4
+    text = _bench(
+        "precision.py",
+        "--archs",
+        "budget_cnn,resnet9_slim",
+        "--variants",
+        "fp32,bf16_cl",
+        "--batch_size",
+        "4",
+        "--img_size",
+        "32",
+        "--steps",
+        "1",
+        "--reps",
+        "1",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+    )
+    assert "| arch | fp32 | bf16_cl | default" in text and "| budget_cnn |" in text and "| resnet9_slim |" in text
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == 4 and result["default"]["variant"] in ("fp32", "bf16_cl", "fp32_cl", "bf16")
 
 
 def test_pipeline_bench_compares_three_paths(tiny_data, tmp_path):
     out = tmp_path / "pipeline.json"
-    text = _bench("pipeline.py", "--data_dir", str(tiny_data), "--images", "32", "--batch_size", "8",
-                  "--workers", "1", "--reps", "1", "--out", str(out))  # fmt: skip
+    text = _bench(
+        "pipeline.py",
+        "--data_dir",
+        str(tiny_data),
+        "--images",
+        "32",
+        "--batch_size",
+        "8",
+        "--workers",
+        "1",
+        "--reps",
+        "1",
+        "--out",
+        str(out),
+    )
     assert "seed-style img/s" in text and "torch img/s" in text
     rows = json.loads(out.read_text())["rows"]
     assert [r["workers"] for r in rows] == [0, 1] and all(r["torch_ips"] > 0 for r in rows)

@@ -95,8 +95,11 @@ def _write_odd_files(root):
 def test_unusual_images_are_converted(fresh, use_cache):
     folder = _write_odd_files(fresh)
     data = bm.prepare_data("tiny-imagenet", fresh, 64, 0, use_cache=use_cache)
-    images = {data.train.ids[i]: data.train.image(i) for i in range(len(data.train)) if data.train.ids[i]
-              in ("cmyk.JPEG", "deep.png", "odd_size.JPEG", "gray.JPEG")}  # fmt: skip
+    images = {
+        data.train.ids[i]: data.train.image(i)
+        for i in range(len(data.train))
+        if data.train.ids[i] in ("cmyk.JPEG", "deep.png", "odd_size.JPEG", "gray.JPEG")
+    }
     assert len(images) == 4 and folder.is_dir()
     cmyk = images["cmyk.JPEG"].reshape(-1, 3).mean(0)
     assert cmyk[0] > 200 and cmyk[1] < 60  # cyan-free, magenta+yellow -> red

@@ -12,7 +12,8 @@ from utils import UserError
 
 def test_seed_flags_and_defaults():
     cfg = parse_config([])
-    assert (cfg.arch, cfg.lr_base, cfg.batch_size, cfg.epochs) == ("swin_tiny", 2e-5, 128, 100)
+    assert (cfg.arch, cfg.lr_base, cfg.batch_size, cfg.epochs) == ("swin_tiny", None, 128, 100)  # lr: auto
+    assert (cfg.amp, cfg.amp_dtype, cfg.channels_last, cfg.warmup_epochs) == ("auto", "auto", "auto", None)
     assert (cfg.drop_rate, cfg.attn_drop_rate, cfg.drop_path_rate) == (0.2, 0.1, 0.1)
     assert (cfg.data_dir, cfg.output_dir, cfg.img_size) == ("data/tiny-imagenet-200", "checkpoints", 64)
     assert (cfg.weight_decay, cfg.seed, cfg.device, cfg.aug_schedule) == (0.05, 42, "auto", "cosine")
@@ -21,15 +22,24 @@ def test_seed_flags_and_defaults():
 def test_seed_command_line_parses():
     cfg = parse_config("--arch resnet18 --batch_size 128 --lr_base 1e-3 --epochs 100".split())
     assert (cfg.arch, cfg.batch_size, cfg.lr_base, cfg.epochs) == ("resnet18", 128, 1e-3, 100)
-    assert parse_config(["--amp"]).amp and not parse_config(["--no-amp"]).amp
+    assert [parse_config(a).amp for a in ([], ["--amp"], ["--no-amp"], ["--amp", "auto"])] == [
+        "auto",
+        "on",
+        "off",
+        "auto",
+    ]
+    assert parse_config(["--no-channels_last"]).channels_last == "off"
+    assert parse_config(["--lr_base", "auto", "--warmup_epochs", "auto"]).lr_base is None
 
 
 def test_yaml_values_become_defaults_and_command_line_wins(tmp_path):
     preset = tmp_path / "p.yaml"
-    preset.write_text("arch: resnet34\nlr_base: 1e-3\nepochs: 7\namp: true\n")
+    preset.write_text("arch: resnet34\nlr_base: 1e-3\nepochs: 7\namp: true\nchannels_last: false\n")
     cfg = parse_config(["--config", str(preset), "--epochs", "3"])
-    assert (cfg.arch, cfg.lr_base, cfg.epochs, cfg.amp) == ("resnet34", 1e-3, 3, True)
+    assert (cfg.arch, cfg.lr_base, cfg.epochs, cfg.amp, cfg.channels_last) == ("resnet34", 1e-3, 3, "on", "off")
     assert isinstance(cfg.lr_base, float)
+    preset.write_text("lr_base: auto\nwarmup_epochs: null\n")
+    assert parse_config(["--config", str(preset)]).lr_base is None
 
 
 @pytest.mark.parametrize(
@@ -86,13 +96,28 @@ def test_config_is_frozen_and_plain():
     cfg = parse_config([])
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.arch = "x"  # type: ignore[misc]
-    assert all(isinstance(v, (int, float, str, bool)) for v in cfg.to_dict().values())
+    assert all(v is None or isinstance(v, (int, float, str, bool)) for v in cfg.to_dict().values())
     assert Config(**cfg.to_dict()) == cfg
 
 
 def test_a_run_saved_before_a_default_changed_resumes_with_its_old_behaviour():
     old = dataclasses.asdict(parse_config([]))
     del old["aug_backend"]  # saved before --aug_backend existed: it used albumentations
-    assert parse_config([], base=old).aug_backend == "albumentations"
+    old.update(amp=True, channels_last=True, amp_dtype="bf16", lr_base=2e-5)  # then: bools and a number
+    resumed = parse_config([], base=old)
+    assert (resumed.aug_backend, resumed.amp, resumed.channels_last, resumed.lr_base) == (
+        "albumentations",
+        "on",
+        "on",
+        2e-5,
+    )
     assert parse_config([], base={**old, "aug_backend": "torch"}).aug_backend == "torch"
     assert parse_config([]).aug_backend == "torch"
+
+
+def test_resume_may_change_is_declared_on_the_flags():
+    from config import may_change_on_resume
+
+    free = may_change_on_resume()
+    assert {"workers", "device", "data_dir", "amp", "channels_last", "wandb"} <= free
+    assert not {"arch", "lr_base", "epochs", "seed", "time_budget", "aug_backend"} & free

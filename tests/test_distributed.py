@@ -13,15 +13,39 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, TIMING
 
 # ViT-Tiny has no batch norm, and with mixing, augmentation and dropout off, 2 processes x 4 images
 # average exactly the gradients of 1 process x 8 images: only float summation order differs.
 # fp32 (--no-amp): the comparison is about the arithmetic, not bf16 rounding.
-RECIPE = ["--arch", "vit_tiny", "--img_size", "32", "--epochs", "2", "--workers", "0", "--lr_base", "1e-3",
-          "--mix_prob", "0", "--aug_schedule", "constant", "--aug_strength", "0", "--drop_rate", "0",
-          "--attn_drop_rate", "0", "--drop_path_rate", "0", "--wandb", "disabled", "--no_analysis",
-          "--no-amp"]  # fmt: skip
+RECIPE = [
+    "--arch",
+    "vit_tiny",
+    "--img_size",
+    "32",
+    "--epochs",
+    "2",
+    "--workers",
+    "0",
+    "--lr_base",
+    "1e-3",
+    "--mix_prob",
+    "0",
+    "--aug_schedule",
+    "constant",
+    "--aug_strength",
+    "0",
+    "--drop_rate",
+    "0",
+    "--attn_drop_rate",
+    "0",
+    "--drop_path_rate",
+    "0",
+    "--wandb",
+    "disabled",
+    "--no_analysis",
+    "--no-amp",
+]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -40,8 +64,14 @@ def _only_run(out):
 @pytest.fixture(scope="module")
 def ddp_run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    proc = subprocess.run([*TORCHRUN, "main.py", *RECIPE, "--batch_size", "4", "--data_dir", str(tiny_data),
-                           "--output_dir", str(out)], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [*TORCHRUN, "main.py", *RECIPE, "--batch_size", "4", "--data_dir", str(tiny_data), "--output_dir", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return _only_run(out), proc.stdout
 
@@ -55,9 +85,24 @@ def test_two_processes_write_one_run_folder(ddp_run, tiny_data):
 
 
 def test_matches_one_process_with_the_same_global_batch(ddp_run, tiny_data, tmp_path):
-    proc = subprocess.run([sys.executable, "main.py", *RECIPE, "--batch_size", "8", "--data_dir", str(tiny_data),
-                           "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, env=ENV,
-                          timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "main.py",
+            *RECIPE,
+            "--batch_size",
+            "8",
+            "--data_dir",
+            str(tiny_data),
+            "--output_dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     single, multi = _rows(_only_run(tmp_path)), _rows(ddp_run[0])
     for a, b in zip(single, multi, strict=True):
@@ -68,10 +113,20 @@ def test_matches_one_process_with_the_same_global_batch(ddp_run, tiny_data, tmp_
 
 
 def test_killed_two_process_run_resumes_exactly(ddp_run, tiny_data, tmp_path):
-    cmd = [*TORCHRUN, "main.py", *RECIPE, "--batch_size", "4", "--data_dir", str(tiny_data), "--output_dir",
-           str(tmp_path)]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    cmd = [
+        *TORCHRUN,
+        "main.py",
+        *RECIPE,
+        "--batch_size",
+        "4",
+        "--data_dir",
+        str(tiny_data),
+        "--output_dir",
+        str(tmp_path),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         runs = [p for p in tmp_path.iterdir() if p.is_dir()]
@@ -81,10 +136,11 @@ def test_killed_two_process_run_resumes_exactly(ddp_run, tiny_data, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, at once
     proc.wait(60)
     run = _only_run(tmp_path)
-    resumed = subprocess.run([*TORCHRUN, "main.py", "--resume", str(run)], cwd=ROOT, capture_output=True, text=True,
-                             env=ENV, timeout=600)  # fmt: skip
+    resumed = subprocess.run(
+        [*TORCHRUN, "main.py", "--resume", str(run)], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    drop = ("epoch_seconds", "images_per_second", "data_wait_fraction")
+    drop = TIMING
     clean = [{k: v for k, v in r.items() if k not in drop} for r in _rows(ddp_run[0])]
     assert [{k: v for k, v in r.items() if k not in drop} for r in _rows(run)] == clean
     a = torch.load(run / "last.pth.tar", weights_only=True)["state_dict"]

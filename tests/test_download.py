@@ -180,10 +180,18 @@ def test_split_tar_parts_in_order_and_incomplete_layout(tmp_path, tmp_path_facto
 
 def test_shell_entry_point_reports_errors(tmp_path):
     proc = subprocess.run(
-        ["sh", str(ROOT / "data" / "download_and_unzip.sh"), "--dest", str(tmp_path / "t"),
-         "--archive", str(tmp_path / "missing.zip")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            "sh",
+            str(ROOT / "data" / "download_and_unzip.sh"),
+            "--dest",
+            str(tmp_path / "t"),
+            "--archive",
+            str(tmp_path / "missing.zip"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1 and "error: archive" in proc.stderr and "Traceback" not in proc.stderr
 
 

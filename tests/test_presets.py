@@ -20,9 +20,33 @@ PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 def test_every_preset_runs_a_few_steps(preset, tiny_data, tmp_path):
     recipe = load_yaml_defaults(str(preset))
     # The recipe as written; only the data (the fixture), the length and the batch are shrunk.
-    run = main.main(["--config", str(preset), "--dataset", "tiny-imagenet", "--data_dir", str(tiny_data),
-                     "--output_dir", str(tmp_path), "--epochs", "1", "--warmup_epochs", "0", "--steps_per_epoch", "2",
-                     "--batch_size", "4", "--workers", "0", "--wandb", "disabled", "--patience", "0", "--no_analysis"])  # fmt: skip
+    run = main.main(
+        [
+            "--config",
+            str(preset),
+            "--dataset",
+            "tiny-imagenet",
+            "--data_dir",
+            str(tiny_data),
+            "--output_dir",
+            str(tmp_path),
+            "--epochs",
+            "1",
+            "--warmup_epochs",
+            "0",
+            "--steps_per_epoch",
+            "2",
+            "--batch_size",
+            "4",
+            "--workers",
+            "0",
+            "--wandb",
+            "disabled",
+            "--patience",
+            "0",
+            "--no_analysis",
+        ]
+    )
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert (run / "best.pth.tar").is_file()
     shrunk = {"dataset", "data_dir", "epochs", "warmup_epochs", "batch_size", "workers", "patience"}
@@ -35,11 +59,31 @@ def test_sweep_runs_in_parallel_with_overrides_and_tabulates(tiny_data, tmp_path
     second = tmp_path / "second.yaml"
     second.write_text("arch: budget_cnn\nimg_size: 32\nbatch_size: 8\nlr_base: 2.0e-3\n")
     proc = subprocess.run(
-        [sys.executable, "sweep.py", str(first), str(second), "--parallel", "2", "--sweep_dir", str(tmp_path / "sw"),
-         "--set", "epochs=2", "--set", "workers=0", "--set", "wandb=disabled", "--set", f"data_dir={tiny_data}",
-         "--set", "no_analysis=true"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "sweep.py",
+            str(first),
+            str(second),
+            "--parallel",
+            "2",
+            "--sweep_dir",
+            str(tmp_path / "sw"),
+            "--set",
+            "epochs=2",
+            "--set",
+            "workers=0",
+            "--set",
+            "wandb=disabled",
+            "--set",
+            f"data_dir={tiny_data}",
+            "--set",
+            "no_analysis=true",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "sw" / "summary.csv")))
     assert {r["name"]: r["arch"] for r in rows} == {"first": "resnet18", "second": "budget_cnn"}
@@ -55,10 +99,23 @@ def test_sweep_reports_failures(tiny_data, tmp_path):
     bad = tmp_path / "broken.yaml"
     bad.write_text("arch: resnet18\ndata_dir: /nonexistent/dataset\nepochs: 1\n")
     proc = subprocess.run(
-        [sys.executable, "sweep.py", str(bad), str(good), "--sweep_dir", str(tmp_path / "sw"), "--set", "wandb=disabled",
-         "--set", "no_analysis=true"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "sweep.py",
+            str(bad),
+            str(good),
+            "--sweep_dir",
+            str(tmp_path / "sw"),
+            "--set",
+            "wandb=disabled",
+            "--set",
+            "no_analysis=true",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "sw" / "summary.csv"))}
     assert proc.returncode == 1
     assert rows["broken"]["status"].startswith("failed") and rows["good"]["status"] == "ok"
@@ -66,12 +123,36 @@ def test_sweep_reports_failures(tiny_data, tmp_path):
 
 
 def test_sweep_rejects_bad_overrides_before_running(tmp_path):
-    proc = subprocess.run([sys.executable, "sweep.py", str(ROOT / "configs" / "demo.yaml"), "--set", "epochz=3",
-                           "--sweep_dir", str(tmp_path / "sw")], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "sweep.py",
+            str(ROOT / "configs" / "demo.yaml"),
+            "--set",
+            "epochz=3",
+            "--sweep_dir",
+            str(tmp_path / "sw"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "epochz" in proc.stderr and not list((tmp_path / "sw").glob("*.log"))
 
 
 def test_sweep_set_needs_key_equals_value(tmp_path):
-    proc = subprocess.run([sys.executable, "sweep.py", str(ROOT / "configs" / "demo.yaml"), "--set", "epochs",
-                           "--sweep_dir", str(tmp_path / "sw")], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "sweep.py",
+            str(ROOT / "configs" / "demo.yaml"),
+            "--set",
+            "epochs",
+            "--sweep_dir",
+            str(tmp_path / "sw"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "expected key=value" in proc.stderr

@@ -14,12 +14,35 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import PINNED, ROOT, TIMING
 
-TIMING = ("epoch_seconds", "images_per_second", "data_wait_fraction")
-RUN = ["--arch", "mobilenetv2_100", "--img_size", "32", "--batch_size", "8", "--workers", "0", "--epochs", "3",
-       "--lr_base", "2e-3", "--drop_rate", "0.1", "--drop_path_rate", "0.1", "--ema", "--ema_decay", "0.9",
-       "--aug_schedule", "linear", "--wandb", "disabled", "--no_analysis"]  # fmt: skip
+RUN = [
+    "--arch",
+    "mobilenetv2_100",
+    "--img_size",
+    "32",
+    "--batch_size",
+    "8",
+    "--workers",
+    "0",
+    "--epochs",
+    "3",
+    "--lr_base",
+    "2e-3",
+    "--drop_rate",
+    "0.1",
+    "--drop_path_rate",
+    "0.1",
+    "--ema",
+    "--ema_decay",
+    "0.9",
+    "--aug_schedule",
+    "linear",
+    "--wandb",
+    "disabled",
+    "--no_analysis",
+    *PINNED,
+]
 
 
 def _start(args, out):

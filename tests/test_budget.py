@@ -1,0 +1,230 @@
+"""--time_budget: the plan's arithmetic, a budgeted run planning and stopping at its budget under a
+controlled clock (no test here depends on how fast this machine is), and exact resume of a
+budgeted run killed with SIGKILL."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import budget
+import engine
+import main
+import optim
+import train
+from conftest import FAST_RUN, PINNED, ROOT, TIMING
+from test_resume import _same_weights, _wait_until
+
+# the fixture: 64 train images, batch 8 -> 8 updates per epoch
+COSTS = budget.Costs(update_s={16: 0.5, 24: 0.75, 32: 1.0}, epoch_end_s=2.0, test_s=1.0)
+
+
+def test_predicted_time_follows_the_sizes_and_the_epoch_ends():
+    def size_at(e, epochs):
+        return 32
+
+    assert budget.predicted_seconds(16, 8, COSTS, size_at, test_every_epoch=False) == 2 * (8 + 2) + 1
+    assert budget.predicted_seconds(12, 8, COSTS, size_at, test_every_epoch=True) == (8 + 2 + 1) + (4 + 2 + 1)
+    grow = budget.size_schedule(32, 16, 0.5)
+    assert budget.predicted_seconds(16, 8, COSTS, grow, False) == (8 * 0.5 + 2) + (8 * 1.0 + 2) + 1
+
+
+def test_the_plan_is_the_most_updates_that_fit():
+    def size_at(e, epochs):
+        return 32
+
+    updates, predicted = budget.plan_updates(59.1, 8, 160, COSTS, size_at, test_every_epoch=True)
+    assert (updates, predicted) == (41, 5 * 11 + 1 + 2 + 1)  # 5 epochs of 11 s, then 1 update, an evaluation, a test
+    assert budget.plan_updates(1e6, 8, 160, COSTS, size_at, True)[0] == 160  # --epochs caps it
+    assert budget.plan_updates(2.0, 8, 160, COSTS, size_at, True)[0] == 0
+    plan = budget.Plan(41, 8, 8)
+    assert plan.n_epochs == 6 and plan.epochs == pytest.approx(5.125)
+    assert [plan.end_batch(e) for e in range(6)] == [8, 8, 8, 8, 8, 1]
+    assert budget.Plan(10, 4, 8, accum_steps=2).end_batch(2) == 4  # 2 updates left = 4 batches
+
+
+def test_schedules_stretch_to_a_fractional_run():
+    from transforms import strength_at, train_size_at
+
+    assert strength_at(5, 5.125, "linear") == pytest.approx(5 / 5.125)
+    assert train_size_at(2, 5.125, 64, 32, until=0.8) == 48
+    model = torch.nn.Linear(2, 2)
+    opt = optim.build_optimizer(model, "sgd", 1.0, 0.0)
+    sched = optim.build_scheduler(opt, "linear", 41, 8)
+    sched.step_update(num_updates=41)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # the decay ends where the plan ends
+
+
+class MachineClock:
+    """A controlled clock: an update takes `update_s` seconds, an evaluation `eval_s`."""
+
+    def __init__(self, update_s: float, eval_s: float) -> None:
+        self.now, self.update_s, self.eval_s = 0.0, update_s, eval_s
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    def make(update_s: float, eval_s: float = 2.0) -> MachineClock:
+        clock = MachineClock(update_s, eval_s)
+        monkeypatch.setattr(budget, "clock", clock)
+        monkeypatch.setattr(budget, "measure_costs", lambda *a, **k: COSTS)
+        real_update, real_evaluate = train._update, engine._evaluate
+
+        def update(*args, **kwargs):
+            clock.now += clock.update_s
+            return real_update(*args, **kwargs)
+
+        def evaluate(*args, **kwargs):
+            clock.now += clock.eval_s
+            return real_evaluate(*args, **kwargs)
+
+        monkeypatch.setattr(train, "_update", update)
+        monkeypatch.setattr(engine, "_evaluate", evaluate)
+        return clock
+
+    return make
+
+
+def _budgeted(tiny_data, tmp_path, minutes="1", *extra):
+    return main.main(
+        [
+            *FAST_RUN,
+            "--data_dir",
+            str(tiny_data),
+            "--output_dir",
+            str(tmp_path),
+            "--epochs",
+            "20",
+            "--time_budget",
+            minutes,
+            "--wandb",
+            "disabled",
+            *extra,
+        ]
+    )
+
+
+def _rows(run):
+    with open(run / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_a_budgeted_run_plans_from_its_measurements_and_ends_within_the_budget(tiny_data, tmp_path, machine):
+    clock = machine(update_s=1.0)  # the machine is as fast as it measured
+    run = _budgeted(tiny_data, tmp_path)
+    results = json.loads((run / "best_results.json").read_text())
+    assert (results["planned_updates"], results["planned_epochs"], results["updates"]) == (41, 5.125, 41)
+    rows = _rows(run)
+    assert len(rows) == 6 and float(rows[-1]["wall_seconds"]) <= 60 and clock.now <= 60
+    assert float(rows[-1]["aug_strength"]) == pytest.approx(1 - math.cos(math.pi / 2 * 5 / 5.125))  # the plan's length
+    assert (run / "best_test_preds.csv").is_file()
+    saved = torch.load(run / "last.pth.tar", weights_only=True)
+    assert saved["plan"]["updates"] == 41 and saved["finished"]
+    assert "plan: 41 updates = 5.12 epochs" in (run / "log.txt").read_text()
+
+
+def test_a_machine_slower_than_it_measured_still_ends_on_time(tiny_data, tmp_path, machine):
+    clock = machine(update_s=1.5)  # 50 % slower than measured: the plan does not fit
+    run = _budgeted(tiny_data, tmp_path)
+    results = json.loads((run / "best_results.json").read_text())
+    assert results["updates"] < results["planned_updates"] == 41
+    assert clock.now <= 60 and float(_rows(run)[-1]["wall_seconds"]) <= 60
+    assert (run / "best_test_preds.csv").is_file() and torch.load(run / "last.pth.tar", weights_only=True)["finished"]
+    assert "--time_budget: training stopped at update" in (run / "log.txt").read_text()
+    main.main(["--resume", str(run)])  # a finished run resumes to nothing more
+    assert json.loads((run / "best_results.json").read_text())["updates"] == results["updates"]
+
+
+def test_too_short_a_budget_is_a_clear_error(tiny_data, tmp_path, machine):
+    machine(update_s=1.0)
+    with pytest.raises(main.UserError, match="--time_budget 0.01 min leaves no time to train"):
+        _budgeted(tiny_data, tmp_path, "0.01")
+
+
+def test_a_warmup_longer_than_the_planned_run_is_refused(tiny_data, tmp_path, machine):
+    machine(update_s=1.0)
+    with pytest.raises(main.UserError, match="--warmup_epochs 8 is as long as the 5.12 epochs"):
+        _budgeted(tiny_data, tmp_path, "1", "--warmup_epochs", "8")
+
+
+# ---------------------------------------------------------------------------- SIGKILL and resume
+BUDGET_RUN = [
+    "--arch",
+    "resnet9_slim",
+    "--img_size",
+    "32",
+    "--batch_size",
+    "8",
+    "--workers",
+    "0",
+    "--epochs",
+    "5",
+    "--lr_base",
+    "0.05",
+    "--opt",
+    "sgd",
+    "--sched",
+    "linear",
+    "--time_budget",
+    "2",
+    "--wandb",
+    "disabled",
+    "--no_analysis",
+    "--aug_schedule",
+    "linear",
+    *PINNED,
+]
+
+
+def _start(args, out):
+    return subprocess.Popen(
+        [sys.executable, "tests/budget_run.py", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+    )
+
+
+def _only_run(folder):
+    runs = [p for p in folder.glob("*_resnet9_slim") if p.is_dir()]
+    return runs[0] if runs else None
+
+
+def test_sigkilled_budgeted_run_resumes_to_identical_weights(tiny_data, tmp_path):
+    args = [*BUDGET_RUN, "--data_dir", str(tiny_data)]
+    ref_out, out = tmp_path / "reference", tmp_path / "killed"
+    with open(tmp_path / "ref.log", "w") as log:
+        assert _start([*args, "--output_dir", str(ref_out)], log).wait(300) == 0, (tmp_path / "ref.log").read_text()
+    reference = _only_run(ref_out)
+    plan = torch.load(reference / "last.pth.tar", weights_only=True)["plan"]
+    assert plan["updates"] == 23 and plan["updates"] % plan["updates_per_epoch"]  # 2.875 epochs, fixed costs
+
+    def mid_epoch_2() -> bool:
+        run = _only_run(out)
+        done = run is not None and (run / "metrics.csv").is_file() and len(_rows(run)) >= 1
+        return done and (time.sleep(0.3) or True)
+
+    with open(tmp_path / "log", "w") as log:
+        proc = _start([*args, "--output_dir", str(out)], log)
+        reached = _wait_until(mid_epoch_2, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+    assert reached, (tmp_path / "log").read_text()[-2000:]
+    run = _only_run(out)
+    with open(tmp_path / "resume.log", "w") as log:
+        assert _start(["--resume", str(run)], log).wait(300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+    assert strip(_rows(run)) == strip(_rows(reference)) and len(_rows(run)) == 3
+    assert _same_weights(run / "last.pth.tar", reference / "last.pth.tar")
+    assert torch.load(run / "last.pth.tar", weights_only=True)["plan"] == plan
