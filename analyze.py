@@ -299,9 +299,7 @@ def analyze_dataset(kind: str, data_dir: str | Path, output_dir: str | Path) -> 
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    from utils import setup_logging
-
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
     r = sub.add_parser("run", help="analyse a trained run folder")
@@ -314,7 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--data_dir", default="data/tiny-imagenet-200")
     d.add_argument("--dataset", default="tiny-imagenet")
     d.add_argument("--output_dir", default="analysis")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from utils import setup_logging
+
+    args = build_parser().parse_args(argv)
     setup_logging()
     try:
         if args.what == "run":

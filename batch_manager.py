@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 import decode_cache
@@ -157,7 +159,7 @@ def collate(batch):
     return default_collate(batch)
 
 
-# --------------------------------------------------------------------------- loaders
+# --------------------------------------------------------------------------- samplers
 class ResumableSampler(DistributedSampler):
     """torch's epoch-seeded shuffling (the sampler DDP needs), able to start an epoch mid-way:
     after set_epoch(epoch, skip=k) it yields the same order minus its first k indices."""
@@ -183,11 +185,94 @@ def _worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+# --------------------------------------------------------------------------- data on the device
+def resident_bytes(data: DataSplits) -> int | None:
+    """Bytes the decoded splits take as uint8 arrays; None when a split is not cached as an array
+    (--no_cache), so it cannot live on the device."""
+    splits = [s for s in (data.train, data.val, data.test) if s is not None]
+    if any(s.array is None for s in splits):
+        return None
+    return sum(len(s) * int(np.prod(s.array.shape[1:])) for s in splits)
+
+
+def _resident(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H, W, 3) uint8 images and (N,) labels (-1 when unlabelled) of `split`, on `device`."""
+    array = np.ascontiguousarray(split.array if split.rows is None else split.array[split.rows])
+    with warnings.catch_warnings():  # a read-only memory map: never written to (on a CPU it is used in place)
+        warnings.simplefilter("ignore", UserWarning)
+        images = torch.from_numpy(array).to(device)
+    labels = torch.tensor(split.labels if split.labels is not None else [-1] * len(split), dtype=torch.long)
+    return images, labels.to(device)
+
+
+class DeviceBatches:
+    """--data_on_device: training batches gathered by index from uint8 images resident on the
+    device: no DataLoader, no worker, no host copy per batch. The order is the loader path's (the
+    same ResumableSampler, so the same batches for the same seed; its indices reach the device once
+    per epoch) and a resumed epoch skips the same batches."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, sampler: ResumableSampler, batch_size: int) -> None:
+        self.images, self.labels, self.sampler, self.batch_size = images, labels, sampler, batch_size
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size  # drop_last, as the training loader
+
+    def __iter__(self):
+        order = torch.tensor(list(self.sampler), dtype=torch.long)
+        order = order.pin_memory().to(self.images.device, non_blocking=True) if self.images.is_cuda else order
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self.images.index_select(0, idx).permute(0, 3, 1, 2), self.labels.index_select(0, idx)
+
+
+class DeviceEval:
+    """Evaluation batches of a resident split, in split order, this process's share (rank::world),
+    resized on the device (bilinear) where the stored size differs from `size`."""
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, size: int, rank: int = 0, world: int = 1
+    ) -> None:
+        self.images, self.labels, self.batch_size, self.size = images, labels, batch_size, size
+        self.index = torch.arange(rank, len(images), world, device=images.device)
+
+    def __len__(self) -> int:
+        return -(-len(self.index) // self.batch_size)
+
+    def __iter__(self):
+        for idx in self.index.split(self.batch_size):
+            x = self.images.index_select(0, idx).permute(0, 3, 1, 2)
+            if x.shape[-1] != self.size or x.shape[-2] != self.size:
+                # bilinear to uint8 as the loader's cv2 INTER_LINEAR: the same pixels when the stored size
+                # is a multiple of `size`, otherwise within 1 grey level (cv2's fixed-point weights)
+                x = F.interpolate(x.float(), size=(self.size, self.size), mode="bilinear", align_corners=False)
+                x = (x + 0.5).floor_().clamp_(0, 255).to(torch.uint8)
+            yield x, self.labels.index_select(0, idx)
+
+
+def _on_device(
+    data: DataSplits,
+    sampler: ResumableSampler,
+    img_size: int,
+    batch_size: int,
+    eval_batch: int,
+    device: torch.device,
+    rank: int,
+    world: int,
+):
+    train = DeviceBatches(*_resident(data.train, device), sampler, batch_size)
+    evals = [
+        None if s is None else DeviceEval(*_resident(s, device), eval_batch, img_size, rank, world)
+        for s in (data.val, data.test)
+    ]
+    return train, *evals
+
+
+# --------------------------------------------------------------------------- loaders
 @dataclass
 class Loaders:
-    train: DataLoader
-    val: DataLoader | None  # None with --trainval
-    test: DataLoader | None  # None when the dataset has no unlabelled test split
+    train: DataLoader | DeviceBatches
+    val: DataLoader | DeviceEval | None  # None with --trainval
+    test: DataLoader | DeviceEval | None  # None when the dataset has no unlabelled test split
     data: DataSplits
     augment: transforms.BatchAugment | None = None  # --aug_backend torch: applied by the trainer
     img_size: int = 64
@@ -231,10 +316,13 @@ def build_loaders(
     world: int = 1,
     aug_backend: str = "albumentations",
     recipe: dict | None = None,
+    on_device: torch.device | None = None,
 ) -> Loaders:
     """Loaders for this process: train shuffled and sharded (rank of world), val/test sharded in
-    order without padding, so reduced metrics count every image exactly once. With aug_backend
-    'torch' the train loader delivers stored images and `Loaders.augment` augments on the device."""
+    order without padding, so reduced metrics count every image exactly once; evaluation batches
+    are twice the training batch (no gradients to keep). With aug_backend 'torch' the train loader
+    delivers stored images and `Loaders.augment` augments on the device. With `on_device` the
+    decoded splits live on that device and batches are gathered there (no DataLoader at all)."""
     if len(data.train) < batch_size:
         raise DatasetError(
             f"{data.root}: the train split has {len(data.train)} images, fewer than --batch_size {batch_size}; "
@@ -244,8 +332,16 @@ def build_loaders(
         raise ValueError(f"unknown augmentation backend {aug_backend!r}; use {', '.join(AUG_BACKENDS)}")
     train_set, augment = AUG_BACKENDS[aug_backend](data.train, img_size, seed, rank, recipe or transforms.RECIPE)
     sampler = ResumableSampler(train_set, seed, num_replicas=world, rank=rank)
+    if on_device is not None:
+        if augment is None:
+            raise ValueError(
+                "data on the device needs --aug_backend torch (albumentations works per image on the host)"
+            )
+        train, val, test = _on_device(data, sampler, img_size, batch_size, 2 * batch_size, on_device, rank, world)
+        return Loaders(train=train, val=val, test=test, data=data, augment=augment, img_size=img_size)
     train = _loader(train_set, batch_size, workers, pin_memory, sampler=sampler, drop_last=True)
-    val, test = eval_loaders(data, img_size, batch_size, workers, pin_memory, rank, world)
+    eval_workers = min(workers, 2)  # evaluation gathers stored images: little work per batch
+    val, test = eval_loaders(data, img_size, 2 * batch_size, eval_workers, pin_memory, rank, world)
     return Loaders(train=train, val=val, test=test, data=data, augment=augment, img_size=img_size)
 
 

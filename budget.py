@@ -75,12 +75,20 @@ class Plan:
 @dataclass(frozen=True)
 class Costs:
     """Seconds, measured on this machine: per update at each training size, per epoch end
-    (evaluation + checkpoints), per test prediction, and per epoch start (loader)."""
+    (checkpoints), per evaluation (val, EMA val), per test prediction, per epoch start (loader)."""
 
     update_s: dict[int, float]
     epoch_end_s: float
     test_s: float
     epoch_start_s: float = 0.0
+    eval_s: float = 0.0
+
+
+def evaluated(epoch: int, epochs: float, eval_every: int) -> bool:
+    """Whether 0-based `epoch` ends with an evaluation: every `eval_every` epochs and the last
+    (eval_every 0: only the last)."""
+    last = epoch + 1 >= math.ceil(epochs - 1e-9)
+    return last or (eval_every > 0 and (epoch + 1) % eval_every == 0)
 
 
 def epochs_plan(epochs: int, updates_per_epoch: int, batches_per_epoch: int, accum_steps: int) -> Plan:
@@ -88,7 +96,12 @@ def epochs_plan(epochs: int, updates_per_epoch: int, batches_per_epoch: int, acc
 
 
 def predicted_seconds(
-    updates: int, upe: int, costs: Costs, size_at: Callable[[int, float], int], test_every_epoch: bool
+    updates: int,
+    upe: int,
+    costs: Costs,
+    size_at: Callable[[int, float], int],
+    test_every_epoch: bool,
+    eval_every: int = 1,
 ) -> float:
     """Training + evaluation + predictions for a plan of `updates` (size_at(epoch, epochs))."""
     epochs = updates / upe
@@ -96,7 +109,8 @@ def predicted_seconds(
     for e in range(math.ceil(epochs)):
         k = min(upe, updates - e * upe)
         total += costs.epoch_start_s + k * costs.update_s[size_at(e, epochs)] + costs.epoch_end_s
-        total += costs.test_s if test_every_epoch else 0.0
+        if evaluated(e, epochs, eval_every):
+            total += costs.eval_s + (costs.test_s if test_every_epoch else 0.0)
     return total
 
 
@@ -107,12 +121,14 @@ def plan_updates(
     costs: Costs,
     size_at: Callable[[int, float], int],
     test_every_epoch: bool,
+    eval_every: int = 1,
 ) -> tuple[int, float]:
     """The most updates (<= max_updates) predicted to fit `seconds_left`, and the prediction.
-    Bisection: the predicted time grows with the number of updates."""
+    Bisection: the predicted time grows with the number of updates (near enough: with
+    eval_every > 1 a new last epoch adds an evaluation; the answer always fits)."""
 
     def cost(u: int) -> float:
-        return predicted_seconds(u, upe, costs, size_at, test_every_epoch)
+        return predicted_seconds(u, upe, costs, size_at, test_every_epoch, eval_every)
 
     if cost(max_updates) <= seconds_left:
         return max_updates, cost(max_updates)
@@ -156,7 +172,8 @@ def measure_costs(
     evals = n_val * per_image * (2 if ema else 1)
     return Costs(
         update_s,
-        epoch_end_s=evals + 2 * checkpoint_s,
+        eval_s=evals,
+        epoch_end_s=2 * checkpoint_s,
         test_s=test_images * per_image,
         epoch_start_s=min(starts) if starts else 0.0,
     )
@@ -231,6 +248,7 @@ def make_plan(
     ema: bool,
     tta: bool,
     test_every_epoch: bool,
+    eval_every: int = 1,
 ) -> Plan:
     """Measure, then size `base` (the --epochs plan, an upper bound) to the minutes left."""
     budget = minutes * 60.0
@@ -239,7 +257,9 @@ def make_plan(
     test_images = len(p.loaders.data.test) if p.loaders.test is not None else 0
     costs = measure_costs(p, spec, sizes, ema=ema, tta=tta, test_images=test_images)
     left = budget * (1 - MARGIN) - elapsed_s - (clock() - start)
-    updates, predicted = plan_updates(left, base.updates_per_epoch, base.updates, costs, size_at, test_every_epoch)
+    updates, predicted = plan_updates(
+        left, base.updates_per_epoch, base.updates, costs, size_at, test_every_epoch, eval_every
+    )
     if updates < 1:
         raise_too_short(minutes, costs, elapsed_s + clock() - start)
     plan = Plan(
@@ -253,10 +273,12 @@ def make_plan(
     )
     per_update = ", ".join(f"{s}px {1000 * t:.0f} ms" for s, t in costs.update_s.items())
     log.info(
-        "--time_budget %.4g min: measured %s per update, %.1f s per epoch end, %.1f s per test prediction; "
+        "--time_budget %.4g min: measured %s per update, %.1f s per evaluation, %.1f s of checkpoints per epoch, "
+        "%.1f s per test prediction; "
         "plan: %d updates = %.2f epochs%s, predicted %.0f s of training and evaluation + %.0f s spent so far",
         minutes,
         per_update,
+        costs.eval_s,
         costs.epoch_end_s,
         costs.test_s,
         updates,
@@ -271,7 +293,7 @@ def make_plan(
 def raise_too_short(minutes: float, costs: Costs, spent: float) -> None:
     from utils import UserError
 
-    one = min(costs.update_s.values()) + costs.epoch_end_s + costs.test_s
+    one = min(costs.update_s.values()) + costs.epoch_end_s + costs.eval_s + costs.test_s
     raise UserError(
         f"--time_budget {minutes:g} min leaves no time to train: {spent:.0f} s went on start-up and "
         f"measuring, and one update with its evaluation takes {one:.0f} s here; give more minutes"
@@ -282,6 +304,7 @@ def _costs_dict(c: Costs) -> dict:
     return {
         "update_s": {int(k): round(v, 5) for k, v in c.update_s.items()},
         "epoch_end_s": round(c.epoch_end_s, 3),
+        "eval_s": round(c.eval_s, 3),
         "test_s": round(c.test_s, 3),
         "epoch_start_s": round(c.epoch_start_s, 3),
     }
@@ -296,7 +319,7 @@ class Deadline:
         c = plan.costs
         self.enabled = plan.budget_s > 0
         self.end = clock() - elapsed_s + plan.budget_s
-        self.reserve = (c.get("epoch_end_s", 0.0) + c.get("test_s", 0.0)) if self.enabled else 0.0
+        self.reserve = sum(c.get(k, 0.0) for k in ("epoch_end_s", "eval_s", "test_s")) if self.enabled else 0.0
         self.hit = False
 
     def passed(self) -> bool:

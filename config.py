@@ -44,7 +44,10 @@ def _opt(help_text: str, *, default: Any, resume: bool = False, before: Any = No
 
 
 def _default_workers() -> int:
-    return min(8, os.cpu_count() or 1)
+    """Up to 8 loader processes per training process: this process's CPUs (its affinity mask, as
+    taskset/cpusets/SLURM give it) shared among the processes torchrun starts on this node."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,17 @@ class Config:
     )
     resize_until: float = _opt("fraction of the run after which training is at full --img_size", default=0.75)
     workers: int = _opt(
-        "DataLoader worker processes (0 = load in the main process)", default=_default_workers, resume=True
+        "DataLoader worker processes for training (0 = load in the main process; evaluation uses at most 2)",
+        default=_default_workers,
+        resume=True,
+    )
+    data_on_device: str = _opt(
+        "keep the decoded dataset on the training device and gather batches there (no DataLoader): auto = on "
+        "for a GPU when it fits in half its free memory (with --aug_backend torch)",
+        default="auto",
+        choices=ON_OFF,
+        onoff=True,
+        resume=True,
     )
     # --- optimisation ---
     opt: str = _opt("optimizer", default="adamw", choices=optim.OPTIMIZERS)
@@ -132,7 +145,13 @@ class Config:
         default="best",
         choices=("best", "end"),
     )
-    patience: int = _opt("stop after N epochs without a better val top-1 (0 = never)", default=0)
+    patience: int = _opt("stop after N evaluations without a better val top-1 (0 = never)", default=0)
+    eval_every: int = _opt(
+        "evaluate every N epochs and after the last (0 = only after the last); epochs in between have no val "
+        "figures and cannot become best.pth.tar",
+        default=1,
+        before=1,
+    )
     time_budget: float = _opt(
         "train for this many minutes of wall clock, start to final predictions: the run measures its own speed "
         "and plans the schedule to fit (0 = off; --epochs becomes an upper bound)",
@@ -265,6 +284,7 @@ def validate(cfg: Config) -> Config:
         (cfg.grad_clip >= 0 and cfg.momentum >= 0, "--grad_clip and --momentum must be >= 0"),
         (not (cfg.trainval and cfg.val_split), "--trainval merges val back into train: drop --val_split"),
         (cfg.time_budget >= 0, f"--time_budget must be >= 0 minutes (got {cfg.time_budget})"),
+        (cfg.eval_every >= 0, f"--eval_every must be >= 0 (got {cfg.eval_every})"),
         (
             not (cfg.time_budget and cfg.sched in ("step", "multistep")),
             f"--time_budget plans the run's length, which --sched {cfg.sched} counts in fixed epochs; "
@@ -339,7 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs: dict[str, Any] = {"default": "auto" if default is None else default, "help": meta["help"]}
         if meta.get("onoff"):  # --amp [auto|on|off], --amp = on, --no-amp = off
             parser.add_argument(name, nargs="?", const="on", choices=meta["choices"], **kwargs)
-            parser.add_argument(f"--no-{f.name}", dest=f.name, action="store_const", const="off", help=f"{name} off")
+            parser.add_argument(
+                f"--no-{f.name}",
+                dest=f.name,
+                action="store_const",
+                const="off",
+                default=argparse.SUPPRESS,
+                help=f"{name} off",
+            )
             continue
         if _base_type(f) == "bool":
             # on/off switches (--tta/--no-tta); plain flags (--no_cache) where the seed style has them

@@ -11,10 +11,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from utils import UserError
+
+# NCCL's watchdog ends a job whose collective waits longer than this; the decode cache of a big
+# folder dataset, built once per node before training, can take longer: that wait is on gloo.
+TIMEOUT = timedelta(minutes=float(os.environ.get("TIN_DIST_TIMEOUT_MIN", "30")))
+CACHE_TIMEOUT = timedelta(hours=4)
+_cpu_group = None  # a gloo group for waits on the host (cache builds), with CACHE_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -22,6 +31,7 @@ class Context:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    device_index: int = 0  # this process's CUDA device (0 when each process sees one GPU)
 
     @property
     def enabled(self) -> bool:
@@ -33,21 +43,41 @@ class Context:
 
 
 def init(device_name: str) -> Context:
-    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK); else one process."""
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK); else one process.
+    NCCL on GPUs, gloo on CPU; only rank 0 draws progress bars."""
+    global _cpu_group
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Context()
-    ctx = Context(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    index = cuda_index(local_rank) if use_cuda else 0
     if use_cuda:
-        torch.cuda.set_device(ctx.local_rank)
+        torch.cuda.set_device(index)
+    if rank != 0:
+        os.environ["TQDM_DISABLE"] = "1"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return ctx
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=TIMEOUT)
+    _cpu_group = dist.new_group(backend="gloo", timeout=CACHE_TIMEOUT) if use_cuda else None
+    return Context(rank, world, local_rank, index)
+
+
+def cuda_index(local_rank: int) -> int:
+    """The GPU of local process `local_rank`: its own index when it sees all of the node's GPUs,
+    0 when the scheduler gives each process one (SLURM --gpus-per-task=1, CUDA_VISIBLE_DEVICES)."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if local_rank < count:
+        return local_rank
+    raise UserError(
+        f"torchrun's LOCAL_RANK is {local_rank} but this process sees {count} GPUs; start at most {count} processes "
+        "per node (--nproc_per_node), or give each process its own GPU"
+    )
 
 
 def device_for(ctx: Context, device: torch.device) -> torch.device:
-    return torch.device("cuda", ctx.local_rank) if device.type == "cuda" and ctx.enabled else device
+    return torch.device("cuda", ctx.device_index) if device.type == "cuda" and ctx.enabled else device
 
 
 def active() -> bool:
@@ -57,6 +87,13 @@ def active() -> bool:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def barrier_long() -> None:
+    """A barrier for long host-side waits (a node building the decode cache): on gloo, with hours of
+    timeout, so NCCL's watchdog never fires while one process decodes images."""
+    if active():
+        dist.barrier(group=_cpu_group)
 
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:

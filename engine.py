@@ -63,8 +63,8 @@ def build_parts(cfg: Config, model: torch.nn.Module, loaders, runtime, ctx: dist
         model = model.to(memory_format=torch.channels_last)
     net = model
     if ctx.enabled:
-        if cfg.sync_bn:  # timm's converter keeps BatchNormAct2d's activation (torch's drops it)
-            model = net = convert_sync_batchnorm(model)
+        if cfg.sync_bn:
+            model = net = to_sync_batchnorm(model)
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -96,6 +96,13 @@ def build_parts(cfg: Config, model: torch.nn.Module, loaders, runtime, ctx: dist
     )
     p.scheduler = build_scheduler(cfg, p, base_plan(cfg, loaders))
     return p
+
+
+def to_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """--sync_bn: timm's converter, which turns timm's BatchNormAct2d (batch norm + activation, in
+    efficientnet_b0, mobilenetv2_100 and many timm models) into SyncBatchNormAct; torch's own
+    convert_sync_batchnorm makes it a plain SyncBatchNorm and drops the activation."""
+    return convert_sync_batchnorm(model)
 
 
 def build_scheduler(cfg: Config, p: Parts, plan: Plan):
@@ -144,6 +151,7 @@ def plan_run(cfg: Config, p: Parts, elapsed_s: float) -> Plan:
         ema=cfg.ema,
         tta=cfg.tta,
         test_every_epoch=cfg.test_preds == "best",
+        eval_every=cfg.eval_every,
     )
 
 
@@ -178,9 +186,9 @@ def fit(
         tr = train_epoch(cfg, p, spec, state, plan=plan, epoch=epoch, should_stop=_stopper(p, spec, stop, deadline))
         if tr["interrupted"] and stop.signum:  # saved; tell how to go on
             _exit_interrupted(p, cfg, state, plan=plan, run_dir=run_dir, stop=stop, elapsed_s=budget.clock() - origin)
-        row = _evaluate(cfg, p, epoch, tr)
-        row["epoch_seconds"], row["wall_seconds"] = budget.clock() - t0, budget.clock() - origin
         last = epoch + 1 == plan.n_epochs or deadline.hit
+        row = _evaluate(cfg, p, epoch, tr, validate=last or budget.evaluated(epoch, plan.epochs, cfg.eval_every))
+        row["epoch_seconds"], row["wall_seconds"] = budget.clock() - t0, budget.clock() - origin
         improved = _end_epoch(cfg, p, state, plan=plan, run_dir=run_dir, row=row, last=last)
         for sink in sinks:
             sink.log(row)
@@ -192,9 +200,8 @@ def fit(
                 state.step,
                 plan.updates,
             )
-        elif cfg.patience and state.bad_epochs >= cfg.patience:
-            log.info("early stop: no better val top-1 for %d epochs (--patience %d)", state.bad_epochs, cfg.patience)
-            state.finished = True
+        elif state.finished and not last:
+            log.info("early stop: no better val top-1 for %d evaluations (--patience %d)", state.bad_epochs, cfg.patience)
         if distributed.any_flag(bool(stop.signum), p.device):
             _exit_interrupted(p, cfg, state, plan=plan, run_dir=run_dir, stop=stop, elapsed_s=budget.clock() - origin)
         epoch = state.epoch
@@ -245,8 +252,9 @@ def _stopper(p: Parts, spec: StepSpec, stop: StopRequest, deadline: budget.Deadl
     return should_stop
 
 
-def _evaluate(cfg: Config, p: Parts, epoch: int, tr: dict) -> dict:
-    """The epoch's metrics row: training figures, then val (and EMA val) over every process's shard."""
+def _evaluate(cfg: Config, p: Parts, epoch: int, tr: dict, validate: bool = True) -> dict:
+    """The epoch's metrics row: training figures, then (when `validate`) val and EMA val over every
+    process's shard."""
     row = {"epoch": epoch + 1, "lr": tr["lr"], "aug_strength": tr["aug_strength"], "train_size": tr["train_size"]}
     row.update(
         {k: v for k, v in tr.items() if k.startswith("train_") or k in ("images_per_second", "data_wait_fraction")}
@@ -254,7 +262,7 @@ def _evaluate(cfg: Config, p: Parts, epoch: int, tr: dict) -> dict:
     if p.ctx.enabled:
         row.update(_global_train_metrics(tr["meters"], p.device))
         distributed.broadcast_buffers(p.model)  # BatchNorm statistics: rank 0's, as saved
-    if p.loaders.val is not None:  # the unwrapped model: each process evaluates its shard, sums are reduced
+    if p.loaders.val is not None and validate:  # the unwrapped model: each evaluates its shard, sums are reduced
         row.update(evaluate(p.model, p.loaders.val, p.normalize, p.device, amp_dtype=p.amp_dtype, tta=cfg.tta))
         if p.ema is not None:
             ema = evaluate(p.ema.module, p.loaders.val, p.normalize, p.device, amp_dtype=p.amp_dtype, tta=cfg.tta)
@@ -280,11 +288,13 @@ def _end_epoch(cfg: Config, p: Parts, state: TrainState, plan: Plan, run_dir: Pa
     the two re-runs this epoch on resume, identically. Returns whether this epoch is the best."""
     key = "ema_val_top1" if cfg.best_on == "ema" else "val_top1"
     score, best = row.get(key), state.best.get("val_top1")
-    improved = score is None or best is None or score > best  # without val, the latest epoch is kept
+    skipped = score is None and p.loaders.val is not None  # --eval_every: not evaluated, cannot be best
+    improved = not skipped and (score is None or best is None or score > best)  # no val: the latest is kept
     state.epoch, state.batch, state.meters = state.epoch + 1, 0, None
     state.history.append(row)
     state.elapsed_s, state.finished = row["wall_seconds"], last
-    state.bad_epochs = 0 if improved else state.bad_epochs + 1
+    state.bad_epochs = 0 if improved else state.bad_epochs + (0 if skipped else 1)
+    state.finished = state.finished or bool(cfg.patience and state.bad_epochs >= cfg.patience)  # early stop
     if improved:
         state.best = {
             "best_epoch": row["epoch"],

@@ -241,3 +241,34 @@ def warn_if_changed(before: dict | None, now: Runtime) -> None:
         after["precision"],
         ", channels_last" if after["channels_last"] else "",
     )
+
+
+def decide_data_on_device(
+    request: str, device: torch.device, nbytes: int | None, aug_backend: str, fraction: float = 0.5
+) -> tuple[bool, str]:
+    """--data_on_device auto|on|off: keep the decoded uint8 dataset (`nbytes`; None when not cached
+    as arrays) on `device`. auto: on for a GPU when it takes at most `fraction` of the free memory;
+    off on a CPU (the loader there reads the same memory-mapped cache without a copy)."""
+    if request == "off":
+        return False, "data on the device: off (--data_on_device off)"
+    blockers = []
+    if aug_backend != "torch":
+        blockers.append("--aug_backend albumentations augments on the host")
+    if nbytes is None:
+        blockers.append("the splits are not cached as arrays (--no_cache)")
+    if blockers:
+        if request == "on":
+            raise UserError(f"--data_on_device on cannot be honoured: {'; '.join(blockers)}")
+        return False, f"data on the device: off ({'; '.join(blockers)})"
+    size = f"{nbytes / 2**30:.2f} GiB"
+    if request == "on":
+        return True, f"data on the device: on ({size}, --data_on_device on)"
+    if device.type != "cuda":
+        return False, f"data on the device: off (auto on a CPU: the loader reads the cache in place; {size})"
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes > fraction * free:
+        return (
+            False,
+            f"data on the device: off ({size} is over {fraction:.0%} of the GPU's {free / 2**30:.1f} GiB free)",
+        )
+    return True, f"data on the device: on ({size} of {free / 2**30:.1f} GiB free; no DataLoader)"

@@ -44,9 +44,15 @@ def main(argv: list[str] | None = None) -> Path | None:
     if cfg.list_archs:
         arch.print_catalogue(cfg.img_size, cfg.format)
         return None
+    ckpt, run_dir = None, None
+    if cfg.resume:  # before the process group: the resumed run's --device decides NCCL or gloo
+        path = run_state.find_checkpoint(cfg.resume)
+        ckpt, run_dir = load_checkpoint(path), path.parent
+        cfg = parse_config(argv, base=ckpt["config"])
+        run_state.check_compatible(ckpt["config"], cfg.to_dict(), path)
     ctx = distributed.init(cfg.device)
     try:
-        return _main(cfg, ctx, argv, started)
+        return _main(cfg, ctx, ckpt, run_dir, started)
     finally:
         distributed.shutdown()
 
@@ -77,6 +83,10 @@ def build(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None) -> Bu
     if ckpt is not None and list(ckpt["classes"]) != data.classes:
         raise UserError(f"--resume {cfg.resume}: the run was trained on other classes than those in {data.root}")
     cfg, recipe, recipe_fields = _resolve_recipe(cfg, ctx) if ckpt is None else (cfg, None, [])
+    resident, why = hardware.decide_data_on_device(
+        cfg.data_on_device, runtime.device, batch_manager.resident_bytes(data), cfg.aug_backend
+    )
+    log.info(why)
     loaders = batch_manager.build_loaders(
         data,
         img_size=cfg.img_size,
@@ -88,6 +98,7 @@ def build(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None) -> Bu
         world=ctx.world,
         aug_backend=cfg.aug_backend,
         recipe=cfg.recipe(),
+        on_device=runtime.device if resident else None,
     )
     fresh = ckpt is None  # pretrained weights only for a new run; a resumed one loads its own
     model = arch.build_model(
@@ -113,17 +124,11 @@ def build(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None) -> Bu
     return Built(cfg, parts, recipe, recipe_fields)
 
 
-def _main(cfg: Config, ctx: distributed.Context, argv, started: float) -> Path:
-    ckpt, run_dir = None, None
+def _main(cfg: Config, ctx: distributed.Context, ckpt: dict | None, run_dir: Path | None, started: float) -> Path:
     if not ctx.is_main:
         setup_logging(level=logging.WARNING)  # one process speaks; the others only warn
-    if cfg.resume:
-        path = run_state.find_checkpoint(cfg.resume)
-        ckpt, run_dir = load_checkpoint(path), path.parent
-        if ctx.is_main:
-            setup_logging(run_dir)  # the resumed process's lines go on in the run's log.txt
-        cfg = parse_config(argv, base=ckpt["config"])
-        run_state.check_compatible(ckpt["config"], cfg.to_dict(), path)
+    elif run_dir is not None:
+        setup_logging(run_dir)  # a resumed run's lines go on in its log.txt
     built = build(cfg, ctx, ckpt)
     cfg, parts = built.cfg, built.parts
     if ckpt is not None:
@@ -135,7 +140,8 @@ def _main(cfg: Config, ctx: distributed.Context, argv, started: float) -> Path:
         cfg = _fit_warmup_to_plan(cfg, plan, built.recipe)
         parts.scheduler = engine.build_scheduler(cfg, parts, plan)
         state = TrainState()
-    resolved = {"runtime": parts.runtime.to_dict(), "plan": plan.to_dict()}
+    on_device = isinstance(parts.loaders.train, batch_manager.DeviceBatches)
+    resolved = {"runtime": {**parts.runtime.to_dict(), "data_on_device": on_device}, "plan": plan.to_dict()}
     if built.recipe is not None:
         resolved["recipe"] = {"why": built.recipe.why, **{k: getattr(cfg, k) for k in built.recipe_fields}}
     run_dir = distributed.broadcast(_open_run_dir(cfg, parts.model, run_dir, resolved) if ctx.is_main else None)
@@ -200,12 +206,13 @@ def _fit_warmup_to_plan(cfg: Config, plan: budget.Plan, recipe: optim.LrRecipe |
 
 
 def _prepare_data_once(cfg: Config, ctx: distributed.Context):
-    """The main process decodes/caches first; the others then find the cache ready."""
-    if not ctx.is_main:
-        distributed.barrier()
+    """One process per node (local rank 0) decodes/caches first, so node-local data gets a cache on
+    every node; the others then find it ready. The wait is a long gloo barrier, not NCCL's."""
+    if ctx.local_rank != 0:
+        distributed.barrier_long()
     data = batch_manager.prepare_data(**cfg.data_kwargs())
-    if ctx.is_main:
-        distributed.barrier()
+    if ctx.local_rank == 0:
+        distributed.barrier_long()
     return data
 
 

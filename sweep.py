@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import os
+import queue
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -66,9 +67,37 @@ def prepare(configs: list[str], sets: dict, sweep_dir: Path) -> list[tuple[str, 
     return jobs
 
 
-def run_one(name: str, cfg_path: Path, sweep_dir: Path, threads: int) -> dict:
+def gpu_slots(parallel: int, gpus: str | None = None) -> list[str]:
+    """One GPU id per parallel run slot, round-robin over the GPUs (--gpus, else CUDA_VISIBLE_DEVICES,
+    else every visible one); empty without GPUs."""
+    if gpus is None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            gpus = visible
+        else:
+            import torch
+
+            gpus = ",".join(str(i) for i in range(torch.cuda.device_count()))
+    ids = [g.strip() for g in gpus.split(",") if g.strip() and g.strip() != "-1"]
+    return [ids[k % len(ids)] for k in range(max(1, parallel))] if ids else []
+
+
+def run_one(name: str, cfg_path: Path, sweep_dir: Path, threads: int, gpus: queue.Queue | None = None) -> dict:
+    """One config as its own main.py process; with GPUs it takes a GPU slot (CUDA_VISIBLE_DEVICES)
+    for its duration, so parallel runs spread over the GPUs instead of all landing on cuda:0."""
+    gpu = gpus.get() if gpus is not None else None
+    try:
+        return _run(name, cfg_path, sweep_dir, threads, gpu)
+    finally:
+        if gpu is not None:
+            gpus.put(gpu)
+
+
+def _run(name: str, cfg_path: Path, sweep_dir: Path, threads: int, gpu: str | None) -> dict:
     # Runs side by side share the cores: more threads than cores makes every run slower.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     with open(sweep_dir / f"{name}.log", "w") as log:
         code = subprocess.call(
             [sys.executable, str(Path(__file__).with_name("main.py")), "--config", str(cfg_path)],
@@ -100,13 +129,18 @@ def write_summary(rows: list[dict], sweep_dir: Path) -> None:
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Run several main.py configs and tabulate the results.")
     p.add_argument("configs", nargs="+", help="YAML presets (see configs/)")
     p.add_argument("--parallel", type=int, default=1, help="runs at the same time")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every config")
     p.add_argument("--sweep_dir", default=None, help="default: checkpoints/sweep_<timestamp>")
-    args = p.parse_args(argv)
+    p.add_argument("--gpus", default=None, help="GPU ids to spread runs over, e.g. 0,1 (default: all visible)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     sweep_dir = Path(args.sweep_dir or f"checkpoints/sweep_{datetime.now():%Y-%m-%d_%H-%M-%S}")
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -114,9 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    slots = gpu_slots(args.parallel, args.gpus)
+    gpus: queue.Queue | None = None
+    if slots:
+        gpus = queue.Queue()
+        for gpu in slots:
+            gpus.put(gpu)
+        print(f"runs take GPUs {', '.join(slots)} in turn (CUDA_VISIBLE_DEVICES per run)")
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel))
-        rows = list(pool.map(lambda job: run_one(*job, sweep_dir, threads), jobs))
+        rows = list(pool.map(lambda job: run_one(*job, sweep_dir, threads, gpus), jobs))
     write_summary(rows, sweep_dir)
     print((sweep_dir / "summary.md").read_text())
     print(f"summary: {sweep_dir / 'summary.csv'}")

@@ -54,10 +54,17 @@ def atomic_save(obj: Any, path: Path) -> None:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint is as readable as any file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -249,7 +256,7 @@ def resolve_wandb_mode(mode: str) -> str:
     try:
         import wandb
 
-        logged_in = bool(os.environ.get("WANDB_API_KEY") or wandb.api.api_key)
+        logged_in = bool(os.environ.get("WANDB_API_KEY")) or wandb.login(prompt=False, verify=False)
     except Exception:
         logged_in = False
     if not logged_in:

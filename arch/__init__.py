@@ -130,6 +130,10 @@ def build_model(
     if unused:
         log.info("%s has no %s; those flags are ignored for this model", name, " / ".join(f"--{k}" for k in unused))
     kwargs = {k: v for k, v in requested.items() if k in spec.knobs}
+    if pretrained_path and _toolkit_checkpoint(pretrained_path, name):  # a run of ours: every tensor, head included
+        model = build_model(name, num_classes, img_size, drop_rate, attn_drop_rate, drop_path_rate)
+        load_matching(model, pretrained_path)
+        return model
     weights = _pretrained_kwargs(spec, pretrained, pretrained_path)
     if not spec.timm_name:  # this project's own models
         model = spec.local(num_classes=num_classes, **kwargs)
@@ -139,6 +143,25 @@ def build_model(
     if spec.local is not None:
         return spec.local(num_classes=num_classes, **kwargs, **weights)
     return _create_timm(spec.timm_name, num_classes, kwargs, **spec.resolution_kwargs(img_size), **weights)
+
+
+def _toolkit_checkpoint(path: str, arch: str) -> bool:
+    """Is `path` a best.pth.tar / last.pth.tar written by main.py? (Then a new run starts from all
+    its weights: fine-tuning, or a longer schedule than the run had.) Another arch's is refused."""
+    if not str(path).endswith(".pth.tar") or not Path(path).is_file():
+        return False
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not ours: timm's loader gives its own message
+        return False
+    if not (isinstance(ckpt, dict) and {"state_dict", "config", "classes"} <= set(ckpt)):
+        return False
+    trained = ckpt["config"].get("arch")
+    if trained != arch:
+        raise UserError(
+            f"--pretrained_path {path} holds a {trained} run's weights, not {arch}'s; pass --arch {trained}"
+        )
+    return True
 
 
 def _pretrained_kwargs(spec: ArchSpec, pretrained: bool, path: str | None) -> dict:

@@ -94,10 +94,7 @@ def run_one(arch: str, lr_per_256: float, args, data: Path) -> dict:
         str(args.workers),
         "--output_dir",
         args.output_dir,
-        "--wandb",
-        "disabled",
-        "--no_analysis",
-        "--seed",
+        *"--wandb disabled --no_analysis --seed".split(),
         str(args.seed),
     ]
     start = time.perf_counter()

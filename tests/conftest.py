@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -59,25 +60,7 @@ TIMING = ("epoch_seconds", "train_seconds", "wall_seconds", "images_per_second",
 # precision default (bf16 would be emulated, 10x slower, on a CPU without native bf16).
 PINNED = ["--no-amp", "--no-channels_last"]
 FAST_RUN = [
-    "--arch",
-    "resnet18",
-    "--img_size",
-    "32",
-    "--batch_size",
-    "8",
-    "--workers",
-    "0",
-    "--no_analysis",
-    "--lr_base",
-    "2e-3",
-    "--warmup_epochs",
-    "0",
-    "--drop_rate",
-    "0",
-    "--drop_path_rate",
-    "0",
-    "--attn_drop_rate",
-    "0",
+    *"--arch resnet18 --img_size 32 --batch_size 8 --workers 0 --no_analysis --lr_base 2e-3 --warmup_epochs 0 --drop_rate 0 --drop_path_rate 0 --attn_drop_rate 0".split(),
     *PINNED,
 ]
 
@@ -106,10 +89,14 @@ def tin_log(caplog):
     logger.propagate = old
 
 
-def loaders_for(root, batch_size=8, workers=0, seed=0, img_size=64, kind="tiny-imagenet", **prepare):
+def loaders_for(
+    root, batch_size=8, workers=0, seed=0, img_size=64, kind="tiny-imagenet", aug_backend="albumentations", **prepare
+):
     """Loaders over a dataset folder the way main.py builds them (no cache unless asked)."""
     import batch_manager
 
-    prepare.setdefault("use_cache", False)
+    prepare.setdefault("use_cache", aug_backend == "torch")  # the batch backend gathers from the cache
+    if prepare["use_cache"]:
+        prepare.setdefault("cache_dir", tempfile.mkdtemp(prefix="tin-cache-"))
     data = batch_manager.prepare_data(kind, root, img_size, workers, seed=seed, **prepare)
-    return batch_manager.build_loaders(data, img_size, batch_size, workers, seed)
+    return batch_manager.build_loaders(data, img_size, batch_size, workers, seed, aug_backend=aug_backend)

@@ -33,10 +33,7 @@ def analysed_run(tiny_data, tmp_path_factory):
             str(tiny_data),
             "--output_dir",
             str(tmp_path_factory.mktemp("ana")),
-            "--epochs",
-            "2",
-            "--wandb",
-            "disabled",
+            *"--epochs 2 --wandb disabled".split(),
         ]
     )
 
@@ -116,23 +113,11 @@ def test_max_conf_takes_each_image_from_its_most_confident_model():
 def test_flip_tta_runs_and_ensembles_mix_archs_and_sizes(trained_run, tiny_data, tmp_path):
     other = main.main(
         [
-            "--arch",
-            "budget_cnn",
-            "--img_size",
-            "48",
-            "--batch_size",
-            "8",
-            "--workers",
-            "0",
-            "--epochs",
-            "1",
-            "--data_dir",
+            *"--arch budget_cnn --img_size 48 --batch_size 8 --workers 0 --epochs 1 --data_dir".split(),
             str(tiny_data),
             "--output_dir",
             str(tmp_path / "b"),
-            "--wandb",
-            "disabled",
-            "--no_analysis",
+            *"--wandb disabled --no_analysis".split(),
         ]
     )
     tta = val.run(
@@ -164,10 +149,7 @@ def test_checkpoints_with_other_classes_are_not_ensembled(trained_run, tmp_path)
             str(other),
             "--output_dir",
             str(tmp_path / "o"),
-            "--epochs",
-            "1",
-            "--wandb",
-            "disabled",
+            *"--epochs 1 --wandb disabled".split(),
         ]
     )
     with pytest.raises(UserError, match="cannot ensemble"):

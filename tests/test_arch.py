@@ -77,18 +77,11 @@ def test_budget_model_is_under_one_million_and_the_budget_is_enforced(tiny_data,
     run = main.main(
         [
             *FAST_RUN,
-            "--arch",
-            "budget_cnn",
-            "--data_dir",
+            *"--arch budget_cnn --data_dir".split(),
             str(tiny_data),
             "--output_dir",
             str(tmp_path),
-            "--max_params",
-            "1000000",
-            "--epochs",
-            "1",
-            "--wandb",
-            "disabled",
+            *"--max_params 1000000 --epochs 1 --wandb disabled".split(),
         ]
     )
     import json

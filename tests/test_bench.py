@@ -102,3 +102,52 @@ def test_pipeline_bench_compares_three_paths(tiny_data, tmp_path):
     assert "seed-style img/s" in text and "torch img/s" in text
     rows = json.loads(out.read_text())["rows"]
     assert [r["workers"] for r in rows] == [0, 1] and all(r["torch_ips"] > 0 for r in rows)
+
+
+def test_gpu_check_runs_on_a_cpu_and_skips_the_cuda_rows_with_a_reason(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    text = _bench("gpu_check.py", "--device", "cpu", "--work_dir", str(tmp_path / "work"), "--out", str(out))
+    assert "| check | result | verdict | s |" in text and "**FAIL**" not in text
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["check"][:2] for r in rows} >= {"1.", "2a", "2b", "2c", "3.", "4a", "4b", "5."}
+    assert all(r["ok"] is True for r in rows if r["check"][:2] in ("1.", "4a", "5."))
+    assert all(r["result"] for r in rows if r["ok"] is None)  # every skipped row says why
+
+
+def _parts(folder, corrupt: bool = False):
+    import hashlib
+
+    folder.mkdir()
+    sums = []
+    for i in range(4):
+        part = folder / f"tiny-imagenet-200.tar.gz.part{i}"
+        part.write_bytes(bytes([i]) * 1000)
+        sums.append(f"{hashlib.sha256(part.read_bytes()).hexdigest()}  {part.name}")
+    (folder / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+    if corrupt:
+        (folder / "tiny-imagenet-200.tar.gz.part2").write_bytes(b"cut short")
+    return folder
+
+
+def test_gpu_speedrun_script_checks_the_parts_then_stages_the_preset(tmp_path):
+    parts = _parts(tmp_path / "parts")
+    proc = subprocess.run(
+        ["bash", "bench/gpu_speedrun.sh", "--parts", str(parts), "--dry-run", "--", "--epochs", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "the four parts match SHA256SUMS" in proc.stdout
+    assert "data/download.py --archive" in proc.stdout and "part3" in proc.stdout
+    assert "main.py --config configs/gpu_speedrun.yaml --epochs 3" in proc.stdout
+    bad = _parts(tmp_path / "bad", corrupt=True)
+    proc = subprocess.run(
+        ["bash", "bench/gpu_speedrun.sh", "--parts", str(bad), "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1 and "does not match SHA256SUMS" in proc.stderr and "would run" not in proc.stdout

@@ -37,6 +37,19 @@ def test_predicted_time_follows_the_sizes_and_the_epoch_ends():
     assert budget.predicted_seconds(16, 8, COSTS, grow, False) == (8 * 0.5 + 2) + (8 * 1.0 + 2) + 1
 
 
+def test_evaluations_are_counted_only_where_they_happen():
+    costs = budget.Costs(update_s={32: 1.0}, epoch_end_s=0.5, test_s=1.0, eval_s=3.0)
+
+    def size_at(e, epochs):
+        return 32
+
+    every = budget.predicted_seconds(32, 8, costs, size_at, test_every_epoch=False, eval_every=1)
+    last_only = budget.predicted_seconds(32, 8, costs, size_at, test_every_epoch=False, eval_every=0)
+    assert every == 4 * (8 + 0.5 + 3) + 1 and last_only == 4 * (8 + 0.5) + 3 + 1
+    assert [budget.evaluated(e, 4, 2) for e in range(4)] == [False, True, False, True]
+    assert [budget.evaluated(e, 3.5, 0) for e in range(4)] == [False, False, False, True]
+
+
 def test_the_plan_is_the_most_updates_that_fit():
     def size_at(e, epochs):
         return 32
@@ -104,9 +117,7 @@ def _budgeted(tiny_data, tmp_path, minutes="1", *extra):
             str(tiny_data),
             "--output_dir",
             str(tmp_path),
-            "--epochs",
-            "20",
-            "--time_budget",
+            *"--epochs 20 --time_budget".split(),
             minutes,
             "--wandb",
             "disabled",
@@ -160,29 +171,7 @@ def test_a_warmup_longer_than_the_planned_run_is_refused(tiny_data, tmp_path, ma
 
 # ---------------------------------------------------------------------------- SIGKILL and resume
 BUDGET_RUN = [
-    "--arch",
-    "resnet9_slim",
-    "--img_size",
-    "32",
-    "--batch_size",
-    "8",
-    "--workers",
-    "0",
-    "--epochs",
-    "5",
-    "--lr_base",
-    "0.05",
-    "--opt",
-    "sgd",
-    "--sched",
-    "linear",
-    "--time_budget",
-    "2",
-    "--wandb",
-    "disabled",
-    "--no_analysis",
-    "--aug_schedule",
-    "linear",
+    *"--arch resnet9_slim --img_size 32 --batch_size 8 --workers 0 --epochs 5 --lr_base 0.05 --opt sgd --sched linear --time_budget 2 --wandb disabled --no_analysis --aug_schedule linear".split(),
     *PINNED,
 ]
 

@@ -146,11 +146,7 @@ def test_trainval_run_has_no_val_metrics_but_writes_predictions(tiny_data, tmp_p
             str(tiny_data),
             "--output_dir",
             str(tmp_path),
-            "--epochs",
-            "2",
-            "--trainval",
-            "--wandb",
-            "disabled",
+            *"--epochs 2 --trainval --wandb disabled".split(),
         ]
     )
     rows = list(csv.DictReader(open(run / "metrics.csv")))
@@ -163,25 +159,11 @@ def test_cifar_run_end_to_end_without_test_split(tmp_path):
     root = make_cifar10(tmp_path / "c10", np.random.default_rng(0))
     run = main.main(
         [
-            "--dataset",
-            "cifar10",
-            "--data_dir",
+            *"--dataset cifar10 --data_dir".split(),
             str(root),
-            "--arch",
-            "resnet18",
-            "--img_size",
-            "32",
-            "--batch_size",
-            "4",
-            "--workers",
-            "0",
-            "--epochs",
-            "1",
-            "--output_dir",
+            *"--arch resnet18 --img_size 32 --batch_size 4 --workers 0 --epochs 1 --output_dir".split(),
             str(tmp_path / "o"),
-            "--wandb",
-            "disabled",
-            "--no_analysis",
+            *"--wandb disabled --no_analysis".split(),
         ]
     )
     assert (run / "best.pth.tar").is_file() and not (run / "best_test_preds.csv").exists()

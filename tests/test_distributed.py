@@ -18,34 +18,7 @@ from conftest import ROOT, TIMING
 # ViT-Tiny has no batch norm, and with mixing, augmentation and dropout off, 2 processes x 4 images
 # average exactly the gradients of 1 process x 8 images: only float summation order differs.
 # fp32 (--no-amp): the comparison is about the arithmetic, not bf16 rounding.
-RECIPE = [
-    "--arch",
-    "vit_tiny",
-    "--img_size",
-    "32",
-    "--epochs",
-    "2",
-    "--workers",
-    "0",
-    "--lr_base",
-    "1e-3",
-    "--mix_prob",
-    "0",
-    "--aug_schedule",
-    "constant",
-    "--aug_strength",
-    "0",
-    "--drop_rate",
-    "0",
-    "--attn_drop_rate",
-    "0",
-    "--drop_path_rate",
-    "0",
-    "--wandb",
-    "disabled",
-    "--no_analysis",
-    "--no-amp",
-]
+RECIPE = "--arch vit_tiny --img_size 32 --epochs 2 --workers 0 --lr_base 1e-3 --mix_prob 0 --aug_schedule constant --aug_strength 0 --drop_rate 0 --attn_drop_rate 0 --drop_path_rate 0 --wandb disabled --no_analysis --no-amp".split()
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -90,9 +63,7 @@ def test_matches_one_process_with_the_same_global_batch(ddp_run, tiny_data, tmp_
             sys.executable,
             "main.py",
             *RECIPE,
-            "--batch_size",
-            "8",
-            "--data_dir",
+            *"--batch_size 8 --data_dir".split(),
             str(tiny_data),
             "--output_dir",
             str(tmp_path),
@@ -117,9 +88,7 @@ def test_killed_two_process_run_resumes_exactly(ddp_run, tiny_data, tmp_path):
         *TORCHRUN,
         "main.py",
         *RECIPE,
-        "--batch_size",
-        "4",
-        "--data_dir",
+        *"--batch_size 4 --data_dir".split(),
         str(tiny_data),
         "--output_dir",
         str(tmp_path),

@@ -243,18 +243,7 @@ def test_divergence_stops_with_one_line_and_no_broken_checkpoint(tiny_data, tmp_
             str(tiny_data),
             "--output_dir",
             str(tmp_path),
-            "--lr_base",
-            "1e30",
-            "--opt",
-            "sgd",
-            "--momentum",
-            "0",
-            "--epochs",
-            "1",
-            "--sched",
-            "none",
-            "--wandb",
-            "disabled",
+            *"--lr_base 1e30 --opt sgd --momentum 0 --epochs 1 --sched none --wandb disabled".split(),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -300,3 +289,24 @@ def test_not_enough_disk_is_refused_before_training(tiny_data, tmp_path, monkeyp
     with pytest.raises(UserError, match="MB free"):
         _run(tiny_data, tmp_path / "out", "--epochs", "1")
     assert not any((tmp_path / "out").iterdir())
+
+
+def test_a_new_run_can_start_from_a_finished_runs_weights_head_included(trained_run):
+    import arch
+
+    best = trained_run / "best.pth.tar"
+    saved = torch.load(best, weights_only=True)["state_dict"]
+    model = arch.build_model("resnet18", 4, img_size=32, pretrained_path=str(best))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())  # the classifier too
+    with pytest.raises(UserError, match="holds a resnet18 run's weights, not resnet34's; pass --arch resnet18"):
+        arch.build_model("resnet34", 4, img_size=32, pretrained_path=str(best))
+
+
+def test_eval_every_skips_evaluations_and_never_saves_an_unevaluated_best(tiny_data, tmp_path):
+    run = _run(tiny_data, tmp_path, "--epochs", "5", "--eval_every", "2", "--steps_per_epoch", "2")
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [bool(r["val_top1"]) for r in rows] == [False, True, False, True, True]  # 2, 4 and the last
+    best = json.loads((run / "best_results.json").read_text())["best_epoch"]
+    assert best in (2, 4, 5) and torch.load(run / "best.pth.tar", weights_only=True)["epoch"] == best
+    only_last = _run(tiny_data, tmp_path / "o", "--epochs", "3", "--eval_every", "0", "--steps_per_epoch", "2")
+    assert [bool(r["val_top1"]) for r in csv.DictReader(open(only_last / "metrics.csv"))] == [False, False, True]

@@ -116,12 +116,7 @@ def test_a_run_logs_and_records_what_was_decided(tiny_data, tmp_path, cpu_with):
             str(tiny_data),
             "--output_dir",
             str(tmp_path),
-            "--epochs",
-            "1",
-            "--steps_per_epoch",
-            "2",
-            "--wandb",
-            "disabled",
+            *"--epochs 1 --steps_per_epoch 2 --wandb disabled".split(),
         ]
     )
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -145,12 +140,7 @@ def test_resuming_where_the_choice_differs_warns_and_continues(tiny_data, tmp_pa
             str(tiny_data),
             "--output_dir",
             str(tmp_path),
-            "--epochs",
-            "2",
-            "--steps_per_epoch",
-            "2",
-            "--wandb",
-            "disabled",
+            *"--epochs 2 --steps_per_epoch 2 --wandb disabled".split(),
         ]
     )
     ckpt = torch.load(run / "last.pth.tar", weights_only=True)
@@ -161,3 +151,18 @@ def test_resuming_where_the_choice_differs_warns_and_continues(tiny_data, tmp_pa
     log_text = (run / "log.txt").read_text()
     assert "resumes with fp32" in log_text and "not be bit-identical" in log_text
     assert len((run / "metrics.csv").read_text().splitlines()) == 1 + 2
+
+
+def test_data_on_the_device_is_decided_from_free_memory(monkeypatch):
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 80 * gib))
+    assert hardware.decide_data_on_device("auto", GPU, int(1.5 * gib), "torch")[0]
+    on, why = hardware.decide_data_on_device("auto", GPU, 6 * gib, "torch")
+    assert not on and "over 50% of the GPU's 10.0 GiB free" in why
+    assert not hardware.decide_data_on_device("auto", CPU, gib, "torch")[0]  # a CPU reads the cache in place
+    assert hardware.decide_data_on_device("on", CPU, gib, "torch")[0]
+    assert not hardware.decide_data_on_device("off", GPU, gib, "torch")[0]
+    off, why = hardware.decide_data_on_device("auto", GPU, None, "torch")
+    assert not off and "--no_cache" in why
+    with pytest.raises(UserError, match="--data_on_device on cannot be honoured: --aug_backend albumentations"):
+        hardware.decide_data_on_device("on", GPU, gib, "albumentations")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -42,6 +43,9 @@ def test_run_folder_is_complete(trained_run, tiny_data):
         assert CHECKPOINT_KEYS <= set(ckpt)
         assert ckpt["classes"] == sorted(WNIDS) and ckpt["config"]["arch"] == "resnet18"
     assert torch.load(trained_run / "last.pth.tar", weights_only=True)["epoch"] == 2
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (trained_run / "best.pth.tar").stat().st_mode & 0o777 == 0o666 & ~mask  # as readable as any file
 
     best = json.loads((trained_run / "best_results.json").read_text())
     assert {"best_epoch", "val_top1", "val_top5", "params", "wall_time_seconds"} <= set(best)
@@ -68,6 +72,27 @@ def test_same_seed_same_metrics_whatever_the_worker_count(tiny_data, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_data_on_the_device_gives_the_loader_paths_numbers(tiny_data, tmp_path):
+    args = [
+        *FAST_RUN,
+        "--data_dir",
+        str(tiny_data),
+        *"--epochs 2 --wandb disabled --aug_strength 1 --aug_schedule constant".split(),
+    ]
+    loader = main.main([*args, "--output_dir", str(tmp_path / "loader"), "--data_on_device", "off", "--workers", "2"])
+    device = main.main([*args, "--output_dir", str(tmp_path / "device"), "--data_on_device", "on"])
+    a, b = (
+        [{k: v for k, v in r.items() if k not in TIMING} for r in _rows(run / "metrics.csv")]
+        for run in (loader, device)
+    )
+    assert a == b
+    wa, wb = (torch.load(run / "last.pth.tar", weights_only=True)["state_dict"] for run in (loader, device))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (loader / "best_test_preds.csv").read_text() == (device / "best_test_preds.csv").read_text()
+    saved = yaml.safe_load((device / "config.yaml").read_text())
+    assert saved["resolved"]["runtime"]["data_on_device"] is True
+
+
 def test_learns_a_learnable_toy_problem(tiny_data, tmp_path):
     run = main.main(
         [
@@ -76,14 +101,7 @@ def test_learns_a_learnable_toy_problem(tiny_data, tmp_path):
             str(tiny_data),
             "--output_dir",
             str(tmp_path),
-            "--epochs",
-            "6",
-            "--aug_schedule",
-            "constant",
-            "--aug_strength",
-            "0.3",
-            "--wandb",
-            "disabled",
+            *"--epochs 6 --aug_schedule constant --aug_strength 0.3 --wandb disabled".split(),
         ]
     )
     best = json.loads((run / "best_results.json").read_text())
@@ -131,12 +149,7 @@ def test_undecodable_image_stops_before_training_with_one_line_naming_it(tmp_pat
             str(root),
             "--output_dir",
             str(tmp_path / "ck"),
-            "--workers",
-            "2",
-            "--epochs",
-            "1",
-            "--wandb",
-            "disabled",
+            *"--workers 2 --epochs 1 --wandb disabled".split(),
         ],
         cwd=ROOT,
         capture_output=True,

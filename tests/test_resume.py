@@ -17,30 +17,7 @@ import torch
 from conftest import PINNED, ROOT, TIMING
 
 RUN = [
-    "--arch",
-    "mobilenetv2_100",
-    "--img_size",
-    "32",
-    "--batch_size",
-    "8",
-    "--workers",
-    "0",
-    "--epochs",
-    "3",
-    "--lr_base",
-    "2e-3",
-    "--drop_rate",
-    "0.1",
-    "--drop_path_rate",
-    "0.1",
-    "--ema",
-    "--ema_decay",
-    "0.9",
-    "--aug_schedule",
-    "linear",
-    "--wandb",
-    "disabled",
-    "--no_analysis",
+    *"--arch mobilenetv2_100 --img_size 32 --batch_size 8 --workers 0 --epochs 3 --lr_base 2e-3 --drop_rate 0.1 --drop_path_rate 0.1 --ema --ema_decay 0.9 --aug_schedule linear --wandb disabled --no_analysis".split(),
     *PINNED,
 ]
 
@@ -168,3 +145,23 @@ def test_sigkill_mid_epoch_resumes_exactly_with_albumentations_workers(tiny_data
         assert _start(["--resume", str(run)], log).wait(300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     assert _rows(run) == _rows(reference)
     assert _same_weights(run / "last.pth.tar", reference / "last.pth.tar")
+
+
+def test_sigkill_mid_epoch_with_data_on_the_device_resumes_to_the_loader_paths_run(reference, tiny_data, tmp_path):
+    """--data_on_device gathers the loader path's batches itself: killed and resumed, it ends exactly
+    where the uninterrupted DataLoader run (the module's reference) ends."""
+    with open(tmp_path / "log", "w") as log:
+        proc = _start(
+            [*RUN, "--data_on_device", "on", "--data_dir", str(tiny_data), "--output_dir", str(tmp_path)], log
+        )
+        reached = _wait_until(lambda: KILL_POINTS["mid epoch 2"](tmp_path), proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+    assert reached, (tmp_path / "log").read_text()[-2000:]
+    run = _run_dir(tmp_path)
+    with open(tmp_path / "resume.log", "w") as log:
+        assert _start(["--resume", str(run)], log).wait(300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    assert "data on the device: on" in (run / "log.txt").read_text()
+    assert _rows(run) == _rows(reference)
+    assert _same_weights(run / "last.pth.tar", reference / "last.pth.tar")
+    assert (run / "best_test_preds.csv").read_text() == (reference / "best_test_preds.csv").read_text()

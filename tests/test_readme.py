@@ -1,0 +1,117 @@
+"""The README stays true: every flag it mentions exists, every preset it names exists, every
+command in its code blocks for main.py, val.py, analyze.py and sweep.py parses (a dry parse, no
+run), and every main.py flag is documented."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+import analyze
+import config
+import sweep
+import val
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+DOCS = {p.name: p.read_text() for p in (ROOT / "docs").glob("*.md")}
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
+
+
+def _help_flags(*command: str) -> set[str]:
+    out = subprocess.run(list(command), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return set(FLAG.findall(out.stdout + out.stderr))
+
+
+@pytest.fixture(scope="module")
+def known_flags() -> set[str]:
+    """Every option of every command the README shows (from their own --help)."""
+    py = sys.executable
+    flags = set()
+    for command in (
+        [py, "main.py", "--help"],
+        [py, "val.py", "--help"],
+        [py, "analyze.py", "run", "--help"],
+        [py, "analyze.py", "dataset", "--help"],
+        [py, "sweep.py", "--help"],
+        [py, "report.py", "--help"],
+        [py, "data/download.py", "--help"],
+        [py, "bench/gpu_check.py", "--help"],
+        ["bash", "docker/run_docker.sh", "--help"],
+        ["bash", "docker/build_docker.sh", "--help"],
+    ):
+        flags |= _help_flags(*command)
+    torchrun = {"--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_backend", "--rdzv_endpoint", "--standalone"}
+    others = {"--gpus-per-task"}  # SLURM's, named where it matters
+    return flags | torchrun | others
+
+
+def _code_lines(text: str) -> list[str]:
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", text, flags=re.S)
+    lines = []
+    for block in blocks:
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()  # trailing comments
+            if line:
+                lines.append(line)
+    return lines
+
+
+def test_every_flag_the_readme_mentions_exists(known_flags):
+    mentioned = set(FLAG.findall(README))
+    unknown = sorted(mentioned - known_flags)
+    assert not unknown, f"README mentions flags no command has: {unknown}"
+
+
+def test_every_main_py_flag_is_documented():
+    flags = {f"--{f.name}" for f in config.fields(config.Config)} | {"--config"}
+    missing = sorted(f for f in flags if f not in README)
+    assert not missing, f"README's reference leaves out: {missing}"
+
+
+def test_every_preset_named_exists():
+    for name in set(re.findall(r"configs/[\w*.-]+\.yaml", README + "".join(DOCS.values()))):
+        assert list(ROOT.glob(name)), f"{name} is named in the docs but does not exist"
+
+
+SCRIPTS = {
+    "main.py": lambda argv: config.parse_config(argv),
+    "val.py": lambda argv: val._parse(argv),
+    "analyze.py": lambda argv: analyze.build_parser().parse_args(argv),
+    "sweep.py": lambda argv: sweep.build_parser().parse_args(argv),
+}
+
+
+def _commands() -> list[tuple[str, list[str]]]:
+    """(script, its arguments) of every README command line that runs one of SCRIPTS."""
+    found = []
+    for line in _code_lines(README):
+        try:
+            words = shlex.split(line)
+        except ValueError:
+            continue
+        for i, word in enumerate(words):
+            script = word.split("/")[-1]
+            if script in SCRIPTS and (i == 0 or words[i - 1] in ("python", "python3") or "torchrun" in words[:i]):
+                args = words[i + 1 :]
+                found.append((script, args))
+                break
+    return found
+
+
+COMMANDS = _commands()
+
+
+def test_the_readme_shows_commands_for_each_script():
+    assert {script for script, _ in COMMANDS} == set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script, args", COMMANDS, ids=[f"{s} {' '.join(a)}"[:80] for s, a in COMMANDS])
+def test_every_readme_command_parses(script, args):
+    if "..." in args or any(a.startswith("[") or a.startswith("<") for a in args):
+        args = [a for a in args if a != "..." and not a.startswith(("[", "<")) and not a.endswith("]")]
+    SCRIPTS[script](args)  # argparse exits, config raises UserError, on anything wrong
