@@ -16,6 +16,7 @@ the final evaluation and predictions.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import tempfile
@@ -35,6 +36,7 @@ log = logging.getLogger("tin")
 
 clock: Callable[[], float] = time.perf_counter  # tests replace it with a controlled clock
 MARGIN = 0.015  # of the budget, kept free for what the measurements miss (logging, jitter)
+REPLAN_THRESHOLD = 0.02  # a re-plan changes the plan's length by more than this, or the plan stays
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,13 @@ class Plan:
     budget_s: float = 0.0
     predicted_s: float = 0.0
     costs: dict = field(default_factory=dict)
+    schedule_updates: int = 0  # the LR schedule's own length (the first plan's); re-plans stretch it
+    max_updates: int = 0  # --epochs' worth: re-plans never go beyond
+    slowness: float = 1.0  # the machine's time per update against the start's measurement (re-plans)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schedule_updates", self.schedule_updates or self.updates)
+        object.__setattr__(self, "max_updates", self.max_updates or self.updates)
 
     @property
     def epochs(self) -> float:
@@ -102,16 +111,26 @@ def predicted_seconds(
     size_at: Callable[[int, float], int],
     test_every_epoch: bool,
     eval_every: int = 1,
+    from_epoch: int = 0,
 ) -> float:
-    """Training + evaluation + predictions for a plan of `updates` (size_at(epoch, epochs))."""
+    """Training + evaluation + predictions for a plan of `updates` (size_at(epoch, epochs)), from
+    epoch `from_epoch` (0-based) to the end."""
     epochs = updates / upe
     total = 0.0 if test_every_epoch else costs.test_s
-    for e in range(math.ceil(epochs)):
-        k = min(upe, updates - e * upe)
-        total += costs.epoch_start_s + k * costs.update_s[size_at(e, epochs)] + costs.epoch_end_s
-        if evaluated(e, epochs, eval_every):
-            total += costs.eval_s + (costs.test_s if test_every_epoch else 0.0)
+    for e in range(from_epoch, math.ceil(epochs)):
+        total += _epoch_seconds(e, updates, upe, costs, size_at, test_every_epoch, eval_every)
     return total
+
+
+def _epoch_seconds(
+    e: int, updates: int, upe: int, costs: Costs, size_at, test_every_epoch: bool, eval_every: int
+) -> float:
+    epochs = updates / upe
+    k = min(upe, updates - e * upe)
+    seconds = costs.epoch_start_s + k * costs.update_s[size_at(e, epochs)] + costs.epoch_end_s
+    if evaluated(e, epochs, eval_every):
+        seconds += costs.eval_s + (costs.test_s if test_every_epoch else 0.0)
+    return seconds
 
 
 def plan_updates(
@@ -122,21 +141,25 @@ def plan_updates(
     size_at: Callable[[int, float], int],
     test_every_epoch: bool,
     eval_every: int = 1,
+    done: int = 0,
 ) -> tuple[int, float]:
-    """The most updates (<= max_updates) predicted to fit `seconds_left`, and the prediction.
-    Bisection: the predicted time grows with the number of updates (near enough: with
-    eval_every > 1 a new last epoch adds an evaluation; the answer always fits)."""
+    """The most updates (<= max_updates) predicted to fit `seconds_left`, and the prediction;
+    `done` updates (whole epochs) are already behind, so only the epochs after them count, and
+    the answer is `done` when not even one more update fits. Bisection: the predicted time grows
+    with the number of updates (near enough: with eval_every > 1 a new last epoch adds an
+    evaluation; the answer always fits)."""
+    first = done // upe
 
     def cost(u: int) -> float:
-        return predicted_seconds(u, upe, costs, size_at, test_every_epoch, eval_every)
+        return predicted_seconds(u, upe, costs, size_at, test_every_epoch, eval_every, from_epoch=first)
 
     if cost(max_updates) <= seconds_left:
         return max_updates, cost(max_updates)
-    lo, hi = 0, max_updates  # cost(lo) fits (or lo = 0), cost(hi) does not
+    lo, hi = done, max_updates  # cost(lo) fits (or lo = done), cost(hi) does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if cost(mid) <= seconds_left else (lo, mid)
-    return lo, cost(lo) if lo else 0.0
+    return lo, cost(lo) if lo > done else 0.0
 
 
 # --------------------------------------------------------------------------- measuring the run on this machine
@@ -270,6 +293,7 @@ def make_plan(
         budget_s=budget,
         predicted_s=round(predicted, 2),
         costs=_costs_dict(costs),
+        max_updates=base.updates,
     )
     per_update = ", ".join(f"{s}px {1000 * t:.0f} ms" for s, t in costs.update_s.items())
     log.info(
@@ -288,6 +312,64 @@ def make_plan(
         elapsed_s + clock() - start,
     )
     return plan
+
+
+def replan(
+    plan: Plan,
+    *,
+    step: int,
+    elapsed_s: float,
+    window: tuple[int, float],
+    trained_s: float,
+    size_at: Callable[[int, float], int],
+    test_every_epoch: bool,
+    eval_every: int,
+) -> Plan:
+    """At an epoch start of a budgeted run: how much slower (or faster) than measured at the start
+    has the machine trained since `window` = (update, elapsed seconds) a whole number of epochs ago
+    (`trained_s`: the seconds spent in those epochs' training, against the measured seconds per
+    update)? With that speed for everything that is left, the most updates that still fit the
+    budget (never beyond --epochs; never fewer than one more: then the deadline ends the run).
+    Returns the plan, re-planned when its length changes by more than REPLAN_THRESHOLD; the caller
+    stretches the LR schedule (optim.Stretchable)."""
+    costs, upe = costs_from_dict(plan.costs), plan.updates_per_epoch
+    epochs = plan.updates / upe
+    expected = sum(
+        costs.epoch_start_s + min(upe, plan.updates - e * upe) * costs.update_s[size_at(e, epochs)]
+        for e in range(window[0] // upe, step // upe)
+    )
+    if expected <= 0 or trained_s <= 0:
+        return plan
+    slowness = trained_s / expected
+    # what was not measured again (evaluation, checkpoints, test predictions) is taken to have slowed
+    # as training did, never to have sped up: a faster machine must not spend its last evaluation's time
+    worse = max(slowness, 1.0)
+    scaled = Costs(
+        {k: v * slowness for k, v in costs.update_s.items()},
+        costs.epoch_end_s * worse,
+        costs.test_s * worse,
+        costs.epoch_start_s * worse,
+        costs.eval_s * worse,
+    )
+    left = plan.budget_s * (1 - MARGIN) - elapsed_s
+    updates, predicted = plan_updates(
+        left, upe, plan.max_updates, scaled, size_at, test_every_epoch, eval_every, done=step
+    )
+    if updates <= step or abs(updates - plan.updates) <= max(1, REPLAN_THRESHOLD * plan.updates):
+        return dataclasses.replace(plan, slowness=round(slowness, 4))
+    return dataclasses.replace(
+        plan, updates=updates, slowness=round(slowness, 4), predicted_s=round(elapsed_s + predicted, 2)
+    )
+
+
+def costs_from_dict(d: dict) -> Costs:
+    return Costs(
+        {int(k): v for k, v in d["update_s"].items()},
+        d["epoch_end_s"],
+        d["test_s"],
+        d.get("epoch_start_s", 0.0),
+        d.get("eval_s", 0.0),
+    )
 
 
 def raise_too_short(minutes: float, costs: Costs, spent: float) -> None:
@@ -319,11 +401,27 @@ class Deadline:
         c = plan.costs
         self.enabled = plan.budget_s > 0
         self.end = clock() - elapsed_s + plan.budget_s
-        self.reserve = sum(c.get(k, 0.0) for k in ("epoch_end_s", "eval_s", "test_s")) if self.enabled else 0.0
+        self.base_reserve = sum(c.get(k, 0.0) for k in ("epoch_end_s", "eval_s", "test_s")) if self.enabled else 0.0
+        self.reserve = self.base_reserve * max(plan.slowness, 1.0)
         self.hit = False
+        self.last, self.interval = None, 0.0  # the previous check, and the time between the last two
+
+    def epoch_start(self) -> None:
+        """Training resumes after an evaluation: the next interval is measured from here."""
+        self.last = clock()
+
+    def slower(self, slowness: float) -> None:
+        """The machine runs `slowness` times the measured time: so will the last evaluation."""
+        self.reserve = self.base_reserve * max(slowness, 1.0)
 
     def passed(self) -> bool:
-        if self.enabled and not self.hit and clock() > self.end - self.reserve:
+        """Asked between updates: True once the next stretch of training (as long as the last one
+        between two checks) would eat into the reserve."""
+        now = clock()
+        if self.last is not None:
+            self.interval = now - self.last
+        self.last = now
+        if self.enabled and not self.hit and now + self.interval > self.end - self.reserve:
             self.hit = True
         return self.hit
 

@@ -106,10 +106,11 @@ def to_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def build_scheduler(cfg: Config, p: Parts, plan: Plan):
+    """The LR schedule over the plan's first length (re-plans of a time budget stretch it)."""
     return optim.build_scheduler(
         p.optimizer,
         cfg.sched,
-        plan.updates,
+        plan.schedule_updates,
         plan.updates_per_epoch,
         warmup_epochs=cfg.warmup_epochs,
         min_lr=cfg.min_lr,
@@ -180,10 +181,17 @@ def fit(
     origin = started - state.elapsed_s  # the run's time 0, across resumes
     deadline = budget.Deadline(plan, budget.clock() - origin)
     p.scheduler.step_update(num_updates=state.step)
+    window, trained_s = (state.step, budget.clock() - origin), 0.0  # speed measured from here (not start-up)
     epoch = state.epoch
     while epoch < plan.n_epochs and not state.finished:
         t0 = budget.clock()
+        if plan.budget_s and state.step > window[0]:  # re-plan from whole epochs trained in this process
+            if window[0] % plan.updates_per_epoch == 0:
+                plan = _replan(cfg, p, state, plan, deadline, window, elapsed_s=t0 - origin, trained_s=trained_s)
+            window, trained_s = (state.step, t0 - origin), 0.0
+        deadline.epoch_start()
         tr = train_epoch(cfg, p, spec, state, plan=plan, epoch=epoch, should_stop=_stopper(p, spec, stop, deadline))
+        trained_s += budget.clock() - t0
         if tr["interrupted"] and stop.signum:  # saved; tell how to go on
             _exit_interrupted(p, cfg, state, plan=plan, run_dir=run_dir, stop=stop, elapsed_s=budget.clock() - origin)
         last = epoch + 1 == plan.n_epochs or deadline.hit
@@ -201,7 +209,9 @@ def fit(
                 plan.updates,
             )
         elif state.finished and not last:
-            log.info("early stop: no better val top-1 for %d evaluations (--patience %d)", state.bad_epochs, cfg.patience)
+            log.info(
+                "early stop: no better val top-1 for %d evaluations (--patience %d)", state.bad_epochs, cfg.patience
+            )
         if distributed.any_flag(bool(stop.signum), p.device):
             _exit_interrupted(p, cfg, state, plan=plan, run_dir=run_dir, stop=stop, elapsed_s=budget.clock() - origin)
         epoch = state.epoch
@@ -209,6 +219,48 @@ def fit(
     _log_done(state, plan, run_dir=run_dir, has_test=p.loaders.test is not None, seconds=budget.clock() - origin)
     if not cfg.no_analysis and p.loaders.val is not None and p.ctx.is_main:
         _analyze(run_dir, cfg.workers, p.device)
+
+
+def _replan(
+    cfg: Config,
+    p: Parts,
+    state: TrainState,
+    plan: Plan,
+    deadline: budget.Deadline,
+    window: tuple[int, float],
+    elapsed_s: float,
+    trained_s: float,
+) -> Plan:
+    """--time_budget at an epoch's start: re-plan the rest from the machine's training speed over
+    the whole epochs since `window` against the start's measurement (budget.replan). The LR
+    schedule stretches or squeezes to end with the new plan; rank 0 decides for every process.
+    A steady machine keeps its plan (a resumed run then repeats an uninterrupted one exactly);
+    one whose speed drifts re-plans, which a resumed run, measuring its own speed, may do
+    differently. A resumed run measures from its first whole epoch."""
+    new = distributed.broadcast(
+        budget.replan(
+            plan,
+            step=state.step,
+            elapsed_s=elapsed_s,
+            window=window,
+            trained_s=trained_s,
+            size_at=budget.size_schedule(cfg.img_size, cfg.min_img_size, cfg.resize_until),
+            test_every_epoch=cfg.test_preds == "best",
+            eval_every=cfg.eval_every,
+        )
+    )
+    deadline.slower(new.slowness)
+    if new.updates != plan.updates:
+        p.scheduler.replan(state.step, new.updates)
+        log.info(
+            "--time_budget: this machine now trains at %.2fx the measured time per update; re-planned to %d "
+            "updates = %.2f epochs (was %d)",
+            new.slowness,
+            new.updates,
+            new.epochs,
+            plan.updates,
+        )
+    return new
 
 
 def train_epoch(
@@ -341,6 +393,8 @@ def _plan_summary(plan: Plan) -> dict:
         "time_budget_seconds": plan.budget_s,
         "planned_updates": plan.updates,
         "planned_epochs": round(plan.epochs, 3),
+        "first_planned_updates": plan.schedule_updates,
+        "slowness": plan.slowness,
     }
 
 

@@ -81,7 +81,45 @@ def build_scheduler(
     lr = group.get("initial_lr", group["lr"])  # a scheduler built before (then re-planned) moved "lr"
     common = {"warmup_t": warmup, "warmup_lr_init": lr * 1e-3, "warmup_prefix": True, "t_in_epochs": False}
     options = {"min_lr": min_lr, "step_size": step_size, "gamma": gamma, "milestones": milestones or []}
-    return SCHEDULES[sched](optimizer, total_updates - warmup, updates_per_epoch, common, options)
+    base = SCHEDULES[sched](optimizer, total_updates - warmup, updates_per_epoch, common, options)
+    return Stretchable(base, total_updates)
+
+
+class Stretchable:
+    """A per-update schedule (timm's) whose remainder can be stretched or squeezed when a
+    time-budgeted run re-plans its length: after a re-plan at update t0 to a new end, update t
+    reads the base schedule at tau(t) = tau(t0) + (t - t0) * k, where k maps the new end onto the
+    base schedule's end. The learning rate is continuous at t0 and reaches the base schedule's
+    final value exactly at the new end (warm-up, cosine or linear decay alike). With no re-plan it
+    is the base schedule. Its state (the base's and the re-plan points) goes into checkpoints."""
+
+    def __init__(self, base, total: int) -> None:
+        self.base, self.total = base, total  # the base schedule's length in updates
+        self.knots: list[tuple[int, float, float]] = []  # (t0, tau(t0), k)
+
+    def tau(self, t: float) -> float:
+        for t0, tau0, k in reversed(self.knots):
+            if t >= t0:
+                return tau0 + (t - t0) * k
+        return float(t)
+
+    def step_update(self, num_updates: int, metric=None) -> None:
+        self.base.step_update(num_updates=self.tau(num_updates))
+
+    def replan(self, t0: int, new_total: int) -> None:
+        """From update t0 on, the rest of the base schedule spreads over updates t0..new_total."""
+        tau0 = self.tau(t0)
+        self.knots.append((t0, tau0, max(self.total - tau0, 0.0) / max(new_total - t0, 1)))
+
+    def state_dict(self) -> dict:
+        return {"base": self.base.state_dict(), "total": self.total, "knots": [list(k) for k in self.knots]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "knots" not in state:  # a checkpoint from before re-planning existed: the base's state alone
+            self.base.load_state_dict(state)
+            return
+        self.base.load_state_dict(state["base"])
+        self.total, self.knots = state["total"], [tuple(k) for k in state["knots"]]
 
 
 def updates_per_epoch(batches: int, accum_steps: int) -> int:
@@ -115,7 +153,7 @@ LR_RECIPES: dict[tuple[str, bool, bool], LrRecipe] = {
     ("mobile", False, True): LrRecipe(4e-3, 2, "mobile CNN from scratch, AdamW"),
     ("small", False, True): LrRecipe(4e-3, 2, "small CNN from scratch, AdamW"),
     ("vit", False, True): LrRecipe(1e-3, 5, "ViT/DeiT from scratch, AdamW"),
-    ("swin", False, True): LrRecipe(1e-3, 5, "Swin from scratch, AdamW"),
+    ("swin", False, True): LrRecipe(5e-4, 5, "Swin from scratch, AdamW"),
     ("timm", False, True): LrRecipe(1e-3, 5, "other timm model from scratch, AdamW (not measured)"),
     ("*", True, True): LrRecipe(4e-5, 0, "pretrained weights, AdamW: the original project's 2e-5 at batch 128"),
     ("*", False, False): LrRecipe(0.1, 2, "from scratch, SGD: 0.1 per 256 images (Goyal et al., 2017)"),
