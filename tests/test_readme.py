@@ -115,3 +115,13 @@ def test_every_readme_command_parses(script, args):
     if "..." in args or any(a.startswith("[") or a.startswith("<") for a in args):
         args = [a for a in args if a != "..." and not a.startswith(("[", "<")) and not a.endswith("]")]
     SCRIPTS[script](args)  # argparse exits, config raises UserError, on anything wrong
+
+
+def test_no_figure_is_left_as_a_placeholder():
+    """Figures are filled in while a change is written (FIGURE-style tokens, outside code)."""
+    placeholder = re.compile(r"(?<![\w`$])[A-Z][A-Z0-9]*_[A-Z0-9_]*(?:FIGURE|TABLE|EXAMPLE|RESULT|HISTORY|TIME)\b(?!`)")
+    texts = {"README.md": README, **{f"docs/{k}": v for k, v in DOCS.items()}}
+    texts["bench/RESULTS.md"] = (ROOT / "bench" / "RESULTS.md").read_text()
+    for name, text in texts.items():
+        prose = re.sub(r"```.*?```", "", text, flags=re.S)
+        assert not placeholder.findall(prose), f"{name}: placeholders left: {placeholder.findall(prose)}"
