@@ -95,33 +95,16 @@ def test_sweep_reports_failures(tiny_data, tmp_path):
     assert "does not exist" in (tmp_path / "sw" / "broken.log").read_text()
 
 
+def _sweep_demo(tmp_path, *set_args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "sweep.py", str(ROOT / "configs" / "demo.yaml"), "--set", *set_args]
+    return subprocess.run([*command, "--sweep_dir", str(tmp_path / "sw")], cwd=ROOT, capture_output=True, text=True)
+
+
 def test_sweep_rejects_bad_overrides_before_running(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "sweep.py",
-            str(ROOT / "configs" / "demo.yaml"),
-            *"--set epochz=3 --sweep_dir".split(),
-            str(tmp_path / "sw"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    proc = _sweep_demo(tmp_path, "epochz=3")
     assert proc.returncode == 2 and "epochz" in proc.stderr and not list((tmp_path / "sw").glob("*.log"))
 
 
 def test_sweep_set_needs_key_equals_value(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "sweep.py",
-            str(ROOT / "configs" / "demo.yaml"),
-            *"--set epochs --sweep_dir".split(),
-            str(tmp_path / "sw"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    proc = _sweep_demo(tmp_path, "epochs")
     assert proc.returncode == 2 and "expected key=value" in proc.stderr
