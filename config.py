@@ -45,8 +45,9 @@ def _opt(help_text: str, *, default: Any, resume: bool = False, before: Any = No
 
 def _default_workers() -> int:
     """Up to 8 loader processes per training process: this process's CPUs (its affinity mask, as
-    taskset/cpusets/SLURM give it) shared among the processes torchrun starts on this node."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    taskset/cpusets/SLURM give it, capped by a cgroup CPU quota) shared among the processes
+    torchrun starts on this node."""
+    cpus = hardware.usable_cpus()
     return max(1, min(8, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
 
 

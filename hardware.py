@@ -124,6 +124,55 @@ def configure(device: torch.device, deterministic: bool = True) -> None:
     torch.set_float32_matmul_precision("high")
 
 
+# --------------------------------------------------------------------------- CPUs
+CGROUP = "/sys/fs/cgroup"  # tests point it at a fake tree
+
+
+def cpu_quota(root: str | None = None) -> float | None:
+    """The CPUs' worth of time a cgroup CPU quota allows this process (`docker run --cpus`,
+    Kubernetes CPU limits): cgroup v2 `cpu.max`, else v1 `cpu.cfs_quota_us / cpu.cfs_period_us`.
+    None when there is no quota or it cannot be read."""
+    root = root or CGROUP
+    try:
+        quota, period = open(os.path.join(root, "cpu.max")).read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for sub in ("cpu", "cpu,cpuacct"):
+        try:
+            quota = int(open(os.path.join(root, sub, "cpu.cfs_quota_us")).read())
+            period = int(open(os.path.join(root, sub, "cpu.cfs_period_us")).read())
+        except (OSError, ValueError):
+            continue
+        return quota / period if quota > 0 and period > 0 else None
+    return None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity mask (taskset, cpusets, SLURM, `docker
+    --cpuset-cpus`), capped by a cgroup CPU quota (whole CPUs, at least one)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cpu_quota()
+    return max(1, min(cpus, int(quota))) if quota else cpus
+
+
+def fit_threads() -> str | None:
+    """torch sizes its thread pool from the cores it sees and the affinity mask, not from a cgroup
+    quota: `docker run --cpus 4` on a 64-core host would run 64 threads on 4 CPUs' worth of time
+    and crawl. Cap torch's threads at usable_cpus(), unless OMP_NUM_THREADS says otherwise (as
+    torchrun does). Returns the log line when it changed anything."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    before, cpus = torch.get_num_threads(), usable_cpus()
+    if cpus >= before:
+        return None
+    torch.set_num_threads(cpus)
+    return (
+        f"torch threads: {cpus}, not {before}: the cgroup CPU quota allows {cpu_quota():g} CPUs "
+        "(OMP_NUM_THREADS=N to choose)"
+    )
+
+
 # --------------------------------------------------------------------------- capabilities
 def cpu_capabilities() -> dict:
     """torch's view of the CPU's instruction sets (torch.cpu.get_capabilities, torch >= 2.10;

@@ -72,6 +72,9 @@ def build(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None) -> Bu
     rate and warm-up resolved from the recipe table) or for `ckpt`'s (weights not yet loaded).
     bench/step.py and bench/gpu_check.py build exactly this way."""
     seed_everything(cfg.seed)
+    threads = hardware.fit_threads()
+    if threads:
+        log.info(threads)
     runtime = hardware.decide_runtime(
         distributed.device_for(ctx, hardware.resolve_device(cfg.device)), cfg.amp, cfg.amp_dtype, cfg.channels_last
     )

@@ -166,3 +166,45 @@ def test_data_on_the_device_is_decided_from_free_memory(monkeypatch):
     assert not off and "--no_cache" in why
     with pytest.raises(UserError, match="--data_on_device on cannot be honoured: --aug_backend albumentations"):
         hardware.decide_data_on_device("on", GPU, gib, "albumentations")
+
+
+# ---------------------------------------------------------------------------- a cgroup CPU quota
+def _cgroup(root, v2=None, v1=None):
+    if v2 is not None:
+        (root / "cpu.max").write_text(v2 + "\n")
+    if v1 is not None:
+        (root / "cpu").mkdir()
+        (root / "cpu" / "cpu.cfs_quota_us").write_text(f"{v1[0]}\n")
+        (root / "cpu" / "cpu.cfs_period_us").write_text(f"{v1[1]}\n")
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    "v2, v1, expected",
+    [
+        ("max 100000", None, None),  # cgroup v2, no limit
+        ("150000 100000", None, 1.5),  # docker run --cpus 1.5
+        (None, (-1, 100000), None),  # cgroup v1, no limit
+        (None, (200000, 100000), 2.0),
+        (None, None, None),  # nothing mounted
+    ],
+)
+def test_the_cpu_quota_is_read_from_either_cgroup_version(tmp_path, v2, v1, expected):
+    assert hardware.cpu_quota(_cgroup(tmp_path, v2, v1)) == expected
+
+
+def test_torch_threads_are_capped_at_the_quota_unless_omp_num_threads_says(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(hardware, "CGROUP", _cgroup(tmp_path, v2="100000 100000"))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(2)
+        assert hardware.usable_cpus() == 1
+        line = hardware.fit_threads()
+        assert torch.get_num_threads() == 1 and "torch threads: 1, not 2" in line and "allows 1 CPUs" in line
+        assert hardware.fit_threads() is None  # already within the quota
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert hardware.fit_threads() is None and torch.get_num_threads() == 2  # the user's choice stands
+    finally:
+        torch.set_num_threads(before)
