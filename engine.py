@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -428,10 +429,23 @@ def _exit_interrupted(
         ckpt = run_state.make_checkpoint(p, cfg.to_dict(), state, plan)
         if p.ctx.is_main:
             run_state.write_checkpoint(ckpt, run_dir / "last.pth.tar")
-    log.warning(
-        "interrupted; state saved in %s. Resume with:\n  python main.py --resume %s", run_dir / "last.pth.tar", run_dir
-    )
+    log.warning("interrupted; state saved in %s. Resume with:\n  %s", run_dir / "last.pth.tar", resume_command(run_dir))
     raise SystemExit(128 + stop.signum)
+
+
+IN_CONTAINER = os.path.exists("/.dockerenv")
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that resumes `run_dir`; in a Docker container, the one to type on the host
+    (docker/run_docker.sh mounts checkpoints/ at the same place relative to the repository)."""
+    if not IN_CONTAINER:
+        return f"python main.py --resume {run_dir}"
+    try:
+        run_dir = Path(run_dir).resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        pass
+    return f"bash docker/run_docker.sh -- python main.py --resume {run_dir}   (on the host, in the repository, with the run_docker.sh options this run was started with)"
 
 
 def _analyze(run_dir: Path, workers: int, device: torch.device) -> None:

@@ -224,3 +224,16 @@ def test_docker_smoke():
     proc = subprocess.run(["bash", str(DOCKER / "smoke.sh")], capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "docker smoke ok" in proc.stdout
+
+
+def test_an_interrupted_run_in_a_container_tells_the_host_command(tmp_path, monkeypatch):
+    import engine
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "checkpoints" / "2026-11-27_10-00-00_resnet18"
+    monkeypatch.setattr(engine, "IN_CONTAINER", False)
+    assert engine.resume_command(run) == f"python main.py --resume {run}"
+    monkeypatch.setattr(engine, "IN_CONTAINER", True)
+    assert engine.resume_command(run).startswith(
+        "bash docker/run_docker.sh -- python main.py --resume checkpoints/2026-11-27_10-00-00_resnet18 "
+    )
