@@ -198,7 +198,7 @@ def analyze_run(
     model = arch.build_model(cfg.arch, len(data.classes), cfg.img_size)
     model.load_state_dict(ckpt["state_dict"])
     model.to(device)
-    val_loader, _ = batch_manager.eval_loaders(data, cfg.img_size, 256, cfg.workers, pin_memory=device.type == "cuda")
+    val_loader, _ = batch_manager.eval_loaders(data, cfg.eval_px, 256, cfg.workers, pin_memory=device.type == "cuda")
     dtype = hardware.decide_runtime(device, cfg.amp, cfg.amp_dtype).amp_dtype
     res = infer(model, val_loader, Normalize().to(device), device, dtype, features=True)
     for key in ("logits", "labels", "features"):

@@ -317,12 +317,14 @@ def build_loaders(
     aug_backend: str = "albumentations",
     recipe: dict | None = None,
     on_device: torch.device | None = None,
+    eval_size: int = 0,
 ) -> Loaders:
     """Loaders for this process: train shuffled and sharded (rank of world), val/test sharded in
     order without padding, so reduced metrics count every image exactly once; evaluation batches
     are twice the training batch (no gradients to keep). With aug_backend 'torch' the train loader
     delivers stored images and `Loaders.augment` augments on the device. With `on_device` the
-    decoded splits live on that device and batches are gathered there (no DataLoader at all)."""
+    decoded splits live on that device and batches are gathered there (no DataLoader at all).
+    val and test are at `eval_size` (0 = img_size)."""
     if len(data.train) < batch_size:
         raise DatasetError(
             f"{data.root}: the train split has {len(data.train)} images, fewer than --batch_size {batch_size}; "
@@ -337,11 +339,13 @@ def build_loaders(
             raise ValueError(
                 "data on the device needs --aug_backend torch (albumentations works per image on the host)"
             )
-        train, val, test = _on_device(data, sampler, img_size, batch_size, 2 * batch_size, on_device, rank, world)
+        train, val, test = _on_device(
+            data, sampler, eval_size or img_size, batch_size, 2 * batch_size, on_device, rank, world
+        )
         return Loaders(train=train, val=val, test=test, data=data, augment=augment, img_size=img_size)
     train = _loader(train_set, batch_size, workers, pin_memory, sampler=sampler, drop_last=True)
     eval_workers = min(workers, 2)  # evaluation gathers stored images: little work per batch
-    val, test = eval_loaders(data, img_size, 2 * batch_size, eval_workers, pin_memory, rank, world)
+    val, test = eval_loaders(data, eval_size or img_size, 2 * batch_size, eval_workers, pin_memory, rank, world)
     return Loaders(train=train, val=val, test=test, data=data, augment=augment, img_size=img_size)
 
 

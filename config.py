@@ -96,6 +96,11 @@ class Config:
         "progressive resizing: train at this resolution first, growing to --img_size (0 = off)", default=0
     )
     resize_until: float = _opt("fraction of the run after which training is at full --img_size", default=0.75)
+    eval_size: int = _opt(
+        "resolution of evaluation and test predictions (0 = --img_size); a little above --img_size undoes the "
+        "zoom that random-resized-crop training shows the model (FixRes); convolutional models only",
+        default=0,
+    )
     workers: int = _opt(
         "DataLoader worker processes for training (0 = load in the main process; evaluation uses at most 2)",
         default=_default_workers,
@@ -226,6 +231,11 @@ class Config:
         "wandb project name (default: $WANDB_PROJECT, else tiny-imagenet-200)", default="", resume=True
     )
 
+    @property
+    def eval_px(self) -> int:
+        """The resolution val and test images are evaluated at."""
+        return self.eval_size or self.img_size
+
     def recipe(self) -> dict[str, dict[str, float]]:
         """The augmentation recipe table with --randaugment and --aug_ops applied (transforms.RECIPE)."""
         return transforms.build_recipe(self.aug_ops, self.randaugment, self.randaugment_n, self.randaugment_m)
@@ -271,6 +281,10 @@ def validate(cfg: Config) -> Config:
             f"--min_img_size must be 0 (off) or lie in [16, --img_size {cfg.img_size}] (got {cfg.min_img_size})",
         ),
         (0 < cfg.resize_until <= 1, f"--resize_until must lie in (0, 1] (got {cfg.resize_until})"),
+        (
+            cfg.eval_size == 0 or cfg.eval_size >= 16,
+            f"--eval_size must be 0 (= --img_size) or >= 16 (got {cfg.eval_size})",
+        ),
         (0 <= cfg.val_split < 1, f"--val_split must lie in [0, 1) (got {cfg.val_split})"),
         (cfg.accum_steps >= 1, f"--accum_steps must be >= 1 (got {cfg.accum_steps})"),
         (0 < cfg.ema_decay < 1, f"--ema_decay must lie in (0, 1) (got {cfg.ema_decay})"),

@@ -82,6 +82,11 @@ def build(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None) -> Bu
     if ckpt is not None:
         hardware.warn_if_changed(ckpt.get("runtime"), runtime)
     hardware.configure(runtime.device, deterministic=cfg.deterministic)
+    if cfg.eval_px != cfg.img_size and arch.resolve(cfg.arch).family in ("vit", "swin"):
+        raise UserError(
+            f"--eval_size {cfg.eval_size}: {cfg.arch} is built for {cfg.img_size}x{cfg.img_size} inputs "
+            "(a transformer's position grid); evaluate it at --img_size (--eval_size 0)"
+        )
     data = _prepare_data_once(cfg, ctx)
     if ckpt is not None and list(ckpt["classes"]) != data.classes:
         raise UserError(f"--resume {cfg.resume}: the run was trained on other classes than those in {data.root}")
@@ -102,6 +107,7 @@ def build(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None) -> Bu
         aug_backend=cfg.aug_backend,
         recipe=cfg.recipe(),
         on_device=runtime.device if resident else None,
+        eval_size=cfg.eval_px,
     )
     fresh = ckpt is None  # pretrained weights only for a new run; a resumed one loads its own
     model = arch.build_model(

@@ -237,7 +237,7 @@ def run(argv: list[str] | None = None) -> dict[str, float]:
     normalize = Normalize().to(device)
     val_probs, test_probs, labels = [], [], None
     for model, cfg, _ in models:  # each model at its own resolution, from the same decoded data
-        val_loader, test_loader = batch_manager.eval_loaders(data, cfg.img_size, args.batch_size, cfg.workers)
+        val_loader, test_loader = batch_manager.eval_loaders(data, cfg.eval_px, args.batch_size, cfg.workers)
         dtype, tta = hardware.decide_runtime(device, cfg.amp, cfg.amp_dtype).amp_dtype, args.tta == "flip"
         out = infer(model, val_loader, normalize, device, dtype, tta=tta)
         val_probs.append(out["logits"].softmax(1))

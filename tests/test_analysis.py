@@ -192,3 +192,20 @@ def test_report_without_finished_runs_is_a_clear_error(tmp_path):
     )
     assert proc.returncode == 1 and proc.stderr.startswith("error: none of 1 folder(s) is a finished run")
     assert not (tmp_path / "report.md").exists()
+
+
+def test_eval_size_evaluates_val_and_test_at_its_resolution(tiny_data, tmp_path):
+    """--eval_size (FixRes): training at --img_size 32, val and test at 40; val.py reproduces the
+    run's figure from the checkpoint (at the same 40 px), and transformers are refused."""
+    import batch_manager
+
+    data = batch_manager.prepare_data("tiny-imagenet", tiny_data, 32, 0, seed=0, use_cache=False)
+    loaders = batch_manager.build_loaders(data, 32, 8, 0, 0, eval_size=40)
+    assert next(iter(loaders.val))[0].shape[-2:] == (40, 40) and next(iter(loaders.test))[0].shape[-2:] == (40, 40)
+    common = ["--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--epochs", "1", "--wandb", "disabled"]
+    run = main.main([*FAST_RUN, *common, "--eval_size", "40"])
+    best = json.loads((run / "best_results.json").read_text())
+    again = val.run(["--checkpoint", str(run / "best.pth.tar"), "--output_dir", str(tmp_path / "v")])
+    assert again["val_top1"] == pytest.approx(best["val_top1"])
+    with pytest.raises(UserError, match="--eval_size 40: vit_tiny is built for 32x32"):
+        main.main([*FAST_RUN, *common, "--arch", "vit_tiny", "--eval_size", "40"])
