@@ -204,8 +204,8 @@ def fit(
         log.info("epoch %d/%s  %s%s", epoch + 1, _epochs_text(plan), _summary(row), "  *best*" if improved else "")
         if deadline.hit:
             log.warning(
-                "--time_budget: training stopped at update %d of the %d planned, to finish on time (this "
-                "machine ran slower than it measured at the start)",
+                "--time_budget: training stopped at update %d of the %d planned, to finish on time (the "
+                "last epoch ran slower than planned)",
                 state.step,
                 plan.updates,
             )
