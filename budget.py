@@ -122,12 +122,17 @@ def predicted_seconds(
     return total
 
 
+def _training_seconds(e: int, updates: int, upe: int, costs: Costs, size_at) -> float:
+    """Epoch e's training alone (its start and its updates at its size) in a plan of `updates`."""
+    k = min(upe, updates - e * upe)
+    return costs.epoch_start_s + k * costs.update_s[size_at(e, updates / upe)]
+
+
 def _epoch_seconds(
     e: int, updates: int, upe: int, costs: Costs, size_at, test_every_epoch: bool, eval_every: int
 ) -> float:
     epochs = updates / upe
-    k = min(upe, updates - e * upe)
-    seconds = costs.epoch_start_s + k * costs.update_s[size_at(e, epochs)] + costs.epoch_end_s
+    seconds = _training_seconds(e, updates, upe, costs, size_at) + costs.epoch_end_s
     if evaluated(e, epochs, eval_every):
         seconds += costs.eval_s + (costs.test_s if test_every_epoch else 0.0)
     return seconds
@@ -333,10 +338,8 @@ def replan(
     Returns the plan, re-planned when its length changes by more than REPLAN_THRESHOLD; the caller
     stretches the LR schedule (optim.Stretchable)."""
     costs, upe = costs_from_dict(plan.costs), plan.updates_per_epoch
-    epochs = plan.updates / upe
     expected = sum(
-        costs.epoch_start_s + min(upe, plan.updates - e * upe) * costs.update_s[size_at(e, epochs)]
-        for e in range(window[0] // upe, step // upe)
+        _training_seconds(e, plan.updates, upe, costs, size_at) for e in range(window[0] // upe, step // upe)
     )
     if expected <= 0 or trained_s <= 0:
         return plan

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+import hardware
 from config import load_yaml_defaults
 from utils import UserError
 
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             gpus.put(gpu)
         print(f"runs take GPUs {', '.join(slots)} in turn (CUDA_VISIBLE_DEVICES per run)")
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel))
+        threads = max(1, hardware.usable_cpus() // max(1, args.parallel))  # affinity and CPU quota
         rows = list(pool.map(lambda job: run_one(*job, sweep_dir, threads, gpus), jobs))
     write_summary(rows, sweep_dir)
     print((sweep_dir / "summary.md").read_text())
