@@ -130,6 +130,7 @@ class AugmentedDataset(Dataset):
     def __getstate__(self) -> dict:
         # Under the spawn start method, send a memory map's file name, not its gigabytes.
         state = dict(self.__dict__)
+        state["_pipeline_for"] = None  # rebuilt where it is used
         array = self.split.array
         if isinstance(array, np.memmap) and array.filename:
             state["split"] = replace(self.split, array=None)
@@ -218,8 +219,9 @@ class DeviceBatches:
         return len(self.sampler) // self.batch_size  # drop_last, as the training loader
 
     def __iter__(self):
-        order = torch.tensor(list(self.sampler), dtype=torch.long)
-        order = order.pin_memory().to(self.images.device, non_blocking=True) if self.images.is_cuda else order
+        order = torch.tensor(list(self.sampler), dtype=torch.long)  # once per epoch, one non-blocking copy
+        order = order.pin_memory() if self.images.is_cuda else order
+        order = order.to(self.images.device, non_blocking=True)
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield self.images.index_select(0, idx).permute(0, 3, 1, 2), self.labels.index_select(0, idx)
@@ -386,6 +388,7 @@ class _Pipelines:
 
 def _albumentations_backend(split: Split, img_size: int, seed: int, rank: int, recipe: dict):
     """Per image in the loader workers, seeded by (seed, epoch, index)."""
+    transforms.require_albumentations()  # its absence is an error now, not in a worker later
     return AugmentedDataset(split, _Pipelines(recipe), seed, size=img_size), None
 
 

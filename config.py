@@ -210,11 +210,14 @@ class Config:
         onoff=True,
         resume=True,
     )
-    deterministic: bool = _opt(
-        "CUDA: deterministic cuDNN algorithms, no autotuning (the original project's choice; attention and Swin's "
-        "position bias stay non-deterministic on GPUs); --no-deterministic lets cuDNN pick the fastest",
-        default=True,
+    deterministic: str = _opt(
+        "bitwise-repeatable runs: auto = deterministic where it costs nothing (CPUs) and cuDNN autotuning on GPUs; "
+        "on = deterministic GPU kernels too (slower; README: How defaults are decided); off = autotune",
+        default="auto",
+        choices=ON_OFF,
+        onoff=True,
         resume=True,
+        before="on",
     )
     sync_bn: bool = _opt("synchronise batch-norm statistics across processes (torchrun)", default=False, flag=True)
     compile: bool = _opt("torch.compile the model (off by default)", default=False, flag=True, resume=True)
@@ -328,6 +331,8 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise UserError(message)
     milestones(cfg)
+    if cfg.aug_backend == "albumentations":
+        transforms.require_albumentations()  # installed? (optional: the torch backend needs none)
     try:
         cfg.recipe()
     except ValueError as exc:

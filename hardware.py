@@ -11,6 +11,7 @@ capability queries, with a one-line reason that main.py logs and records in the 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -52,6 +53,20 @@ class Runtime:
             "channels_last": self.channels_last,
             "reason": self.reason,
         }
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The one autocast context of the toolkit: `dtype` (bf16/fp16) on `device`, or nothing at all
+    for fp32 (a disabled autocast would still reject devices it does not know)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (timings only; a CPU has none)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------- devices
@@ -111,17 +126,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def configure(device: torch.device, deterministic: bool = True) -> None:
-    """Process-wide numerics for a CUDA run. --deterministic (the default, as in the original
-    project): cuDNN picks deterministic algorithms, no autotuning; --no-deterministic: cuDNN
-    benchmarks and keeps the fastest (speed runs). fp32 matmuls and convolutions may use TF32 on
-    Ampere and newer (`high`): --no-amp runs stay on the tensor cores. CPU runs are untouched."""
+def configure(device: torch.device, deterministic: str = "auto") -> str:
+    """Process-wide numerics; returns the one-line reason that is logged.
+
+    --deterministic auto (the default): deterministic where it costs nothing — a CPU's kernels
+    already are — and on a GPU cuDNN benchmarks its algorithms and keeps the fastest, as timm's
+    and torchvision's training references do. on: bitwise-repeatable GPU runs too — cuDNN's
+    deterministic algorithms without autotuning, and torch's deterministic kernels (cuBLAS with a
+    fixed workspace; ops without a deterministic kernel warn). off: autotuning. fp32 matmuls and
+    convolutions may use TF32 on Ampere and newer (`high`): --no-amp runs stay on the tensor cores."""
     if device.type != "cuda":
-        return
-    torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = not deterministic
+        return "deterministic (a CPU)"
+    exact = deterministic == "on"
+    if exact:  # must be set before cuBLAS starts; torchrun's processes each get it
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(exact, warn_only=True)
+    torch.backends.cudnn.deterministic = exact
+    torch.backends.cudnn.benchmark = not exact
     torch.backends.cudnn.allow_tf32 = True
     torch.set_float32_matmul_precision("high")
+    if exact:
+        return "deterministic GPU kernels, no cuDNN autotuning (--deterministic on; slower)"
+    return f"cuDNN autotuning, not bitwise repeatable (--deterministic {deterministic}; on for exact repeats)"
 
 
 # --------------------------------------------------------------------------- CPUs

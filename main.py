@@ -31,7 +31,16 @@ import run_state
 from config import RESOLVED_KEY, Config, parse_config
 from run_state import StopRequest, TrainState
 from train import Parts
-from utils import CsvSink, UserError, WandbSink, load_checkpoint, make_run_dir, seed_everything, setup_logging
+from utils import (
+    CsvSink,
+    UserError,
+    WandbSink,
+    load_checkpoint,
+    make_run_dir,
+    resolve_wandb_mode,
+    seed_everything,
+    setup_logging,
+)
 
 log = logging.getLogger("tin")
 
@@ -81,7 +90,7 @@ def build(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None) -> Bu
     log.info("%s (%s): %s", runtime.device, runtime.device_name, runtime.reason)
     if ckpt is not None:
         hardware.warn_if_changed(ckpt.get("runtime"), runtime)
-    hardware.configure(runtime.device, deterministic=cfg.deterministic)
+    log.info("numerics: %s", hardware.configure(runtime.device, deterministic=cfg.deterministic))
     if cfg.eval_px != cfg.img_size and arch.resolve(cfg.arch).family in ("vit", "swin"):
         raise UserError(
             f"--eval_size {cfg.eval_size}: {cfg.arch} is built for {cfg.img_size}x{cfg.img_size} inputs "
@@ -138,6 +147,7 @@ def _main(cfg: Config, ctx: distributed.Context, ckpt: dict | None, run_dir: Pat
         setup_logging(level=logging.WARNING)  # one process speaks; the others only warn
     elif run_dir is not None:
         setup_logging(run_dir)  # a resumed run's lines go on in its log.txt
+    wandb_mode = resolve_wandb_mode(cfg.wandb) if ctx.is_main else "disabled"  # before any work: a missing install
     built = build(cfg, ctx, ckpt)
     cfg, parts = built.cfg, built.parts
     if ckpt is not None:
@@ -157,8 +167,8 @@ def _main(cfg: Config, ctx: distributed.Context, ckpt: dict | None, run_dir: Pat
     sinks: list = [CsvSink(run_dir / "metrics.csv", engine.METRIC_ORDER, rows=state.history)] if ctx.is_main else []
     stop = StopRequest()
     try:
-        if cfg.wandb != "disabled" and ctx.is_main:
-            sinks.append(WandbSink(run_dir, cfg.wandb, cfg.wandb_project, cfg.to_dict(), run_id=state.wandb_id))
+        if wandb_mode != "disabled":
+            sinks.append(WandbSink(run_dir, wandb_mode, cfg.wandb_project, cfg.to_dict(), run_id=state.wandb_id))
             state.wandb_id = sinks[-1].run.id
         if ckpt is not None:
             rngs = ckpt.get("rng_all") or [ckpt["rng"]]
@@ -237,6 +247,10 @@ def _open_run_dir(cfg: Config, model, run_dir: Path | None, resolved: dict) -> P
             run_dir.rmdir()
         raise
     setup_logging(run_dir)
+    if not new_run:  # a write that a kill cut short left its temporary file: never valid, never needed
+        for stale in run_dir.glob("*.tmp"):
+            stale.unlink()
+            log.info("removed %s, an unfinished write of the interrupted run", stale.name)
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     text += f"# {RESOLVED_KEY}: what auto settings became on this machine (ignored when read back with --config)\n"
     (run_dir / "config.yaml").write_text(text + yaml.safe_dump({RESOLVED_KEY: resolved}, sort_keys=False))

@@ -22,6 +22,7 @@ from timm.loss import SoftTargetCrossEntropy
 from tqdm import tqdm
 
 import distributed
+import hardware
 from transforms import Normalize, StrengthMixer, soft_targets
 from utils import topk_correct
 
@@ -54,8 +55,7 @@ class Parts:
         return self.runtime.amp_dtype
 
     def autocast(self):
-        dtype = self.amp_dtype
-        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        return hardware.autocast(self.device, self.amp_dtype)
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,10 @@ class EpochMeters:
 
     def __init__(self, state: dict | None = None, device: torch.device | str = "cpu") -> None:
         s = state or {"loss": 0.0, "top1": 0.0, "top5": 0.0, "n": 0}
-        self.sums = torch.tensor([s["loss"], s["top1"], s["top5"]], dtype=torch.float64, device=device)
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # made on the device: no host copy
+        for i, key in enumerate(("loss", "top1", "top5")):
+            if s[key]:  # a resumed epoch's sums: written as scalars, no host copy either
+                self.sums[i] = s[key]
         self.n = int(s["n"])
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first update with a non-finite loss
 

@@ -15,10 +15,11 @@ The float conversion and normalisation happen on the device, batched (see ``Norm
 
 from __future__ import annotations
 
+import functools
 import math
+import zlib
 from collections.abc import Callable
 
-import albumentations as A
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -61,20 +62,20 @@ def train_size_at(epoch: int, epochs: float, img_size: int, min_size: int = 0, u
 
 
 # --------------------------------------------------------------------------- the recipe
-# One table for both backends: each op's probability and magnitudes at strength s = 1. At
-# strength s every probability and magnitude is scaled by s (s = 0: the identity), except that
-# the crop always happens (p = 1) and only its range grows. Override single entries with
-# --aug_ops "flip.p=0,affine.rotate=30" (or `aug_ops:` in a preset).
+# One table for both backends: each op's probability and magnitudes at strength s = 1. At strength
+# s every probability and magnitude is scaled by s (s = 0: the identity), except those an op keeps
+# (BatchOp.unscaled: the crop always happens and only its range grows). Override single entries
+# with --aug_ops "flip.p=0,affine.rotate=30" (or `aug_ops:` in a preset). The order is the order
+# of application: geometric ops compose into one warp in this order, then the pixel ops follow.
 RECIPE: dict[str, dict[str, float]] = {
     "crop": {"p": 1.0, "area": 0.65, "squeeze": 0.25, "stretch": 0.33},  # area in [1 - 0.65 s, 1], aspect ratio
     "flip": {"p": 0.5},  # in [1 - 0.25 s, 1 + 0.33 s] (RandomResizedCrop)
-    "affine": {"p": 0.5, "rotate": 15.0, "shear": 8.0},  # degrees, together
     "randaugment": {"p": 0.0, "n": 2, "m": 9},  # --randaugment (p = 1): n ops per image, magnitude m of 10
+    "affine": {"p": 0.5, "rotate": 15.0, "shear": 8.0},  # degrees, together
     "jitter": {"p": 0.8, "brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1},
     "gray": {"p": 0.1},
     "erase": {"p": 0.5, "min_side": 0.1, "max_side": 0.4},  # one rectangle, sides a fraction of the image
 }
-UNSCALED = {("crop", "p"), ("randaugment", "n"), ("erase", "min_side")}
 
 
 def build_recipe(overrides: str = "", randaugment: bool = False, n: int = 2, m: float = 9.0) -> dict:
@@ -103,52 +104,230 @@ def build_recipe(overrides: str = "", randaugment: bool = False, n: int = 2, m: 
 
 def at_strength(recipe: dict, s: float) -> dict:
     """Every probability and magnitude of `recipe` at strength s (what both backends draw from)."""
-    scaled = {}
-    for op, params in recipe.items():
-        scaled[op] = {k: (v if (op, k) in UNSCALED else v * s) for k, v in params.items()}
-    scaled["jitter"]["hue"] = min(scaled["jitter"]["hue"], 0.5)
-    e = scaled["erase"]
-    e["max_side"] = recipe["erase"]["min_side"] + (recipe["erase"]["max_side"] - recipe["erase"]["min_side"]) * s
-    return scaled
+    return {name: OPS[name].at_strength(params, float(s)) for name, params in recipe.items()}
 
 
-def train_pipeline(img_size: int, strength: float, recipe: dict | None = None) -> A.Compose:
-    """The recipe at strength s, per image with albumentations (+ torchvision's RandAugment)."""
-    r = at_strength(recipe or RECIPE, float(strength))
-    crop, aff, jit, ra, er = r["crop"], r["affine"], r["jitter"], r["randaugment"], r["erase"]
-    ops = [
-        # s = 0: scale (1, 1) and ratio (1, 1) -> the whole image, only resized.
-        A.RandomResizedCrop(
-            size=(img_size, img_size),
-            scale=(1.0 - crop["area"], 1.0),
-            ratio=(1 - crop["squeeze"], 1 + crop["stretch"]),
-            p=crop["p"],
-        ),
-        A.HorizontalFlip(p=r["flip"]["p"]),
-    ]
-    if ra["p"] > 0 and ra["m"] > 0:
-        ops.append(RandAugmentOp(int(ra["n"]), ra["m"], p=ra["p"]))
-    ops += [
-        A.Affine(
-            rotate=(-aff["rotate"], aff["rotate"]), shear=(-aff["shear"], aff["shear"]), border_mode=0, p=aff["p"]
-        ),
-        A.ColorJitter(
-            brightness=jit["brightness"],
-            contrast=jit["contrast"],
-            saturation=jit["saturation"],
-            hue=jit["hue"],
-            p=jit["p"],
-        ),
-        A.ToGray(p=r["gray"]["p"]),
-        A.CoarseDropout(
-            num_holes_range=(1, 1),
-            hole_height_range=(er["min_side"], er["max_side"]),
-            hole_width_range=(er["min_side"], er["max_side"]),
-            fill=0,
-            p=er["p"],
-        ),
-    ]
-    return A.Compose(ops)
+# --------------------------------------------------------------------------- the ops
+# Each op is one class: its parameters at strength s, its per-image random draw (on the host, from
+# a stream of its own), then either a 3x3 map of output to input coordinates (geometric ops: all of
+# them become one warp) or its pixel work on the device; and its albumentations twin for the
+# per-image backend. Coordinates are normalised to [-1, 1] (grid_sample's, align_corners=False).
+_GRAY = (0.299, 0.587, 0.114)  # luma weights (ITU-R 601, as cv2/albumentations use for grey)
+_RGB2YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))  # hue rotates I/Q
+_YIQ2RGB = torch.linalg.inv(torch.tensor(_RGB2YIQ, dtype=torch.float64)).tolist()
+
+
+class BatchOp:
+    """One augmentation op (subclasses are registered in OPS under their RECIPE name)."""
+
+    name = ""
+    unscaled: tuple[str, ...] = ()  # parameters that do not grow with strength
+
+    def at_strength(self, params: dict, s: float) -> dict:
+        return {k: (v if k in self.unscaled else v * s) for k, v in params.items()}
+
+    def active(self, p: dict) -> bool:
+        return p["p"] > 0
+
+    def columns(self, p: dict) -> int:
+        """Uniforms drawn per image."""
+        return 1
+
+    def draw(self, u: torch.Tensor, p: dict) -> dict[str, torch.Tensor]:
+        """Per-image parameters (host tensors) from `u` (n, columns) uniforms in [0, 1)."""
+        return {"on": u[:, 0] < p["p"]}
+
+    def matrix(self, d: dict) -> torch.Tensor | None:
+        """Geometric ops: (n, 3, 3) output -> input coordinates. Pixel ops: None."""
+        return None
+
+    def device_params(self, d: dict) -> dict[str, torch.Tensor]:
+        """What `pixels` needs on the device (host tensors; they travel in the batch's one copy)."""
+        return {}
+
+    def pixels(self, x: torch.Tensor, dev: dict, d: dict) -> torch.Tensor:
+        """The op on float images (n, 3, H, W) in [0, 255]; `d` (host) may skip work no image drew."""
+        return x
+
+    def albumentations(self, A, p: dict, size: int) -> list:
+        """The same op for the per-image backend (albumentations `A`)."""
+        return []
+
+
+def _mat(a, b, c, d, e, f) -> torch.Tensor:
+    """(n, 3, 3) affine maps [[a, b, c], [d, e, f], [0, 0, 1]] from (n,) entries."""
+    zero = torch.zeros_like(a)
+    return torch.stack([a, b, c, d, e, f, zero, zero, torch.ones_like(a)], 1).view(-1, 3, 3)
+
+
+class Crop(BatchOp):
+    """RandomResizedCrop: the window's area fraction and log aspect ratio drawn until it fits (the
+    first of 10 tries that does; else the whole image), as torchvision and albumentations do."""
+
+    name, unscaled, tries = "crop", ("p",), 10
+
+    def columns(self, p: dict) -> int:
+        return 2 * self.tries + 2
+
+    def draw(self, u: torch.Tensor, p: dict) -> dict:
+        k = self.tries
+        area = (1.0 - p["area"]) + p["area"] * u[:, :k]
+        lo, hi = math.log(1 - p["squeeze"]), math.log(1 + p["stretch"])
+        ratio = (lo + (hi - lo) * u[:, k : 2 * k]).exp()
+        w, h = (area * ratio).sqrt(), (area / ratio).sqrt()
+        fits = (w <= 1) & (h <= 1)
+        first = fits.float().argmax(1, keepdim=True)  # the first try that fits (0 when none does)
+        ok = fits.any(1)
+        w = torch.where(ok, w.gather(1, first).squeeze(1), 1.0)
+        h = torch.where(ok, h.gather(1, first).squeeze(1), 1.0)
+        return {"w": w, "h": h, "cx": (2 * u[:, 2 * k] - 1) * (1 - w), "cy": (2 * u[:, 2 * k + 1] - 1) * (1 - h)}
+
+    def matrix(self, d: dict) -> torch.Tensor:
+        zero = torch.zeros_like(d["w"])
+        return _mat(d["w"], zero, d["cx"], zero, d["h"], d["cy"])
+
+    def albumentations(self, A, p: dict, size: int) -> list:
+        # s = 0: scale (1, 1) and ratio (1, 1) -> the whole image, only resized
+        scale, ratio = (1.0 - p["area"], 1.0), (1 - p["squeeze"], 1 + p["stretch"])
+        return [A.RandomResizedCrop(size=(size, size), scale=scale, ratio=ratio, p=p["p"])]
+
+
+class Flip(BatchOp):
+    name = "flip"
+
+    def matrix(self, d: dict) -> torch.Tensor:
+        sign = torch.where(d["on"], -1.0, 1.0)
+        zero = torch.zeros_like(sign)
+        return _mat(sign, zero, zero, zero, torch.ones_like(sign), zero)
+
+    def albumentations(self, A, p: dict, size: int) -> list:
+        return [A.HorizontalFlip(p=p["p"])]
+
+
+class Affine(BatchOp):
+    """Rotation and shear together (one albumentations Affine), degrees uniform in +-rotate, +-shear."""
+
+    name = "affine"
+
+    def columns(self, p: dict) -> int:
+        return 3
+
+    def draw(self, u: torch.Tensor, p: dict) -> dict:
+        on = u[:, 0] < p["p"]
+        rot = torch.where(on, (2 * u[:, 1] - 1) * p["rotate"], 0.0) * (math.pi / 180)
+        shear = torch.where(on, (2 * u[:, 2] - 1) * p["shear"], 0.0) * (math.pi / 180)
+        return {"on": on, "rot": rot, "shear": shear}
+
+    def matrix(self, d: dict) -> torch.Tensor:
+        cos, sin, t = d["rot"].cos(), d["rot"].sin(), d["shear"].tan()
+        return _mat(cos, cos * t - sin, 0 * t, sin, sin * t + cos, 0 * t)
+
+    def albumentations(self, A, p: dict, size: int) -> list:
+        rotate, shear = (-p["rotate"], p["rotate"]), (-p["shear"], p["shear"])
+        return [A.Affine(rotate=rotate, shear=shear, border_mode=0, p=p["p"])]
+
+
+class Jitter(BatchOp):
+    """ColorJitter: brightness, saturation and hue compose into one 3x3 colour matrix per image
+    (saturation blends with grey, hue rotates the YIQ chroma plane), then contrast blends towards
+    the image's mean grey; factors uniform in [1 - a, 1 + a], hue in +-hue turns."""
+
+    name = "jitter"
+
+    def at_strength(self, params: dict, s: float) -> dict:
+        out = super().at_strength(params, s)
+        return {**out, "hue": min(out["hue"], 0.5)}
+
+    def columns(self, p: dict) -> int:
+        return 5
+
+    def draw(self, u: torch.Tensor, p: dict) -> dict:
+        on = u[:, 0] < p["p"]
+
+        def factor(col: int, amount: float) -> torch.Tensor:
+            return torch.where(on, 1 - amount + 2 * amount * u[:, col], 1.0)
+
+        bright, contrast, sat = factor(1, p["brightness"]), factor(2, p["contrast"]), factor(3, p["saturation"])
+        hue = torch.where(on, (2 * u[:, 4] - 1) * p["hue"], 0.0) * (2 * math.pi)
+        n, gray = u.shape[0], torch.tensor(_GRAY)
+        m_sat = sat.view(n, 1, 1) * torch.eye(3) + (1 - sat).view(n, 1, 1) * gray.view(1, 1, 3)
+        zero, one = torch.zeros_like(hue), torch.ones_like(hue)
+        rot = torch.stack([one, zero, zero, zero, hue.cos(), -hue.sin(), zero, hue.sin(), hue.cos()], 1).view(n, 3, 3)
+        m_hue = torch.tensor(_YIQ2RGB) @ rot @ torch.tensor(_RGB2YIQ)
+        return {"on": on, "colour": m_hue @ m_sat * bright.view(n, 1, 1), "contrast": contrast}
+
+    def device_params(self, d: dict) -> dict:
+        return {"colour": d["colour"], "contrast": d["contrast"], "gray": torch.tensor(_GRAY)}
+
+    def pixels(self, x: torch.Tensor, dev: dict, d: dict) -> torch.Tensor:
+        if not bool(d["on"].any()):  # a host tensor: no image of this batch drew it
+            return x
+        n = x.shape[0]
+        x = torch.einsum("nij,njhw->nihw", dev["colour"], x)
+        mean = (x.mean((2, 3)) * dev["gray"]).sum(1).view(n, 1, 1, 1)
+        return (x - mean) * dev["contrast"].view(n, 1, 1, 1) + mean
+
+    def albumentations(self, A, p: dict, size: int) -> list:
+        keys = ("brightness", "contrast", "saturation", "hue")
+        return [A.ColorJitter(**{k: p[k] for k in keys}, p=p["p"])]
+
+
+class Gray(BatchOp):
+    name = "gray"
+
+    def device_params(self, d: dict) -> dict:
+        return {"on": d["on"].float(), "gray": torch.tensor(_GRAY)}
+
+    def pixels(self, x: torch.Tensor, dev: dict, d: dict) -> torch.Tensor:
+        if not bool(d["on"].any()):
+            return x
+        grey = (x * dev["gray"].view(1, 3, 1, 1)).sum(1, keepdim=True)
+        return torch.where(dev["on"].view(-1, 1, 1, 1) > 0, grey.expand_as(x), x)
+
+    def albumentations(self, A, p: dict, size: int) -> list:
+        return [A.ToGray(p=p["p"])]
+
+
+class Erase(BatchOp):
+    """One rectangle (CoarseDropout), sides uniform in [min_side, max_side] of the image, filled with
+    0; the largest side grows with strength from min_side."""
+
+    name, unscaled = "erase", ("min_side",)
+
+    def at_strength(self, params: dict, s: float) -> dict:
+        out = super().at_strength(params, s)
+        return {**out, "max_side": params["min_side"] + (params["max_side"] - params["min_side"]) * s}
+
+    def columns(self, p: dict) -> int:
+        return 5
+
+    def draw(self, u: torch.Tensor, p: dict) -> dict:
+        on = u[:, 0] < p["p"]
+        eh = p["min_side"] + (p["max_side"] - p["min_side"]) * u[:, 1]
+        ew = p["min_side"] + (p["max_side"] - p["min_side"]) * u[:, 2]
+        y0, x0 = u[:, 3] * (1 - eh), u[:, 4] * (1 - ew)
+        # fractions of the side: rows y0 <= (i / size) < y0 + eh are erased; an empty range when off
+        rect = torch.stack([y0, y0 + eh, x0, x0 + ew], 1)
+        return {"on": on, "rect": torch.where(on.view(-1, 1), rect, 0.0)}
+
+    def device_params(self, d: dict) -> dict:
+        return {"rect": d["rect"]}
+
+    def pixels(self, x: torch.Tensor, dev: dict, d: dict) -> torch.Tensor:
+        if not bool(d["on"].any()):
+            return x
+        size = x.shape[-1]
+        pos = torch.arange(size, device=x.device, dtype=torch.float32).view(1, -1) / size
+        r = dev["rect"]
+        rows = (pos >= r[:, 0:1]) & (pos < r[:, 1:2])
+        cols = (pos >= r[:, 2:3]) & (pos < r[:, 3:4])
+        return x.masked_fill((rows.unsqueeze(2) & cols.unsqueeze(1)).unsqueeze(1), 0.0)
+
+    def albumentations(self, A, p: dict, size: int) -> list:
+        sides = (p["min_side"], p["max_side"])
+        return [
+            A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=sides, hole_width_range=sides, fill=0, p=p["p"])
+        ]
 
 
 # RandAugment (Cubuk et al., 2019) as torchvision implements it: 14 ops, magnitudes on a 0-10
@@ -169,271 +348,259 @@ RA_OPS = (
     "autocontrast",
     "equalize",
 )
+RA_GEOMETRY = RA_OPS[1:6]
 RA_MAX = {"shear": 0.3, "translate": 150 / 331, "rotate": 30.0, "enhance": 0.9, "posterize_bits": 4}
 _RA_BINS = 101  # torchvision's magnitude bins for the per-image backend: m/10 in steps of 1 %
 
 
-class RandAugmentOp(A.ImageOnlyTransform):
-    """torchvision.transforms.v2.RandAugment inside an albumentations pipeline, seeded from the
-    pipeline's own per-sample random state (so it depends on (seed, epoch, index) only)."""
+class RandAugment(BatchOp):
+    """n ops per image, each drawn from RA_OPS with a random sign: the geometric ones join the warp,
+    the pixel ones run on the batch (each computed once for the images that drew it)."""
 
-    def __init__(self, n: int, m: float, p: float = 1.0) -> None:
-        super().__init__(p=p)
-        from torchvision.transforms import v2
+    name, unscaled = "randaugment", ("n",)
 
-        level = round(min(max(m / 10.0, 0.0), 1.0) * (_RA_BINS - 1))
-        self.ra = v2.RandAugment(num_ops=n, magnitude=level, num_magnitude_bins=_RA_BINS)
+    def active(self, p: dict) -> bool:
+        return p["p"] > 0 and p["m"] > 0
 
-    def get_params(self) -> dict:
-        return {"seed": self.py_random.randint(0, 2**31 - 1)}
+    def columns(self, p: dict) -> int:
+        return 1 + 2 * int(p["n"])
 
-    def apply(self, img: np.ndarray, seed: int = 0, **params) -> np.ndarray:
-        with torch.random.fork_rng(devices=[]):  # never touches the process's own random stream
-            torch.manual_seed(seed)
-            out = self.ra(torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))))
-        return np.ascontiguousarray(out.numpy().transpose(1, 2, 0))
+    def draw(self, u: torch.Tensor, p: dict) -> dict:
+        on, level = u[:, 0] < p["p"], min(p["m"] / 10.0, 1.0)
+        ops = [(u[:, 1 + 2 * k] * len(RA_OPS)).long().clamp_(max=len(RA_OPS) - 1) for k in range(int(p["n"]))]
+        signs = [torch.where(u[:, 2 + 2 * k] < 0.5, -1.0, 1.0) for k in range(int(p["n"]))]
+        ops = torch.stack([torch.where(on, op, 0) for op in ops], 1)  # (n, slots); no RandAugment: identity
+        return {"ops": ops, "signs": torch.stack(signs, 1), "level": level}
+
+    def matrix(self, d: dict) -> torch.Tensor:
+        ops, signs, level = d["ops"], d["signs"], d["level"]
+        m = torch.eye(3).expand(ops.shape[0], 3, 3)
+        for k in range(ops.shape[1]):
+            op, sign = ops[:, k], signs[:, k]
+            is_ = {name: op == RA_OPS.index(name) for name in RA_GEOMETRY}
+            shear, shift = sign * RA_MAX["shear"] * level, sign * 2 * RA_MAX["translate"] * level
+            angle = sign * RA_MAX["rotate"] * level * (math.pi / 180)
+            zero, one = torch.zeros_like(sign), torch.ones_like(sign)
+            cos, sin = torch.where(is_["rotate"], angle.cos(), one), torch.where(is_["rotate"], angle.sin(), zero)
+            m = m @ _mat(
+                cos,
+                torch.where(is_["shear_x"], shear, zero) - sin,
+                torch.where(is_["translate_x"], shift, zero),
+                sin + torch.where(is_["shear_y"], shear, zero),
+                cos,
+                torch.where(is_["translate_y"], shift, zero),
+            )
+        return m
+
+    @staticmethod
+    def _drawn(d: dict) -> list[tuple[int, str, torch.Tensor]]:
+        """(slot, pixel op, the images that drew it there) for every pixel op of the batch."""
+        found = []
+        for k in range(d["ops"].shape[1]):
+            for i in d["ops"][:, k].unique().tolist():
+                if RA_OPS[i] not in ("identity", *RA_GEOMETRY):
+                    found.append((k, RA_OPS[i], torch.nonzero(d["ops"][:, k] == i).flatten()))
+        return found
+
+    def device_params(self, d: dict) -> dict:
+        factor = 1.0 + d["signs"] * RA_MAX["enhance"] * d["level"]  # the enhance ops' blend factor
+        params = {"gray": torch.tensor(_GRAY)}
+        for k, name, idx in self._drawn(d):  # which images, and their factors: known here, on the host
+            params[f"{k}.{name}"] = {"idx": idx, "f": factor[idx, k]}
+        return params
+
+    def pixels(self, x: torch.Tensor, dev: dict, d: dict) -> torch.Tensor:
+        """Slot by slot, each pixel op computed on the images that drew it only."""
+        slots = {}
+        for k, name, _ in self._drawn(d):
+            slots.setdefault(k, []).append(name)
+        for k, names in sorted(slots.items()):
+            out = x.clone()
+            for name in names:
+                p = dev[f"{k}.{name}"]
+                idx = p["idx"].long()
+                y = _ra_pixel_op(name, x.index_select(0, idx), p["f"].view(-1, 1, 1, 1), d["level"], dev["gray"])
+                out.index_copy_(0, idx, y.clamp(0, 255))
+            x = out
+        return x
+
+    def albumentations(self, A, p: dict, size: int) -> list:
+        return [_randaugment_op(A)(int(p["n"]), p["m"], p=p["p"])]
 
 
-# luma weights (ITU-R 601, as cv2/albumentations use for grey) and the YIQ basis for hue rotation
-_GRAY = (0.299, 0.587, 0.114)
-_RGB2YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
-# columns of the per-batch parameter draw (uniform in [0, 1)); RandAugment adds 2 per op slot
-_CROP_TRIES = 10  # RandomResizedCrop draws (area, ratio) until the window fits, at most 10 times
-_COLS = (
-    *(f"area{i}" for i in range(_CROP_TRIES)),
-    *(f"ratio{i}" for i in range(_CROP_TRIES)),
-    "cx",
-    "cy",
-    "flip",
-    "affine",
-    "rot",
-    "shear",
-    "jitter",
-    "bright",
-    "contrast",
-    "sat",
-    "hue",
-    "gray",
-    "erase",
-    "eh",
-    "ew",
-    "y0",
-    "x0",
-    "randaugment",
-)
-_C = {name: i for i, name in enumerate(_COLS)}
+def _ra_pixel_op(name: str, x: torch.Tensor, f: torch.Tensor, level: float, gray: torch.Tensor) -> torch.Tensor:
+    """One RandAugment pixel op on the whole batch (torchvision's definitions); `f` (n, 1, 1, 1) is the
+    enhance ops' factor, `gray` the (3,) luma weights on the device."""
+    if name == "brightness":
+        return x * f
+    if name in ("color", "contrast"):
+        grey = (x * gray.view(1, 3, 1, 1)).sum(1, keepdim=True)
+        base = grey if name == "color" else grey.mean((2, 3), keepdim=True)
+        return base + f * (x - base)
+    if name == "sharpness":  # PIL's ImageFilter.SMOOTH (3x3, centre 5 of 13), borders kept
+        kernel = torch.ones(3, 3, device=x.device)
+        kernel[1, 1] = 5.0
+        blur = F.conv2d(x.reshape(-1, 1, *x.shape[-2:]), (kernel / 13).view(1, 1, 3, 3), padding=1).view_as(x)
+        inner = torch.zeros_like(x[:1, :1], dtype=torch.bool)
+        inner[..., 1:-1, 1:-1] = True
+        blur = torch.where(inner, blur, x)
+        return blur + f * (x - blur)
+    if name == "posterize":
+        step = 2.0 ** round(RA_MAX["posterize_bits"] * level)  # 8 -> 8 - 4 m/10 bits
+        return torch.floor(x / step) * step
+    if name == "solarize":
+        return torch.where(x >= 255.0 * (1.0 - level), 255.0 - x, x)
+    if name == "autocontrast":
+        lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+        return torch.where(hi > lo, (x - lo) * 255.0 / (hi - lo).clamp(min=1e-6), x)
+    if name == "equalize":
+        from torchvision.transforms.v2 import functional as TF
+
+        return TF.equalize(x.round().clamp(0, 255).to(torch.uint8)).float()
+    raise KeyError(name)
 
 
+# --aug_ops / RECIPE name -> op; RECIPE's order is the order of application
+OPS: dict[str, BatchOp] = {op.name: op for op in (Crop(), Flip(), RandAugment(), Affine(), Jitter(), Gray(), Erase())}
+
+
+# --------------------------------------------------------------------------- the per-image backend
+def require_albumentations():
+    """albumentations, needed by --aug_backend albumentations only (the GPU machines' images often
+    lack it); a one-line error naming the install when it is missing."""
+    try:
+        import albumentations
+    except ImportError:
+        from utils import UserError
+
+        raise UserError(
+            "--aug_backend albumentations needs the albumentations package, which is not installed: "
+            "pip install albumentations==2.0.8 (as in requirements.txt), or use --aug_backend torch (the default)"
+        ) from None
+    return albumentations
+
+
+def train_pipeline(img_size: int, strength: float, recipe: dict | None = None):
+    """The recipe at strength s, per image with albumentations (+ torchvision's RandAugment): an
+    albumentations Compose of each op's twin, in RECIPE order."""
+    A = require_albumentations()
+    ops = []
+    for name, params in at_strength(recipe or RECIPE, float(strength)).items():
+        if OPS[name].active(params):
+            ops += OPS[name].albumentations(A, params, img_size)
+    return A.Compose(ops)
+
+
+@functools.cache
+def _randaugment_op(A):
+    class RandAugmentOp(A.ImageOnlyTransform):
+        """torchvision.transforms.v2.RandAugment inside an albumentations pipeline, seeded from the
+        pipeline's own per-sample random state (so it depends on (seed, epoch, index) only)."""
+
+        def __init__(self, n: int, m: float, p: float = 1.0) -> None:
+            super().__init__(p=p)
+            from torchvision.transforms import v2
+
+            level = round(min(max(m / 10.0, 0.0), 1.0) * (_RA_BINS - 1))
+            self.ra = v2.RandAugment(num_ops=n, magnitude=level, num_magnitude_bins=_RA_BINS)
+
+        def get_params(self) -> dict:
+            return {"seed": self.py_random.randint(0, 2**31 - 1)}
+
+        def apply(self, img: np.ndarray, seed: int = 0, **params) -> np.ndarray:
+            with torch.random.fork_rng(devices=[]):  # never touches the process's own random stream
+                torch.manual_seed(seed)
+                out = self.ra(torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))))
+            return np.ascontiguousarray(out.numpy().transpose(1, 2, 0))
+
+    return RandAugmentOp
+
+
+# --------------------------------------------------------------------------- the batched backend
 class BatchAugment:
     """The recipe on a whole uint8 batch (B, 3, H, W) on its device, in torch.
 
-    RandomResizedCrop, flip, RandAugment's geometric ops, rotate and shear compose into one
-    affine map per image, applied by a single ``grid_sample`` straight to the output size;
-    RandAugment's pixel ops follow (each computed for the batch, kept where an image drew it);
-    brightness, saturation and hue compose into one 3x3 colour matrix per image, contrast blends
-    towards the image's mean grey; then grey and one erased rectangle. Same ranges and
-    probabilities as the albumentations pipeline (tests/test_transforms.py compares the two).
-
-    All random parameters of a batch are drawn at once, on the CPU, from a generator seeded by
-    (seed, epoch, batch index, rank) — so a batch is augmented identically however the run was
-    interrupted and resumed, and on any device — and reach the device in one non-blocking copy.
-    Returns float images in [0, 255] (``Normalize`` accepts both)."""
+    Every op's random parameters are drawn on the host, per batch, from a generator of the op's own
+    seeded by (seed, epoch, batch index, rank, op) — so a batch is augmented identically however
+    the run was interrupted and resumed, on any device, and adding an op changes no other op's
+    draws. The geometric ops' maps are composed on the host into one affine map per image, the
+    pixel ops' parameters packed beside it, and all of it reaches the device in one non-blocking
+    copy from pinned memory: the device then runs one grid_sample straight to the output size and
+    each pixel op that some image of the batch drew (a few elementwise kernels each), and the host
+    never waits for it. Same ranges and probabilities as the albumentations pipeline
+    (tests/test_recipe.py compares the two). Returns float images in [0, 255] (``Normalize``
+    accepts both)."""
 
     def __init__(self, seed: int = 0, rank: int = 0, recipe: dict | None = None) -> None:
         self.seed, self.rank, self.recipe = seed, rank, recipe or RECIPE
         self.epoch, self.strength, self.size = 0, 0.0, 64
-        self._consts: dict[torch.device, dict] = {}
 
     def set_epoch(self, epoch: int, strength: float, size: int) -> None:
         self.epoch, self.strength, self.size = int(epoch), float(strength), int(size)
 
-    def _const(self, dev: torch.device) -> dict:
-        if dev not in self._consts:
-            rgb2yiq = torch.tensor(_RGB2YIQ, dtype=torch.float64)
-            self._consts[dev] = {
-                "gray": torch.tensor(_GRAY, device=dev),
-                "eye": torch.eye(3, device=dev),
-                "rgb2yiq": rgb2yiq.float().to(dev),
-                "yiq2rgb": torch.linalg.inv(rgb2yiq).float().to(dev),
-                "sharpen": (torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13).to(dev),
-            }
-        return self._consts[dev]
-
-    def draw(self, n: int, batch_index: int, device: torch.device) -> torch.Tensor:
-        """(n, columns) uniforms for this batch, on `device` (one copy, pinned when it is a GPU)."""
-        seed = int(np.random.SeedSequence([self.seed, self.epoch, batch_index, self.rank]).generate_state(1)[0])
-        slots = int(self.recipe["randaugment"]["n"]) if self.recipe["randaugment"]["p"] > 0 else 0
-        u = torch.rand(n, len(_COLS) + 2 * slots, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        u = u.float()
-        if device.type == "cuda":
-            u = u.pin_memory()
-        return u.to(device, non_blocking=True)
+    def draw(self, n: int, batch_index: int) -> tuple[list[tuple[BatchOp, dict]], torch.Tensor]:
+        """(the active ops with their host parameters, the composed (n, 2, 3) warp) for this batch."""
+        drawn, theta = [], torch.eye(3).expand(n, 3, 3)
+        for name, params in at_strength(self.recipe, self.strength).items():
+            op = OPS[name]
+            if not op.active(params):
+                continue
+            key = [self.seed, self.epoch, batch_index, self.rank, zlib.crc32(name.encode())]
+            seed = int(np.random.SeedSequence(key).generate_state(1)[0])
+            u = torch.rand(n, op.columns(params), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            d = op.draw(u.float(), params)
+            m = op.matrix(d)
+            if m is not None:
+                theta = theta @ m
+            drawn.append((op, d))
+        return drawn, theta[:, :2, :]
 
     def __call__(self, images: torch.Tensor, batch_index: int) -> torch.Tensor:
-        r = at_strength(self.recipe, self.strength)
         x = images.float()
         if self.strength == 0 and x.shape[-1] == self.size and x.shape[-2] == self.size:
             return x  # the identity: nothing to draw or resample
-        u = self.draw(x.shape[0], batch_index, x.device)
-        x = self._warp(x, r, u)
-        if r["randaugment"]["p"] > 0:
-            x = self._randaugment_pixels(x, r["randaugment"], u)
-        return self._colour(x, r, u).clamp_(0, 255)
-
-    @staticmethod
-    def _uniform(u: torch.Tensor, col: str, lo: float, hi: float) -> torch.Tensor:
-        return lo + (hi - lo) * u[:, _C[col]]
-
-    def _warp(self, x: torch.Tensor, r: dict, u: torch.Tensor) -> torch.Tensor:
-        n, dev = x.shape[0], x.device
-        c, a = r["crop"], r["affine"]
-        w, h = self._crop_window(c, u)
-        cx, cy = (2 * u[:, _C["cx"]] - 1) * (1 - w), (2 * u[:, _C["cy"]] - 1) * (1 - h)
-        flip = torch.where(u[:, _C["flip"]] < r["flip"]["p"], -1.0, 1.0)
-        on = u[:, _C["affine"]] < a["p"]  # rotate + shear together, as one Affine
-        rot = torch.where(on, self._uniform(u, "rot", -a["rotate"], a["rotate"]), 0.0) * (math.pi / 180)
-        shear = torch.where(on, self._uniform(u, "shear", -a["shear"], a["shear"]), 0.0) * (math.pi / 180)
-        # output (x, y) -> input: crop scale/offset . flip . RandAugment's geometry . rotation . shear
-        cos, sin, t = torch.cos(rot), torch.sin(rot), torch.tan(shear)
-        base = _mat3([cos, cos * t - sin, 0 * t, sin, sin * t + cos, 0 * t])
-        crop = _mat3([w * flip, 0 * w, cx, 0 * w, h, cy])
-        m = crop @ self._randaugment_geometry(r["randaugment"], u, n, dev) @ base
-        grid = F.affine_grid(m[:, :2, :], [n, 3, self.size, self.size], align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-    @staticmethod
-    def _crop_window(c: dict, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RandomResizedCrop's window as a fraction of the image side: area fraction and log
-        aspect ratio drawn until the window fits (the first of 10 tries that does; else the whole
-        image), as torchvision and albumentations do."""
-        area = (1.0 - c["area"]) + c["area"] * u[:, [_C[f"area{i}"] for i in range(_CROP_TRIES)]]
-        lo, hi = math.log(1 - c["squeeze"]), math.log(1 + c["stretch"])
-        ratio = (lo + (hi - lo) * u[:, [_C[f"ratio{i}"] for i in range(_CROP_TRIES)]]).exp()
-        w, h = (area * ratio).sqrt(), (area / ratio).sqrt()
-        fits = (w <= 1) & (h <= 1)
-        first = fits.float().argmax(1, keepdim=True)  # the first try that fits (0 when none does)
-        ok = fits.any(1)
-        pick = lambda t: torch.where(ok, t.gather(1, first).squeeze(1), 1.0)  # noqa: E731
-        return pick(w), pick(h)
-
-    def _ra_choices(self, ra: dict, u: torch.Tensor):
-        """Per op slot: (op index (n,), sign (n,) of +-1); images that drew no RandAugment (1 - p) get
-        the identity op in every slot."""
-        base, on = len(_COLS), u[:, _C["randaugment"]] < ra["p"]
-        for k in range(int(ra["n"])):
-            op = (u[:, base + 2 * k] * len(RA_OPS)).long().clamp_(max=len(RA_OPS) - 1)
-            yield torch.where(on, op, 0), torch.where(u[:, base + 2 * k + 1] < 0.5, -1.0, 1.0)
-
-    def _randaugment_geometry(self, ra: dict, u: torch.Tensor, n: int, dev: torch.device) -> torch.Tensor:
-        m = torch.eye(3, device=dev).expand(n, 3, 3)
-        if ra["p"] <= 0:
-            return m
-        level = min(ra["m"] / 10.0, 1.0)
-        zero, one = torch.zeros(n, device=dev), torch.ones(n, device=dev)
-        for op, sign in self._ra_choices(ra, u):
-            shear, shift = sign * RA_MAX["shear"] * level, sign * 2 * RA_MAX["translate"] * level
-            angle = sign * RA_MAX["rotate"] * level * (math.pi / 180)
-            is_ = {
-                name: op == RA_OPS.index(name)
-                for name in ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
-            }
-            cos, sin = torch.where(is_["rotate"], angle.cos(), one), torch.where(is_["rotate"], angle.sin(), zero)
-            step = _mat3(
-                [
-                    cos,
-                    torch.where(is_["shear_x"], shear, zero) - sin,
-                    torch.where(is_["translate_x"], shift, zero),
-                    sin + torch.where(is_["shear_y"], shear, zero),
-                    cos,
-                    torch.where(is_["translate_y"], shift, zero),
-                ]
-            )
-            m = m @ step
-        return m
-
-    def _randaugment_pixels(self, x: torch.Tensor, ra: dict, u: torch.Tensor) -> torch.Tensor:
-        from torchvision.transforms.v2 import functional as TF
-
-        level, k = min(ra["m"] / 10.0, 1.0), self._const(x.device)
-        for op, sign in self._ra_choices(ra, u):
-            f = (1.0 + sign * RA_MAX["enhance"] * level).view(-1, 1, 1, 1)
-            grey = torch.einsum("c,nchw->nhw", k["gray"], x).unsqueeze(1)
-            blur = F.conv2d(x.reshape(-1, 1, *x.shape[-2:]), k["sharpen"].view(1, 1, 3, 3), padding=1).view_as(x)
-            blur[..., 0, :], blur[..., -1, :], blur[..., 0], blur[..., -1] = (
-                x[..., 0, :],
-                x[..., -1, :],
-                x[..., 0],
-                x[..., -1],
-            )
-            step = 2.0 ** round(RA_MAX["posterize_bits"] * level)  # 8 -> 8 - 4 m/10 bits
-            lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
-            candidates = {  # each RandAugment pixel op on the whole batch (torchvision's definitions)
-                "brightness": x * f,
-                "color": grey + f * (x - grey),
-                "contrast": grey.mean((2, 3), keepdim=True) + f * (x - grey.mean((2, 3), keepdim=True)),
-                "sharpness": blur + f * (x - blur),  # the 3x3 smoothing of PIL's ImageFilter.SMOOTH, borders kept
-                "posterize": torch.floor(x / step) * step,
-                "solarize": torch.where(x >= 255.0 * (1.0 - level), 255.0 - x, x),
-                "autocontrast": torch.where(hi > lo, (x - lo) * 255.0 / (hi - lo).clamp(min=1e-6), x),
-                "equalize": TF.equalize(x.round().clamp(0, 255).to(torch.uint8)).float(),
-            }
-            out = x
-            for name, y in candidates.items():  # keep each image's own op's result (identity/geometry: x)
-                out = torch.where((op == RA_OPS.index(name)).view(-1, 1, 1, 1), y, out)
-            x = out.clamp(0, 255)
-        return x
-
-    def _colour(self, x: torch.Tensor, r: dict, u: torch.Tensor) -> torch.Tensor:
-        if self.strength == 0:
-            return x
-        n, k, j = x.shape[0], self._const(x.device), r["jitter"]
-
-        def factor(col: str, amount: float) -> torch.Tensor:
-            return torch.where(jitter, self._uniform(u, col, 1 - amount, 1 + amount), 1.0)
-
-        jitter = u[:, _C["jitter"]] < j["p"]
-        bright, contrast, sat = (
-            factor("bright", j["brightness"]),
-            factor("contrast", j["contrast"]),
-            factor("sat", j["saturation"]),
-        )
-        hue = torch.where(jitter, self._uniform(u, "hue", -j["hue"], j["hue"]), 0.0) * (2 * math.pi)
-        # saturation: blend with grey, M = sat * I + (1 - sat) * 1 g^T; hue: rotate the IQ plane
-        m_sat = sat.view(n, 1, 1) * k["eye"] + (1 - sat).view(n, 1, 1) * k["gray"].view(1, 1, 3)
-        zero, one = torch.zeros_like(hue), torch.ones_like(hue)
-        rot = _mat3([one, zero, zero, zero, hue.cos(), -hue.sin()], last=[zero, hue.sin(), hue.cos()])
-        m_hue = k["yiq2rgb"] @ rot @ k["rgb2yiq"]
-        to_gray = (u[:, _C["gray"]] < r["gray"]["p"]).view(n, 1, 1)
-        m_gray = k["gray"].view(1, 1, 3).expand(n, 3, 3)
-        m = torch.where(to_gray, m_gray @ m_hue @ m_sat, m_hue @ m_sat) * bright.view(n, 1, 1)
-        x = torch.einsum("nij,njhw->nihw", m, x)
-        mean = torch.einsum("c,nchw->n", k["gray"], x).view(n, 1, 1, 1) / (x.shape[-1] * x.shape[-2])
-        x = (x - mean) * contrast.view(n, 1, 1, 1) + mean
-        return self._erase(x, r["erase"], u)
-
-    def _erase(self, x: torch.Tensor, e: dict, u: torch.Tensor) -> torch.Tensor:
-        """One rectangle (CoarseDropout), sides in [min_side, max_side] of the image, filled with 0."""
-        n, size = x.shape[0], x.shape[-1]
-        erase = (u[:, _C["erase"]] < e["p"]).view(n, 1, 1)
-        eh, ew = (
-            self._uniform(u, "eh", e["min_side"], e["max_side"]) * size,
-            self._uniform(u, "ew", e["min_side"], e["max_side"]) * size,
-        )
-        y0, x0 = u[:, _C["y0"]] * (size - eh), u[:, _C["x0"]] * (size - ew)
-        pos = torch.arange(size, device=x.device, dtype=torch.float32)
-        rows = (pos.view(1, -1) >= y0.view(-1, 1)) & (pos.view(1, -1) < (y0 + eh).view(-1, 1))
-        cols = (pos.view(1, -1) >= x0.view(-1, 1)) & (pos.view(1, -1) < (x0 + ew).view(-1, 1))
-        hole = erase & rows.unsqueeze(2) & cols.unsqueeze(1)
-        return x.masked_fill(hole.unsqueeze(1), 0.0)
+        drawn, theta = self.draw(x.shape[0], batch_index)
+        dev = _to_device({"theta": theta, **{op.name: op.device_params(d) for op, d in drawn}}, x.device)
+        x = _warp(x, dev["theta"], self.size)
+        for op, d in drawn:
+            x = op.pixels(x, dev[op.name], d)
+        return x.clamp_(0, 255)
 
 
-def _mat3(first_two_rows: list[torch.Tensor], last: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """(n, 3, 3) from six (n,) entries (rows 1 and 2) and a last row (default 0 0 1)."""
-    a = first_two_rows
-    if last is None:
-        zero = torch.zeros_like(a[0])
-        last = [zero, zero, torch.ones_like(a[0])]
-    return torch.stack([torch.stack(a[:3], -1), torch.stack(a[3:], -1), torch.stack(last, -1)], -2)
+def _to_device(tree: dict, device: torch.device) -> dict:
+    """A nested dict of host tensors on `device` through one copy: packed into one float32 buffer
+    (pinned when the device is a GPU), copied without blocking, then viewed back into shape."""
+    leaves, shapes = [], []
+
+    def flatten(node):
+        if isinstance(node, dict):
+            for v in node.values():
+                flatten(v)
+        else:
+            leaves.append(node.reshape(-1).float())
+            shapes.append(node.shape)
+
+    flatten(tree)
+    flat = torch.cat(leaves) if leaves else torch.zeros(0)
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    parts = iter(flat.split([int(np.prod(s)) for s in shapes]))
+
+    def rebuild(node):
+        if isinstance(node, dict):
+            return {k: rebuild(v) for k, v in node.items()}
+        return next(parts).view(node.shape)
+
+    return rebuild(tree)
+
+
+def _warp(x: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+    """Resample (n, 3, H, W) through per-image affine maps theta (n, 2, 3) (output -> input, in
+    [-1, 1] coordinates) to (n, 3, size, size), bilinear, zeros outside. (On a GPU with TF32 on,
+    affine_grid's batched product rounds the coordinates by ~0.01 px: harmless in training.)"""
+    grid = F.affine_grid(theta, [x.shape[0], 3, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 class Normalize(torch.nn.Module):

@@ -4,6 +4,7 @@ run folders, logging, and the metric sinks (console/log.txt, metrics.csv, wandb)
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import pickletools
@@ -104,6 +105,23 @@ def _holds_code(path: Path, exc: Exception) -> bool:
             return any(op.name in _CODE_OPS for op, _, _ in pickletools.genops(fh))
     except Exception:  # noqa: BLE001 - not a pickle at all: garbage or truncated
         return False
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Write `obj` as JSON at `path` (creating its folder), or, where that folder cannot be written
+    (the image's bench/results belongs to root, the container runs as you), at the same name in the
+    temporary folder, saying so. Returns where it went."""
+    path = Path(path)
+    text = json.dumps(obj, indent=2) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+    except OSError as exc:
+        fallback = Path(tempfile.gettempdir()) / path.name
+        fallback.write_text(text)
+        print(f"note: cannot write {path} ({exc.strerror or exc}); written to {fallback} instead", file=sys.stderr)
+        return fallback
 
 
 # --------------------------------------------------------------------------- run folder and logging
@@ -217,7 +235,8 @@ def _fmt(value: Any) -> Any:
 
 
 class WandbSink:
-    """wandb run whose files live inside the run folder; metrics plotted against `epoch`."""
+    """wandb run whose files live inside the run folder; metrics plotted against `epoch`. `mode`:
+    online or offline (resolve_wandb_mode)."""
 
     def __init__(
         self, run_dir: Path, mode: str, project: str, config: dict[str, Any], run_id: str | None = None
@@ -225,7 +244,6 @@ class WandbSink:
         import wandb
 
         self._wandb = wandb
-        mode = resolve_wandb_mode(mode)
         self.run = wandb.init(
             project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_WANDB_PROJECT,  # WANDB_ENTITY: read by wandb
             name=run_dir.name,
@@ -247,17 +265,32 @@ class WandbSink:
 
 
 def resolve_wandb_mode(mode: str) -> str:
-    """auto: WANDB_MODE if set, online when an API key is known, else offline (with a notice)."""
+    """--wandb auto|online|offline|disabled -> online, offline or disabled. auto: WANDB_MODE if set,
+    online when an API key is known, else offline (with a notice); disabled, with one line, when
+    wandb is not installed (wandb is optional: metrics.csv and log.txt hold every figure). An
+    explicit online/offline without wandb is an error naming the install."""
+    if mode == "disabled":
+        return mode
+    try:
+        import wandb
+    except ImportError:
+        if mode == "auto":
+            log.info("wandb: not installed, so not used (metrics.csv and log.txt have every figure; pip install wandb)")
+            return "disabled"
+        raise UserError(
+            f"--wandb {mode} needs the wandb package, which is not installed: pip install wandb==0.31.0 (as in "
+            "requirements.txt), or pass --wandb disabled"
+        ) from None
     if mode != "auto":
         return mode
     env = os.environ.get("WANDB_MODE")
-    if env in ("online", "offline", "disabled", "dryrun"):
+    if env in ("online", "offline", "disabled"):
         return env
+    if env == "dryrun":
+        return "offline"
     try:
-        import wandb
-
         logged_in = bool(os.environ.get("WANDB_API_KEY")) or wandb.login(prompt=False, verify=False)
-    except Exception:
+    except Exception:  # noqa: BLE001 - an unreadable netrc or settings file: log offline
         logged_in = False
     if not logged_in:
         log.info("wandb: not logged in, logging offline into the run folder (sync later with `wandb sync`)")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import distributed
+import hardware
 from transforms import Normalize
 from utils import UserError
 
@@ -45,7 +46,7 @@ def batches(model, loader, normalize, device, amp_dtype, desc, tta: bool = False
     with torch.inference_mode():
         for images, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
             images = normalize(images.to(device, non_blocking=True))
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with hardware.autocast(device, amp_dtype):
                 logits = _logits(model, images, tta)
             yield logits, labels.to(device)
 
@@ -99,7 +100,7 @@ def infer(model, loader, normalize: Normalize, device, amp_dtype=None, tta: bool
         with torch.inference_mode():
             for images, labels in tqdm(loader, desc="infer", leave=False, dynamic_ncols=True, disable=None):
                 x = normalize(images.to(device, non_blocking=True))
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                with hardware.autocast(device, amp_dtype):
                     logits = _logits(model, x, tta)
                 if features:
                     feats.append(captured[0].flatten(1))  # the unflipped image's (the first call)
@@ -191,7 +192,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default="mean",
         help="mean of probabilities, or each image takes the most confident model's label",
     )
-    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument(
+        "--batch_size", type=int, default=None, help="evaluation batch (default: the run's, twice its training batch)"
+    )
     p.add_argument("--workers", type=int, default=None, help="loader processes (default: as in training)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     return p.parse_args(argv)
@@ -214,13 +217,16 @@ def _load_models(args, device):
             raise UserError(f"{path} was trained on other classes than {args.checkpoint[0]}; cannot ensemble them")
         model = arch.build_model(cfg.arch, len(ckpt["classes"]), cfg.img_size).to(device)
         model.load_state_dict(ckpt["state_dict"])
-        models.append((model, cfg, list(ckpt["classes"])))
+        # as the run evaluated: its precision and memory format decided for this device
+        runtime = hardware.decide_runtime(device, cfg.amp, cfg.amp_dtype, cfg.channels_last)
+        if runtime.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        models.append((model, cfg, list(ckpt["classes"]), runtime.amp_dtype))
     return models
 
 
 def run(argv: list[str] | None = None) -> dict[str, float]:
     import batch_manager
-    import hardware
     from utils import setup_logging
 
     args = _parse(argv)
@@ -236,9 +242,10 @@ def run(argv: list[str] | None = None) -> dict[str, float]:
         )
     normalize = Normalize().to(device)
     val_probs, test_probs, labels = [], [], None
-    for model, cfg, _ in models:  # each model at its own resolution, from the same decoded data
-        val_loader, test_loader = batch_manager.eval_loaders(data, cfg.eval_px, args.batch_size, cfg.workers)
-        dtype, tta = hardware.decide_runtime(device, cfg.amp, cfg.amp_dtype).amp_dtype, args.tta == "flip"
+    for model, cfg, _, dtype in models:  # each model at its own resolution, from the same decoded data
+        batch = args.batch_size or 2 * cfg.batch_size
+        val_loader, test_loader = batch_manager.eval_loaders(data, cfg.eval_px, batch, cfg.workers)
+        tta = args.tta == "flip"
         out = infer(model, val_loader, normalize, device, dtype, tta=tta)
         val_probs.append(out["logits"].softmax(1))
         labels = out["labels"]

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -48,17 +47,9 @@ import demo_data  # noqa: E402
 import engine  # noqa: E402
 import hardware  # noqa: E402
 import transforms  # noqa: E402
+from utils import write_json  # noqa: E402
 
 ROWS: list[dict] = []
-NAMES = {
-    "check_training": "1. training, interrupt, resume, val.py",
-    "check_syncs": "2a. host syncs per update",
-    "check_trainer_overhead": "2b. trainer / bare loop",
-    "check_augment": "3. BatchAugment CPU vs GPU",
-    "check_precisions": "4a. precisions",
-    "check_compile": "4b. torch.compile",
-    "check_ddp": "5. DDP + EMA + compile",
-}
 
 
 def row(check: str, result: str, ok: bool | None, seconds: float = 0.0) -> None:
@@ -68,52 +59,56 @@ def row(check: str, result: str, ok: bool | None, seconds: float = 0.0) -> None:
     print(f"[{mark:>4}] {check}: {result}", file=sys.stderr, flush=True)
 
 
-def timed(fn):
-    def run(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            fn(*args, **kwargs, started=start)
-        except Exception as exc:  # noqa: BLE001 - a failed check is a row, the others still run
-            row(NAMES[fn.__name__], f"{type(exc).__name__}: {exc}"[:300], False, time.perf_counter() - start)
+def check(title: str):
+    """A check: an exception inside it becomes a FAIL row under `title`, and the other checks still
+    run (the table always prints)."""
 
-    return run
+    def wrap(fn):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                fn(*args, **kwargs, started=start)
+            except Exception as exc:  # noqa: BLE001 - a failed check is a row, the others still run
+                row(title, f"{type(exc).__name__}: {exc}"[:300], False, time.perf_counter() - start)
+
+        run.title = title
+        return run
+
+    return wrap
 
 
-def _main_py(args: list[str], out, env=None) -> subprocess.Popen:
+def _main_py(args: list[str], out, interrupt_at: int = 0) -> subprocess.Popen:
+    """main.py in its own process; with interrupt_at K, SIGINT arrives right after update K
+    (bench/interrupt_at.py), wherever that falls in wall-clock time."""
+    wrapper = [str(ROOT / "bench" / "interrupt_at.py"), str(interrupt_at)] if interrupt_at else []
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "main.py"), *args],
+        [sys.executable, *wrapper, str(ROOT / "main.py"), *args],
         cwd=ROOT,
         stdout=out,
         stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
     )
 
 
 # --------------------------------------------------------------------------- 1. training, resume, val.py
-@timed
+@check("1. training, interrupt, resume, val.py")
 def check_training(args, work: Path, data: Path, started: float) -> None:
     import csv
 
     import val
+    from data_sources import read_dataset
 
-    common = ["--config", "configs/demo.yaml", "--data_dir", str(data), "--device", args.device]
+    common = ["--config", "configs/demo.yaml", "--data_dir", str(data), "--device", args.device, "--time_budget", "0"]
     common += "--epochs 2 --warmup_epochs 0.5 --wandb disabled --no_analysis --workers 2".split()
     if args.device == "cpu":  # CI: the same path, smaller (a GPU runs the demo recipe as it is)
         common += "--arch resnet9_slim --img_size 32 --steps_per_epoch 8".split()
     with open(work / "reference.log", "w") as log:
         assert _main_py([*common, "--output_dir", str(work / "ref")], log).wait(900) == 0, "reference run failed"
     reference = next((work / "ref").iterdir())
+    updates = json.loads((reference / "best_results.json").read_text())["updates"]
+    cut_at = updates * 3 // 4  # the middle of epoch 2, whatever the machine's speed
     out = work / "cut"
     with open(work / "cut.log", "w") as log:
-        proc = _main_py([*common, "--output_dir", str(out)], log)
-        while proc.poll() is None:  # interrupt in epoch 2, once epoch 1 is written
-            runs = list(out.glob("*/metrics.csv"))
-            if runs and len(runs[0].read_text().splitlines()) >= 2:
-                time.sleep(0.5)
-                proc.send_signal(signal.SIGINT)
-                break
-            time.sleep(0.05)
-        code = proc.wait(300)
+        code = _main_py([*common, "--output_dir", str(out)], log, interrupt_at=cut_at).wait(900)
     run = next(out.iterdir())
     with open(work / "resume.log", "w") as log:
         assert _main_py(["--resume", str(run)], log).wait(900) == 0, "resume failed"
@@ -128,19 +123,22 @@ def check_training(args, work: Path, data: Path, started: float) -> None:
         ["--checkpoint", str(run / "best.pth.tar"), "--output_dir", str(work / "val"), "--device", args.device]
     )
     best = json.loads((run / "best_results.json").read_text())["val_top1"]
+    # val.py evaluates as the run did (precision, memory format, batch); on a GPU cuDNN's algorithm
+    # choice may still flip an argmax or two: at most two images' worth of difference
+    slack = 2 * 100.0 / len(read_dataset("tiny-imagenet", data).val) + 1e-6
     exact = "identical" if gap == 0 else f"max difference {gap:.2g}"
-    ok = code == 130 and len(b) == 2 and abs(metrics["val_top1"] - best) < 0.01 and gap < 0.05
+    ok = code == 130 and len(b) == 2 and abs(metrics["val_top1"] - best) <= slack and gap < 0.05
     row(
         "1. demo run, SIGINT in epoch 2, resume; val.py",
-        f"stopped with {code}, resumed: {exact} to an uninterrupted run; "
-        f"val.py top-1 {metrics['val_top1']:.2f} % = the run's {best:.2f} %",
+        f"stopped with {code} at update {cut_at} of {updates}, resumed: {exact} to an uninterrupted run; "
+        f"val.py top-1 {metrics['val_top1']:.2f} % vs the run's {best:.2f} %",
         ok,
         time.perf_counter() - started,
     )
 
 
 # --------------------------------------------------------------------------- 2. syncs and trainer overhead
-@timed
+@check("2a. host syncs per update")
 def check_syncs(args, work: Path, data: Path, started: float) -> None:
     import distributed
     import main
@@ -182,7 +180,7 @@ def check_syncs(args, work: Path, data: Path, started: float) -> None:
     )
 
 
-@timed
+@check("2b. trainer / bare loop")
 def check_trainer_overhead(args, work: Path, data: Path, started: float) -> None:
     if args.device != "cuda" and not args.cpu_overhead:
         row("2b. trainer / bare loop, batch 256", "GPU figure (on a CPU: python bench/step.py, README: Speed)", None)
@@ -208,29 +206,35 @@ def check_trainer_overhead(args, work: Path, data: Path, started: float) -> None
             ]
         )
         results.append(r)
-    text = "; ".join(
-        f"{r['arch']} {r['ratio_median']:.3f} ({r['trainer_ips']:,.0f} vs {r['bare_ips']:,.0f} img/s), "
-        f"data wait {100 * r['data_wait_median']:.1f} %"
-        for r in results
-    )
-    ok = all(r["ratio_median"] >= 0.95 and r["data_wait_median"] <= 0.02 for r in results)
+
+    def describe(r: dict) -> str:
+        what = f"{r['arch']} {r['ratio_median']:.2f} ({r['trainer_ips']:,.0f} vs {r['bare_ips']:,.0f} img/s"
+        if r.get("augment_ms") is not None:
+            what += f", augmentation {r['augment_ms']:.2f} ms per batch"
+        if not r.get("data_on_device"):  # the loader path: how long the step waited for a batch
+            what += f", data wait {100 * r['data_wait_median']:.1f} %"
+        return what + ")"
+
+    # with the data on the device the step never waits for a loader: what bounds the GPU is what
+    # the trainer adds to the bare step (augmentation, mixing, metrics, schedule, EMA)
+    ok = all(r["ratio_median"] >= 0.85 for r in results)
     row(
-        "2b. trainer / bare loop, batch 256 (targets >= 0.95, data wait <= 2 %)",
-        text,
+        "2b. trainer / bare loop, batch 256 (target >= 0.85)",
+        "; ".join(describe(r) for r in results),
         ok,
         time.perf_counter() - started,
     )
 
 
-@timed
+@check("2c. cost of --deterministic on")
 def check_determinism_cost(args, work: Path, data: Path, started: float) -> None:
     if args.device != "cuda":
-        row("2c. cost of --deterministic (cuDNN)", "CUDA only", None)
+        row("2c. cost of --deterministic on", "CUDA only (a CPU is deterministic at no cost)", None)
         return
     device = torch.device("cuda")
     ips = {}
-    for deterministic in (True, False, True, False):  # alternating: the second pair confirms the first
-        hardware.configure(device, deterministic=deterministic)
+    for mode in ("on", "auto", "on", "auto"):  # alternating: the second pair confirms the first
+        hardware.configure(device, deterministic=mode)
         torch.manual_seed(0)
         model = arch.build_model("resnet18_cifar", 200, img_size=64).to(device).to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -240,43 +244,38 @@ def check_determinism_cost(args, work: Path, data: Path, started: float) -> None
             if i == 5:
                 _sync(device)
                 start = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with hardware.autocast(device, torch.bfloat16):
                 loss = F.cross_entropy(model(x).float(), y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         _sync(device)
-        ips.setdefault(deterministic, []).append(20 * 256 / (time.perf_counter() - start))
-    hardware.configure(device, deterministic=True)
-    det, auto = max(ips[True]), max(ips[False])
+        ips.setdefault(mode, []).append(20 * 256 / (time.perf_counter() - start))
+    hardware.configure(device, deterministic="auto")
+    det, auto = max(ips["on"]), max(ips["auto"])
     row(
-        "2c. cost of --deterministic (cuDNN; resnet18_cifar, batch 256, bf16)",
-        f"{det:,.0f} img/s deterministic vs {auto:,.0f} autotuned (--no-deterministic): {det / auto:.2f}x",
+        "2c. cost of --deterministic on (resnet18_cifar, batch 256, bf16)",
+        f"{det:,.0f} img/s deterministic vs {auto:,.0f} with cuDNN autotuning (the default): {det / auto:.2f}x",
         True,
         time.perf_counter() - started,
     )
 
 
 # --------------------------------------------------------------------------- 3. BatchAugment CPU vs GPU
-@timed
+@check("3. BatchAugment CPU vs GPU")
 def check_augment(args, work: Path, data: Path, started: float) -> None:
     n = 256 if args.device == "cuda" else 64  # a CI-sized batch on a CPU
     x = torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     recipe = transforms.build_recipe(randaugment=True)
-    timings, outputs = {}, {}
     devices = ["cpu"] + (["cuda"] if args.device == "cuda" else [])
-    for dev in devices:
-        aug = transforms.BatchAugment(seed=3, recipe=recipe)
-        aug.set_epoch(1, 1.0, 56)
-        xd = x.to(dev)
-        for _ in range(3):
-            out = aug(xd, 7)
-        _sync(dev)
-        start = time.perf_counter()
-        for _ in range(reps := (10 if args.device == "cuda" else 2)):
-            out = aug(xd, 7)
-        _sync(dev)
-        timings[dev], outputs[dev] = 1000 * (time.perf_counter() - start) / reps, out.float().cpu()
+    # TF32 rounds matmuls and convolutions (RandAugment's sharpness blur) to 10 bits of mantissa on
+    # the GPU: off here, so that the comparison sees the augmentation's own differences only
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        timings, outputs = _time_augment(x, recipe, devices, reps=10 if args.device == "cuda" else 2)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     if len(devices) == 1:
         row(
             "3. BatchAugment CPU vs GPU, same seed",
@@ -297,8 +296,26 @@ def check_augment(args, work: Path, data: Path, started: float) -> None:
     )
 
 
+def _time_augment(x: torch.Tensor, recipe: dict, devices: list[str], reps: int) -> tuple[dict, dict]:
+    """ms per batch and the output of BatchAugment on each device, from the same seed."""
+    timings, outputs = {}, {}
+    for dev in devices:
+        aug = transforms.BatchAugment(seed=3, recipe=recipe)
+        aug.set_epoch(1, 1.0, 56)
+        xd = x.to(dev)
+        for _ in range(3):
+            out = aug(xd, 7)
+        _sync(dev)
+        start = time.perf_counter()
+        for _ in range(reps):
+            out = aug(xd, 7)
+        _sync(dev)
+        timings[dev], outputs[dev] = 1000 * (time.perf_counter() - start) / reps, out.float().cpu()
+    return timings, outputs
+
+
 # --------------------------------------------------------------------------- 4. precisions and compile
-@timed
+@check("4a. precisions")
 def check_precisions(args, work: Path, data: Path, started: float) -> None:
     device = torch.device(args.device)
     results = {}
@@ -314,7 +331,7 @@ def check_precisions(args, work: Path, data: Path, started: float) -> None:
         for _ in range(5):
             x = torch.randn(batch, 3, 64, 64, device=device).contiguous(memory_format=torch.channels_last)
             y = torch.randint(0, 200, (batch,), device=device)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with hardware.autocast(device, dtype):
                 loss = F.cross_entropy(model(x).float(), y)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -332,7 +349,7 @@ def check_precisions(args, work: Path, data: Path, started: float) -> None:
     )
 
 
-@timed
+@check("4b. torch.compile")
 def check_compile(args, work: Path, data: Path, started: float) -> None:
     if args.device != "cuda" and not args.cpu_compile:
         row(
@@ -354,7 +371,7 @@ def check_compile(args, work: Path, data: Path, started: float) -> None:
         start = time.perf_counter()
         for _ in range(2):
             x = torch.randn(128, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+            with hardware.autocast(device, torch.bfloat16):
                 loss = F.cross_entropy(net(x).float(), torch.randint(0, 200, (128,), device=device))
             loss.backward()
             opt.step()
@@ -374,7 +391,7 @@ def check_compile(args, work: Path, data: Path, started: float) -> None:
 
 
 # --------------------------------------------------------------------------- 5. DDP + EMA + compile, SyncBN
-@timed
+@check("5. DDP + EMA + compile")
 def check_ddp(args, work: Path, data: Path, started: float) -> None:
     import torch.distributed as dist
     from timm.utils import ModelEmaV3
@@ -400,7 +417,7 @@ def check_ddp(args, work: Path, data: Path, started: float) -> None:
             batch = 32 if device.type == "cuda" else 8
             for step in range(4):
                 x = torch.randn(batch, 3, 64, 64, device=device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                with hardware.autocast(device, torch.bfloat16 if device.type == "cuda" else None):
                     loss = F.cross_entropy(net(x).float(), torch.randint(0, 200, (batch,), device=device))
                 loss.backward()
                 opt.step()
@@ -463,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = hardware.resolve_device(args.device)
     args.device = device.type
-    hardware.configure(device, deterministic=True)
+    hardware.configure(device, deterministic="auto")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     data = demo_data.ensure_demo_dataset(work / "demo-digits")
@@ -491,13 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in ROWS:
         verdict = "skipped" if r["ok"] is None else ("ok" if r["ok"] else "**FAIL**")
         print(f"| {r['check']} | {r['result']} | {verdict} | {r['seconds']:.0f} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"device": name, "versions": versions(device), "seconds": round(total, 1), "rows": ROWS}, indent=2)
-        + "\n"
-    )
-    print(f"\nwritten: {out}")
+    summary = {"device": name, "versions": versions(device), "seconds": round(total, 1), "rows": ROWS}
+    print(f"\nwritten: {write_json(summary, args.out)}")
     return 1 if any(r["ok"] is False for r in ROWS) else 0
 
 

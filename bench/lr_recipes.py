@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hardware  # noqa: E402
 import main as toolkit  # noqa: E402  (main.py; this file has its own main)
 import optim  # noqa: E402
+from utils import write_json  # noqa: E402
 
 FAMILIES = {  # family group -> (representative --arch, AdamW rates per 256 images to compare)
     "cnn": ("resnet18", [4e-5, 1e-3, 2e-3, 4e-3, 8e-3]),
@@ -141,9 +142,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 file=sys.stderr,
                 flush=True,
             )
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"args": vars(args), "device": hardware.cpu_name(), "rows": rows}, indent=2))
+            out = write_json({"args": vars(args), "device": hardware.cpu_name(), "rows": rows}, args.out)
     print(
         f"\nval top-1 (%) after {args.epochs} epochs from scratch, {args.classes} classes, batch {args.batch_size}, "
         f"AdamW, rates per 256 images ({hardware.decide_runtime(hardware.resolve_device('auto')).reason})\n"
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         best = max(mine, key=lambda r: r["val_top1"])
         print(f"| {family} ({mine[0]['arch']}) | {cells} | {best['lr_per_256']:.0e} | {recipe.lr_per_256:.0e} |")
-    print(f"\nwritten: {args.out}")
+    print(f"\nwritten: {out}")
     return rows
 
 

@@ -19,7 +19,6 @@ Markdown table and writes JSON (default bench/results/pipeline.json). Not part o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import batch_manager  # noqa: E402
 import transforms  # noqa: E402
 from data_sources import load_rgb, read_dataset  # noqa: E402
+from utils import write_json  # noqa: E402
 
 MEAN = np.array(transforms.IMAGENET_MEAN, np.float32)
 STD = np.array(transforms.IMAGENET_STD, np.float32)
@@ -161,11 +161,7 @@ def main() -> None:
             f"| {procs} | {r['seed_style_ips']:,.0f} | {r['ours_ips']:,.0f} ({r['ratio']:.2f}x) "
             f"| {r['torch_ips']:,.0f} ({r['torch_ratio']:.2f}x) |"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"args": vars(args), "machine": machine, "cache_seconds": cache_seconds, "rows": rows}, indent=2)
-    )
+    out = write_json({"args": vars(args), "machine": machine, "cache_seconds": cache_seconds, "rows": rows}, args.out)
     print(f"\nwritten: {out}")
 
 

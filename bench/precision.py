@@ -10,15 +10,14 @@ Each (arch, variant) trains on one resident random batch (forward, backward, SGD
 here too and is reported separately), then `--steps` timed updates, `--reps` times; the table
 gives the median images/s and the speed-up over fp32, and a last column: the variant main.py
 picks here by default and its images/s as a fraction of the fastest of {fp32, bf16, fp16} x
-{channels_last on, off} (the target: >= 0.9). cuDNN is set as main.py sets it (deterministic by
-default, --no-deterministic to autotune). This is the evidence behind main.py's defaults (README:
+{channels_last on, off} (the target: >= 0.9). cuDNN is set as main.py sets it (--deterministic
+auto: autotuning on a GPU). This is the evidence behind main.py's defaults (README:
 Speed). Prints a Markdown table and writes JSON (default bench/results/precision.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import arch  # noqa: E402
 import hardware  # noqa: E402
 from hardware import resolve_device  # noqa: E402
+from utils import write_json  # noqa: E402
 
 VARIANTS = {  # name -> (autocast dtype, channels_last, compile)
     "fp32": (None, False, False),
@@ -68,7 +68,7 @@ def measure(name: str, variant: str, args, device: torch.device) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with hardware.autocast(device, dtype):
             loss = F.cross_entropy(net(x).float(), y)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -114,9 +114,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument(
         "--deterministic",
-        default=True,
-        action=argparse.BooleanOptionalAction,
-        help="cuDNN as main.py's --deterministic (default) or --no-deterministic (autotuned)",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="GPU numerics as main.py's --deterministic (auto: cuDNN autotuning on a GPU)",
     )
     p.add_argument("--out", default="bench/results/precision.json")
     args = p.parse_args(argv)
@@ -168,24 +168,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     compiled = [r for r in rows if VARIANTS[r["variant"]][2]]
     for r in compiled:
         print(f"\n{r['arch']}: torch.compile warm-up (compilation included) took {r['warmup_s']:.0f} s", end="")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
-    out.write_text(
-        json.dumps(
-            {
-                "args": vars(args),
-                "device": str(device),
-                "device_name": where,
-                "machine": machine,
-                "native_bf16": bf16,
-                "default": {"variant": default, "ratio_to_best": ratios},
-                "rows": rows,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    summary = {
+        "args": vars(args),
+        "device": str(device),
+        "device_name": where,
+        "machine": machine,
+        "native_bf16": bf16,
+        "default": {"variant": default, "ratio_to_best": ratios},
+        "rows": rows,
+    }
+    out = write_json(summary, args.out)
     print(f"\n\nwritten: {out}")
     return rows
 

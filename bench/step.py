@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import platform
@@ -35,12 +34,14 @@ from timm.loss import SoftTargetCrossEntropy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import batch_manager  # noqa: E402
 import distributed  # noqa: E402
 import engine  # noqa: E402
 import main as toolkit  # noqa: E402  (main.py; this file has its own main)
 import transforms  # noqa: E402
 from config import parse_config  # noqa: E402
 from run_state import TrainState  # noqa: E402
+from utils import write_json  # noqa: E402
 
 
 def bench_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -67,9 +68,10 @@ def build(cfg):
 
 
 def resident_batch(p, cfg):
-    """One training batch, augmented and normalised, kept on the device (the bare loop's input)."""
+    """One training batch, augmented and normalised, kept on the device (the bare loop's input),
+    and the same batch as it leaves the loader (uint8, on the device)."""
     images, labels = next(iter(p.loaders.train))
-    images = images.to(p.device)
+    raw = images = images.to(p.device)
     if p.loaders.augment is not None:
         images = p.loaders.augment(images, 0)
     images = p.normalize(images)
@@ -77,7 +79,19 @@ def resident_batch(p, cfg):
         images = images.contiguous(memory_format=torch.channels_last)
     n = len(p.loaders.data.classes)
     targets = transforms.soft_targets(images, labels.to(p.device), None, n, cfg.label_smoothing)[1]
-    return images, targets
+    return images, targets, raw
+
+
+def augment_ms(p, raw, batches: int) -> float | None:
+    """Milliseconds per batch of the on-device augmentation alone (None: it runs in the loader)."""
+    if p.loaders.augment is None:
+        return None
+    _sync(p.device)
+    start = time.perf_counter()
+    for b in range(batches):
+        p.loaders.augment(raw, b)
+    _sync(p.device)
+    return 1000 * (time.perf_counter() - start) / batches
 
 
 def bare_steps(p, images, targets, steps: int) -> float:
@@ -128,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         warm_cfg, lr_base=cfg.lr_base, warmup_epochs=cfg.warmup_epochs, lr_scale_batch=cfg.lr_scale_batch
     )
     device = p.device
-    images, targets = resident_batch(p, cfg)
+    images, targets, raw = resident_batch(p, cfg)
 
     bare_steps(p, images, targets, args.warmup)
     trainer_steps(p, warm_cfg, 0)  # also starts the persistent workers
@@ -139,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.append(ips)
         wait.append(w)
     ratios = [t / b for t, b in zip(trainer, bare, strict=True)]
+    aug_ms = augment_ms(p, raw, args.steps)
     result = {
         "arch": cfg.arch,
         "batch_size": cfg.batch_size,
@@ -158,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
         "data_wait_median": statistics.median(wait),
+        "augment_ms": aug_ms,
+        "data_on_device": isinstance(p.loaders.train, batch_manager.DeviceBatches),
         "bare_all": bare,
         "trainer_all": trainer,
         "ratios": ratios,
@@ -173,16 +190,14 @@ def main(argv: list[str] | None = None) -> dict:
         f"({r['device_name']}, {r['threads']} threads), autocast {r['amp']}, channels_last {r['channels_last']}, "
         f"aug {r['aug_backend']} at s={r['strength']}, {r['workers']} workers; {r['reps']} x {r['steps']} updates\n"
     )
-    print("| bare img/s | trainer img/s | trainer / bare (median, range) | data wait |")
-    print("|---|---|---|---|")
+    print("| bare img/s | trainer img/s | trainer / bare (median, range) | data wait | augmentation ms per batch |")
+    print("|---|---|---|---|---|")
+    aug = "in the loader" if r["augment_ms"] is None else f"{r['augment_ms']:.2f}"
     print(
         f"| {r['bare_ips']:,.0f} | {r['trainer_ips']:,.0f} | {r['ratio_median']:.3f} "
-        f"({r['ratio_min']:.3f}-{r['ratio_max']:.3f}) | {100 * r['data_wait_median']:.1f} % |"
+        f"({r['ratio_min']:.3f}-{r['ratio_max']:.3f}) | {100 * r['data_wait_median']:.1f} % | {aug} |"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwritten: {out}")
+    print(f"\nwritten: {write_json(result, args.out)}")
     return result
 
 

@@ -415,11 +415,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default=None, help="a mirror of the official archive")
     parser.add_argument("--md5", default=None, help="MD5 to check a --url mirror against")
     parser.add_argument("--archive", nargs="+", help="local .zip / .tar.gz, or split parts in order (no download)")
+    parser.add_argument(
+        "--expect",
+        default=None,
+        metavar="CLASSES,TRAIN_PER_CLASS,VAL,TEST",
+        help="the counts a complete copy holds, for a subset of Tiny-ImageNet (default: 200,500,10000,10000)",
+    )
     args = parser.parse_args(argv)
+    expected = Expected()
+    if args.expect:
+        try:
+            expected = Expected(*(int(v) for v in args.expect.split(",")))
+        except (TypeError, ValueError):
+            parser.error(f"--expect {args.expect!r}: four whole numbers, e.g. 200,500,10000,10000")
     try:
         if args.dataset == "tiny-imagenet":
             dest = args.dest or here / "tiny-imagenet-200"
-            path = fetch_tiny_imagenet(dest, args.url or OFFICIAL_URL, args.md5, args.archive)
+            path = fetch_tiny_imagenet(dest, args.url or OFFICIAL_URL, args.md5, args.archive, expected)
         else:
             path = fetch_cifar(args.dataset, args.dest or here / args.dataset, args.url, args.md5, args.archive)
     except DownloadError as exc:

@@ -10,7 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 # Offline everything: wandb writes real files without an account; no hub look-ups; quiet bars.
 os.environ["WANDB_MODE"] = "offline"
@@ -45,6 +49,16 @@ def make_layout(root: Path, n_train: int = 16, n_val: int = 5, n_test: int = 9, 
     val = [(toy_image(index[w], rng), w) for _ in range(n_val) for w in WNIDS]
     test = [toy_image(int(rng.integers(4)), rng) for _ in range(n_test)]
     return write_tiny_imagenet_layout(root, dict(zip(WNIDS, NAMES, strict=True)), train, val, test)
+
+
+def bench_module(name: str):
+    """A script of bench/ imported as a module (bench/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +114,77 @@ def loaders_for(
         prepare.setdefault("cache_dir", tempfile.mkdtemp(prefix="tin-cache-"))
     data = batch_manager.prepare_data(kind, root, img_size, workers, seed=seed, **prepare)
     return batch_manager.build_loaders(data, img_size, batch_size, workers, seed, aug_backend=aug_backend)
+
+
+class HostTraffic(TorchDispatchMode):
+    """What a training step would send between host and GPU, seen on a machine without one: the
+    step runs with its device tensors (model, optimizer state, resident data) on torch's `meta`
+    device, which has shapes but no values, and every operation is inspected on its way:
+
+    - `copies`: (what, non_blocking) for each copy of host memory to the device: explicit ones
+      (`.to(device)`), a host tensor of one or more dimensions mixed into an operation on device
+      tensors, and device tensors that no operation made — `torch.tensor(data, device=...)` or
+      indexing with a Python list, which on a GPU copy from host memory without asking;
+    - `reads`: each read of a device value by the host (`.item()`, `bool()`, `.tolist()`,
+      `.cpu()`), every one of which makes a GPU run wait. Reads return zeros (-1 for integers).
+
+    `known`: the device tensors that exist before the step (parameters, buffers, resident data)."""
+
+    def __init__(self, known=()) -> None:
+        super().__init__()
+        self.copies: list[tuple] = []
+        self.reads: list[str] = []
+        self.made = WeakIdKeyDictionary({t: True for t in known})
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        for t in tensors:
+            if t.is_meta and t not in self.made:  # appeared without an operation: copied from host data
+                self.copies.append((f"{tuple(t.shape)} from host data, into {func}", False))
+                self.made[t] = True
+        if func is aten._local_scalar_dense.default and args[0].is_meta:
+            self.reads.append(f"{func} {args[0].dtype}")
+            return 0.0 if args[0].dtype.is_floating_point else -1
+        if func is aten._to_copy.default:
+            target = torch.device(kwargs.get("device") or args[0].device)
+            if args[0].device.type == "cpu" and target.type == "meta":
+                self.copies.append((tuple(args[0].shape), bool(kwargs.get("non_blocking", False))))
+            elif args[0].is_meta and target.type == "cpu":
+                self.reads.append(f"{func} {tuple(args[0].shape)}")
+                return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+        elif any(t.is_meta for t in tensors) and any(t.device.type == "cpu" and t.ndim > 0 for t in tensors):
+            self.copies.append((f"a host tensor in {func}", False))
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                self.made[t] = True
+        return out
+
+
+def device_tensors(parts) -> list:
+    """Every tensor a training run keeps on its device: weights, buffers, optimizer state, EMA,
+    normalisation constants, resident data."""
+    modules = [parts.model, parts.normalize] + ([parts.ema.module] if parts.ema is not None else [])
+    found = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    found += [t for state in parts.optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    train = parts.loaders.train
+    return found + ([train.images, train.labels] if hasattr(train, "images") else [])
+
+
+def parts_on_meta(parts):
+    """The training parts of a CPU run with every device tensor moved to the meta device (see
+    HostTraffic); fp32, channels-last."""
+    import dataclasses
+
+    meta = torch.device("meta")
+    parts.model.to(meta)  # in place: the optimizer keeps its parameters
+    if parts.ema is not None:
+        parts.ema.module.to(meta)
+    parts.normalize.to(meta)
+    train = parts.loaders.train
+    if hasattr(train, "images"):  # resident data (--data_on_device)
+        train.images, train.labels = train.images.to(meta), train.labels.to(meta)
+    parts.runtime = dataclasses.replace(parts.runtime, device=meta, amp_dtype=None, channels_last=True)
+    return parts

@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_engine import TinyNet, tiny_parts
-from torch.overrides import TorchFunctionMode
 
 import arch
 import distributed
@@ -22,47 +21,32 @@ import main
 import run_state
 import sweep
 import train
-from conftest import FAST_RUN, loaders_for
+from config import parse_config
+from conftest import FAST_RUN, HostTraffic, device_tensors, loaders_for, parts_on_meta
 from utils import UserError
 
-SYNCS = {
-    torch.Tensor.item,
-    torch.Tensor.tolist,
-    torch.Tensor.__bool__,
-    torch.Tensor.__int__,
-    torch.Tensor.__float__,
-    torch.Tensor.__index__,
-    torch.Tensor.cpu,
-    torch.Tensor.numpy,
-}
 
-
-class CountSyncs(TorchFunctionMode):
-    """Counts the tensor operations that make the host wait for a GPU (reading a value back)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count, self.where = 0, []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in SYNCS:
-            self.count += 1
-            self.where.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
-def test_the_update_step_reads_the_device_only_every_few_updates(tiny_data):
-    torch.manual_seed(0)
-    loaders = loaders_for(tiny_data, batch_size=2, seed=3, aug_backend="torch")  # 64 images: 32 updates
-    loaders.set_epoch(0, 1.0)  # full strength: the batch augmentation runs too
-    parts = tiny_parts(TinyNet(), loaders)
-    spec = train.StepSpec(num_classes=4, sync_every=8)
-    with CountSyncs() as counter:
-        out = train.train_one_epoch(parts, spec, step=0, start_batch=0, end_batch=32, should_stop=lambda step: False)
-    assert out["steps"] == 32
-    # 4 reads at the sync points, one at the end, plus the sampler's order once per epoch (the old loop
-    # read the loss, its finiteness and two accuracy counts on every update: >= 128 here)
-    assert counter.count <= 32 // 8 + 6, counter.where
+@pytest.mark.parametrize("resident", [True, False], ids=["data on the device", "data from the loader"])
+def test_the_training_step_copies_without_blocking_and_reads_only_every_few_updates(tiny_data, tmp_path, resident):
+    """The real step (batch to device, RandAugment and the rest of BatchAugment at full strength,
+    CutMix/MixUp, forward, backward, AdamW, schedule, EMA, meters), its host traffic recorded as a GPU
+    would see it: one non-blocking copy of each batch's augmentation parameters (and of the batch
+    itself from the loader), one of the epoch's order, and host reads only at the sync points."""
+    args = [*FAST_RUN, "--data_dir", str(tiny_data), "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"]
+    args += ["--data_on_device", "on" if resident else "off", "--randaugment", "--ema", "--wandb", "disabled"]
+    built = main.build(parse_config(args), distributed.Context())
+    parts = parts_on_meta(built.parts)
+    parts.loaders.set_epoch(0, 1.0)  # full strength: every augmentation op and the mixer run
+    parts.mixer.set_strength(1.0)
+    spec = train.StepSpec(num_classes=4, sync_every=4)
+    with HostTraffic(known=device_tensors(parts)) as traffic:
+        out = train.train_one_epoch(parts, spec, step=0, start_batch=0, end_batch=8)
+    assert out["steps"] == 8
+    blocking = [c for c in traffic.copies if not c[1]]
+    assert not blocking, blocking  # each would make the host wait for the GPU
+    per_batch = 1 if resident else 3  # augmentation parameters (+ images and labels)
+    assert len(traffic.copies) <= 8 * per_batch + 1, traffic.copies  # + the epoch's order, once
+    assert len(traffic.reads) <= 8 // 4 + 3, traffic.reads  # sync points and the epoch's end
 
 
 @pytest.fixture

@@ -22,9 +22,14 @@ RUN = [
 ]
 
 
-def _start(args, out):
+def _start(args, out, signal_at: tuple[str, int] | None = None):
+    """main.py in a subprocess; signal_at (name, K): that signal arrives right after update K
+    (bench/interrupt_at.py), a position in the run that does not depend on the machine's speed."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    return subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    wrapper = ["bench/interrupt_at.py", str(signal_at[1]), "--signal", signal_at[0]] if signal_at else []
+    return subprocess.Popen(
+        [sys.executable, *wrapper, "main.py", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env
+    )
 
 
 def _run_dir(out_dir: Path) -> Path | None:
@@ -81,19 +86,23 @@ def _saving_last(out: Path) -> bool:
     return run is not None and (run / "last.pth.tar").exists() and any(run.glob(".last.pth.tar.*.tmp"))
 
 
-KILL_POINTS = {
-    # while epoch 2's last.pth.tar is being written: the epoch-1 file must survive intact
+KILL_POINTS = {  # 8 updates per epoch
+    # while a checkpoint after epoch 1 is being written: the previous files must survive intact
     "during a checkpoint write": lambda out: _saving_last(out) and _n_rows(out) >= 1,
-    "mid epoch 2": lambda out: _n_rows(out) >= 1 and (time.sleep(0.4) or True),
+    "mid epoch 2": 12,  # right after update 12
     "right after epoch 2": lambda out: _n_rows(out) >= 2,
 }
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_sigkill_then_resume_matches_an_uninterrupted_run(reference, tiny_data, tmp_path, point):
+    where = KILL_POINTS[point]
     with open(tmp_path / "log", "w") as log:
-        proc = _start([*RUN, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path)], log)
-        reached = _wait_until(lambda: KILL_POINTS[point](tmp_path), proc)
+        args = [*RUN, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path)]
+        proc = _start(args, log, signal_at=("KILL", where) if isinstance(where, int) else None)
+        reached = (
+            proc.wait(300) == -signal.SIGKILL if isinstance(where, int) else _wait_until(lambda: where(tmp_path), proc)
+        )
         proc.send_signal(signal.SIGKILL)
         proc.wait(60)
     assert reached, f"the run ended before the kill point: {(tmp_path / 'log').read_text()[-2000:]}"
@@ -105,15 +114,13 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(reference, tiny_data, 
     assert _same_weights(run / "last.pth.tar", reference / "last.pth.tar")
     assert _same_weights(run / "best.pth.tar", reference / "best.pth.tar")
     assert (run / "best_test_preds.csv").read_text() == (reference / "best_test_preds.csv").read_text()
-    assert not list(run.glob(".*.tmp")) or point == "during a checkpoint write"
+    assert not list(run.glob(".*.tmp"))  # a write the kill cut short leaves nothing behind once resumed
 
 
 def test_sigint_saves_mid_epoch_and_resumes_exactly(reference, tiny_data, tmp_path):
     with open(tmp_path / "log", "w") as log:
-        proc = _start([*RUN, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path)], log)
-        assert _wait_until(lambda: _n_rows(tmp_path) >= 1 and (time.sleep(0.3) or True), proc)
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(120)
+        proc = _start([*RUN, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path)], log, ("INT", 11))
+        code = proc.wait(300)
     output = (tmp_path / "log").read_text()
     run = _run_dir(tmp_path)
     assert code == 130 and f"python main.py --resume {run}" in output and "Traceback" not in output
@@ -135,11 +142,8 @@ def test_sigkill_mid_epoch_resumes_exactly_with_albumentations_workers(tiny_data
     out = tmp_path / "killed"
     out.mkdir()
     with open(tmp_path / "log", "w") as log:
-        proc = _start([*ALBU_RUN, "--data_dir", str(tiny_data), "--output_dir", str(out)], log)
-        reached = _wait_until(lambda: KILL_POINTS["mid epoch 2"](out), proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(60)
-    assert reached, (tmp_path / "log").read_text()[-2000:]
+        proc = _start([*ALBU_RUN, "--data_dir", str(tiny_data), "--output_dir", str(out)], log, ("KILL", 12))
+        assert proc.wait(300) == -signal.SIGKILL, (tmp_path / "log").read_text()[-2000:]
     run = _run_dir(out)
     with open(tmp_path / "resume.log", "w") as log:
         assert _start(["--resume", str(run)], log).wait(300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
@@ -151,13 +155,8 @@ def test_sigkill_mid_epoch_with_data_on_the_device_resumes_to_the_loader_paths_r
     """--data_on_device gathers the loader path's batches itself: killed and resumed, it ends exactly
     where the uninterrupted DataLoader run (the module's reference) ends."""
     with open(tmp_path / "log", "w") as log:
-        proc = _start(
-            [*RUN, "--data_on_device", "on", "--data_dir", str(tiny_data), "--output_dir", str(tmp_path)], log
-        )
-        reached = _wait_until(lambda: KILL_POINTS["mid epoch 2"](tmp_path), proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(60)
-    assert reached, (tmp_path / "log").read_text()[-2000:]
+        args = [*RUN, "--data_on_device", "on", "--data_dir", str(tiny_data), "--output_dir", str(tmp_path)]
+        assert _start(args, log, ("KILL", 12)).wait(300) == -signal.SIGKILL, (tmp_path / "log").read_text()[-2000:]
     run = _run_dir(tmp_path)
     with open(tmp_path / "resume.log", "w") as log:
         assert _start(["--resume", str(run)], log).wait(300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
