@@ -4,6 +4,8 @@ run records about its decision."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import yaml
@@ -208,3 +210,28 @@ def test_torch_threads_are_capped_at_the_quota_unless_omp_num_threads_says(tmp_p
         assert hardware.fit_threads() is None and torch.get_num_threads() == 2  # the user's choice stands
     finally:
         torch.set_num_threads(before)
+
+
+def test_deterministic_auto_autotunes_gpus_and_on_makes_them_repeatable(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    cuda = torch.device("cuda")  # the settings are process-wide flags: no GPU is needed to set them
+    try:
+        assert "autotuning" in hardware.configure(cuda, "auto")
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert "deterministic GPU kernels" in hardware.configure(cuda, "on")
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
+    assert hardware.configure(torch.device("cpu"), "off") == "deterministic (a CPU)"  # CPUs: exact at no cost
+
+
+def test_runs_saved_with_a_boolean_deterministic_resume_with_its_meaning():
+    from config import upgrade_saved
+
+    assert upgrade_saved({"deterministic": True})["deterministic"] == "on"
+    assert upgrade_saved({"deterministic": False})["deterministic"] == "off"
+    assert upgrade_saved({})["deterministic"] == "on"  # before the flag existed: the original's deterministic cuDNN
