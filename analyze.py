@@ -178,10 +178,10 @@ def analyze_run(
     on `device` (main.py passes the training device, so a GPU run is analysed on the GPU)."""
     import arch
     import batch_manager
-    import hardware
-    from config import from_saved
+    from tin import hardware
+    from tin.checkpoint import load_checkpoint
+    from tin.config import from_saved
     from transforms import Normalize
-    from utils import load_checkpoint
     from val import infer, per_class_accuracy, write_csv
 
     run_dir = Path(run_dir)
@@ -233,7 +233,7 @@ def analyze_run(
 def analyze_dataset(kind: str, data_dir: str | Path, output_dir: str | Path) -> dict:
     from PIL import Image
 
-    from data_sources import read_dataset
+    from tin.readers import read_dataset
 
     data = read_dataset(kind, data_dir)  # a clear DatasetError when the folder is not a dataset
     out = Path(output_dir)
@@ -316,13 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils import setup_logging
+    from tin.outputs import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
         if args.what == "run":
-            import hardware
+            from tin import hardware
 
             device = hardware.resolve_device(args.device)
             analyze_run(args.run_dir, args.output_dir, args.tsne_samples, args.workers, device)

@@ -2,7 +2,7 @@
 memory-mapped cache, hold out or merge val), and build loaders that deliver each epoch's
 augmentation strength to persistent worker processes.
 
-Formats and their layouts: see data_sources.py. The decode-once cache: see decode_cache.py.
+Formats and their layouts: see readers.py. The decode-once cache: see decode_cache.py.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
-import decode_cache
 import transforms
-from data_sources import DatasetError, DataSplits, Split, hold_out_val, merge_train_val, read_dataset
+from tin import decode_cache
+from tin.readers import DatasetError, DataSplits, Split, hold_out_val, merge_train_val, read_dataset
 
 # Set in the parent before any cv2 work: calling it inside a worker after the parent used cv2
 # has hung workers on this project's machines. One thread per worker; parallelism = workers.

@@ -19,17 +19,13 @@ import torch
 from timm.layers import convert_sync_batchnorm
 from timm.utils import ModelEmaV3
 
-import budget
-import distributed
-import optim
-import run_state
 import train
 import transforms
-from budget import Plan
-from config import Config, milestones
-from run_state import StopRequest, TrainState
+from tin import checkpoint, distributed, optim, time_budget
+from tin.checkpoint import StopRequest, TrainState, load_checkpoint
+from tin.config import Config, milestones
+from tin.time_budget import Plan
 from train import Parts, StepSpec
-from utils import load_checkpoint
 from val import evaluate, predict, write_predictions
 
 log = logging.getLogger("tin")
@@ -125,7 +121,9 @@ def base_plan(cfg: Config, loaders) -> Plan:
     """--epochs whole epochs of this process's share of the data (the plan without a budget)."""
     full = loaders.train.sampler.num_samples // cfg.batch_size
     batches = min(full, cfg.steps_per_epoch) if cfg.steps_per_epoch else full
-    return budget.epochs_plan(cfg.epochs, optim.updates_per_epoch(batches, cfg.accum_steps), batches, cfg.accum_steps)
+    return time_budget.epochs_plan(
+        cfg.epochs, optim.updates_per_epoch(batches, cfg.accum_steps), batches, cfg.accum_steps
+    )
 
 
 def step_spec(cfg: Config, p: Parts) -> StepSpec:
@@ -143,13 +141,13 @@ def plan_run(cfg: Config, p: Parts, elapsed_s: float) -> Plan:
     plan = base_plan(cfg, p.loaders)
     if not cfg.time_budget:
         return plan
-    return budget.make_plan(
+    return time_budget.make_plan(
         p,
         step_spec(cfg, p),
         plan,
         minutes=cfg.time_budget,
         elapsed_s=elapsed_s,
-        size_at=budget.size_schedule(cfg.img_size, cfg.min_img_size, cfg.resize_until),
+        size_at=time_budget.size_schedule(cfg.img_size, cfg.min_img_size, cfg.resize_until),
         ema=cfg.ema,
         tta=cfg.tta,
         test_every_epoch=cfg.test_preds == "best",
@@ -161,7 +159,7 @@ def plan_run(cfg: Config, p: Parts, elapsed_s: float) -> Plan:
 def fit(
     cfg: Config, p: Parts, state: TrainState, plan: Plan, run_dir: Path, sinks, stop: StopRequest, started: float
 ) -> None:
-    """Run the plan from `state` on; `started` = budget.clock() when this process began."""
+    """Run the plan from `state` on; `started` = time_budget.clock() when this process began."""
     data, spec = p.loaders.data, step_spec(cfg, p)
     log.info(
         "run folder %s | %s, %.2fM params, %d classes | train %d, val %d, test %d images | %s, %s",
@@ -180,24 +178,26 @@ def fit(
     if state.finished:
         log.info("this run has already finished (%d epochs); nothing left to train", state.epoch)
     origin = started - state.elapsed_s  # the run's time 0, across resumes
-    deadline = budget.Deadline(plan, budget.clock() - origin)
+    deadline = time_budget.Deadline(plan, time_budget.clock() - origin)
     p.scheduler.step_update(num_updates=state.step)
-    window, trained_s = (state.step, budget.clock() - origin), 0.0  # speed measured from here (not start-up)
+    window, trained_s = (state.step, time_budget.clock() - origin), 0.0  # speed measured from here (not start-up)
     epoch = state.epoch
     while epoch < plan.n_epochs and not state.finished:
-        t0 = budget.clock()
+        t0 = time_budget.clock()
         if plan.budget_s and state.step > window[0]:  # re-plan from whole epochs trained in this process
             if window[0] % plan.updates_per_epoch == 0:
                 plan = _replan(cfg, p, state, plan, deadline, window, elapsed_s=t0 - origin, trained_s=trained_s)
             window, trained_s = (state.step, t0 - origin), 0.0
         deadline.epoch_start()
         tr = train_epoch(cfg, p, spec, state, plan=plan, epoch=epoch, should_stop=_stopper(p, spec, stop, deadline))
-        trained_s += budget.clock() - t0
+        trained_s += time_budget.clock() - t0
         if tr["interrupted"] and stop.signum:  # saved; tell how to go on
-            _exit_interrupted(p, cfg, state, plan=plan, run_dir=run_dir, stop=stop, elapsed_s=budget.clock() - origin)
+            _exit_interrupted(
+                p, cfg, state, plan=plan, run_dir=run_dir, stop=stop, elapsed_s=time_budget.clock() - origin
+            )
         last = epoch + 1 == plan.n_epochs or deadline.hit
-        row = _evaluate(cfg, p, epoch, tr, validate=last or budget.evaluated(epoch, plan.epochs, cfg.eval_every))
-        row["epoch_seconds"], row["wall_seconds"] = budget.clock() - t0, budget.clock() - origin
+        row = _evaluate(cfg, p, epoch, tr, validate=last or time_budget.evaluated(epoch, plan.epochs, cfg.eval_every))
+        row["epoch_seconds"], row["wall_seconds"] = time_budget.clock() - t0, time_budget.clock() - origin
         improved = _end_epoch(cfg, p, state, plan=plan, run_dir=run_dir, row=row, last=last)
         for sink in sinks:
             sink.log(row)
@@ -214,10 +214,12 @@ def fit(
                 "early stop: no better val top-1 for %d evaluations (--patience %d)", state.bad_epochs, cfg.patience
             )
         if distributed.any_flag(bool(stop.signum), p.device):
-            _exit_interrupted(p, cfg, state, plan=plan, run_dir=run_dir, stop=stop, elapsed_s=budget.clock() - origin)
+            _exit_interrupted(
+                p, cfg, state, plan=plan, run_dir=run_dir, stop=stop, elapsed_s=time_budget.clock() - origin
+            )
         epoch = state.epoch
     _final_test_preds(cfg, p, run_dir)
-    _log_done(state, plan, run_dir=run_dir, has_test=p.loaders.test is not None, seconds=budget.clock() - origin)
+    _log_done(state, plan, run_dir=run_dir, has_test=p.loaders.test is not None, seconds=time_budget.clock() - origin)
     if not cfg.no_analysis and p.loaders.val is not None and p.ctx.is_main:
         _analyze(run_dir, cfg.workers, p.device)
 
@@ -227,25 +229,25 @@ def _replan(
     p: Parts,
     state: TrainState,
     plan: Plan,
-    deadline: budget.Deadline,
+    deadline: time_budget.Deadline,
     window: tuple[int, float],
     elapsed_s: float,
     trained_s: float,
 ) -> Plan:
     """--time_budget at an epoch's start: re-plan the rest from the machine's training speed over
-    the whole epochs since `window` against the start's measurement (budget.replan). The LR
+    the whole epochs since `window` against the start's measurement (time_budget.replan). The LR
     schedule stretches or squeezes to end with the new plan; rank 0 decides for every process.
     A steady machine keeps its plan (a resumed run then repeats an uninterrupted one exactly);
     one whose speed drifts re-plans, which a resumed run, measuring its own speed, may do
     differently. A resumed run measures from its first whole epoch."""
     new = distributed.broadcast(
-        budget.replan(
+        time_budget.replan(
             plan,
             step=state.step,
             elapsed_s=elapsed_s,
             window=window,
             trained_s=trained_s,
-            size_at=budget.size_schedule(cfg.img_size, cfg.min_img_size, cfg.resize_until),
+            size_at=time_budget.size_schedule(cfg.img_size, cfg.min_img_size, cfg.resize_until),
             test_every_epoch=cfg.test_preds == "best",
             eval_every=cfg.eval_every,
         )
@@ -291,7 +293,7 @@ def train_epoch(
     return {**tr, "lr": lr, "aug_strength": strength, "train_size": size}
 
 
-def _stopper(p: Parts, spec: StepSpec, stop: StopRequest, deadline: budget.Deadline):
+def _stopper(p: Parts, spec: StepSpec, stop: StopRequest, deadline: time_budget.Deadline):
     """should_stop(step) for train_one_epoch: a signal or the deadline. Under torchrun the
     processes agree every spec.sync_every updates (an all-reduce), never in between."""
 
@@ -356,20 +358,20 @@ def _end_epoch(cfg: Config, p: Parts, state: TrainState, plan: Plan, run_dir: Pa
             "val_loss": row.get(key.replace("top1", "loss")),
             "weights": cfg.best_on,
         }
-    ckpt = run_state.make_checkpoint(p, cfg.to_dict(), state, plan)  # every process: gathers the RNG states
+    ckpt = checkpoint.make_checkpoint(p, cfg.to_dict(), state, plan)  # every process: gathers the RNG states
     if improved:
         weights = p.ema.module if cfg.best_on == "ema" else p.model
         preds = _test_preds(cfg, p, weights) if cfg.test_preds == "best" else None
         if p.ctx.is_main:
-            run_state.write_checkpoint({**ckpt, "state_dict": weights.state_dict()}, run_dir / "best.pth.tar")
+            checkpoint.write_checkpoint({**ckpt, "state_dict": weights.state_dict()}, run_dir / "best.pth.tar")
             if preds is not None:
                 write_predictions(
                     p.loaders.data.test.ids, preds, p.loaders.data.classes, run_dir / "best_test_preds.csv"
                 )
     if not p.ctx.is_main:
         return improved and score is not None
-    run_state.write_checkpoint(ckpt, run_dir / "last.pth.tar")
-    run_state.save_epoch_copy(run_dir / "last.pth.tar", run_dir, state.epoch, cfg.keep_last)
+    checkpoint.write_checkpoint(ckpt, run_dir / "last.pth.tar")
+    checkpoint.save_epoch_copy(run_dir / "last.pth.tar", run_dir, state.epoch, cfg.keep_last)
     results = {
         "arch": cfg.arch,
         "params": p.params,
@@ -426,9 +428,9 @@ def _exit_interrupted(
 ) -> None:
     if state.batch:  # mid-epoch: save the exact position (an epoch end has just been saved otherwise)
         state.elapsed_s = elapsed_s
-        ckpt = run_state.make_checkpoint(p, cfg.to_dict(), state, plan)
+        ckpt = checkpoint.make_checkpoint(p, cfg.to_dict(), state, plan)
         if p.ctx.is_main:
-            run_state.write_checkpoint(ckpt, run_dir / "last.pth.tar")
+            checkpoint.write_checkpoint(ckpt, run_dir / "last.pth.tar")
     log.warning("interrupted; state saved in %s. Resume with:\n  %s", run_dir / "last.pth.tar", resume_command(run_dir))
     raise SystemExit(128 + stop.signum)
 

@@ -22,32 +22,20 @@ import yaml
 
 import arch
 import batch_manager
-import budget
-import distributed
 import engine
-import hardware
-import optim
-import run_state
-from config import RESOLVED_KEY, Config, parse_config
-from run_state import StopRequest, TrainState
+from tin import checkpoint, distributed, hardware, optim, time_budget
+from tin.checkpoint import StopRequest, TrainState, load_checkpoint
+from tin.config import RESOLVED_KEY, Config, parse_config
+from tin.outputs import CsvSink, WandbSink, make_run_dir, resolve_wandb_mode, setup_logging
 from train import Parts
-from utils import (
-    CsvSink,
-    UserError,
-    WandbSink,
-    load_checkpoint,
-    make_run_dir,
-    resolve_wandb_mode,
-    seed_everything,
-    setup_logging,
-)
+from utils import UserError, seed_everything
 
 log = logging.getLogger("tin")
 
 
 def main(argv: list[str] | None = None) -> Path | None:
     """Parse argv, train (or resume), and return the run folder (None for --list_archs)."""
-    started = budget.clock()
+    started = time_budget.clock()
     setup_logging()
     cfg = parse_config(argv)
     if cfg.list_archs:
@@ -55,10 +43,10 @@ def main(argv: list[str] | None = None) -> Path | None:
         return None
     ckpt, run_dir = None, None
     if cfg.resume:  # before the process group: the resumed run's --device decides NCCL or gloo
-        path = run_state.find_checkpoint(cfg.resume)
+        path = checkpoint.find_checkpoint(cfg.resume)
         ckpt, run_dir = load_checkpoint(path), path.parent
         cfg = parse_config(argv, base=ckpt["config"])
-        run_state.check_compatible(ckpt["config"], cfg.to_dict(), path)
+        checkpoint.check_compatible(ckpt["config"], cfg.to_dict(), path)
     ctx = distributed.init(cfg.device)
     try:
         return _main(cfg, ctx, ckpt, run_dir, started)
@@ -151,11 +139,11 @@ def _main(cfg: Config, ctx: distributed.Context, ckpt: dict | None, run_dir: Pat
     built = build(cfg, ctx, ckpt)
     cfg, parts = built.cfg, built.parts
     if ckpt is not None:
-        plan = budget.Plan.from_dict(ckpt["plan"]) if "plan" in ckpt else engine.base_plan(cfg, parts.loaders)
+        plan = time_budget.Plan.from_dict(ckpt["plan"]) if "plan" in ckpt else engine.base_plan(cfg, parts.loaders)
         parts.scheduler = engine.build_scheduler(cfg, parts, plan)
-        state = run_state.restore(parts, ckpt)
+        state = checkpoint.restore(parts, ckpt)
     else:
-        plan = distributed.broadcast(engine.plan_run(cfg, parts, budget.clock() - started))  # rank 0's, everywhere
+        plan = distributed.broadcast(engine.plan_run(cfg, parts, time_budget.clock() - started))  # rank 0's, everywhere
         cfg = _fit_warmup_to_plan(cfg, plan, built.recipe)
         parts.scheduler = engine.build_scheduler(cfg, parts, plan)
         state = TrainState()
@@ -172,7 +160,7 @@ def _main(cfg: Config, ctx: distributed.Context, ckpt: dict | None, run_dir: Pat
             state.wandb_id = sinks[-1].run.id
         if ckpt is not None:
             rngs = ckpt.get("rng_all") or [ckpt["rng"]]
-            run_state.set_rng_state(
+            checkpoint.set_rng_state(
                 rngs[ctx.rank] if len(rngs) == ctx.world else ckpt["rng"]
             )  # last: nothing may draw after
             log.info("resumed %s at epoch %d, batch %d (update %d)", run_dir, state.epoch + 1, state.batch, state.step)
@@ -209,7 +197,7 @@ def _resolve_recipe(cfg: Config, ctx: distributed.Context) -> tuple[Config, opti
     return dataclasses.replace(cfg, **changes), recipe, list(changes)
 
 
-def _fit_warmup_to_plan(cfg: Config, plan: budget.Plan, recipe: optim.LrRecipe | None) -> Config:
+def _fit_warmup_to_plan(cfg: Config, plan: time_budget.Plan, recipe: optim.LrRecipe | None) -> Config:
     """A warm-up from the recipe is at most a tenth of the run the time budget planned; one the user
     gave must fit inside it."""
     if not plan.budget_s:
@@ -241,7 +229,7 @@ def _open_run_dir(cfg: Config, model, run_dir: Path | None, resolved: dict) -> P
     new_run = run_dir is None
     run_dir = run_dir or make_run_dir(cfg.output_dir, cfg.arch)
     try:
-        run_state.check_disk(run_dir, model, extra_copies=cfg.keep_last + (1 if cfg.ema else 0))
+        checkpoint.check_disk(run_dir, model, extra_copies=cfg.keep_last + (1 if cfg.ema else 0))
     except UserError:
         if new_run:
             run_dir.rmdir()

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
-import hardware
-from config import load_yaml_defaults
+from tin import hardware
+from tin.config import load_yaml_defaults
 from utils import UserError
 
 COLUMNS = [

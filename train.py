@@ -21,8 +21,7 @@ import torch
 from timm.loss import SoftTargetCrossEntropy
 from tqdm import tqdm
 
-import distributed
-import hardware
+from tin import distributed, hardware
 from transforms import Normalize, StrengthMixer, soft_targets
 from utils import topk_correct
 

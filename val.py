@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import distributed
-import hardware
+from tin import distributed, hardware
 from transforms import Normalize
 from utils import UserError
 
@@ -202,8 +201,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _load_models(args, device):
     import arch
-    from config import from_saved
-    from utils import load_checkpoint
+    from tin.checkpoint import load_checkpoint
+    from tin.config import from_saved
 
     models = []
     for path in args.checkpoint:
@@ -227,7 +226,7 @@ def _load_models(args, device):
 
 def run(argv: list[str] | None = None) -> dict[str, float]:
     import batch_manager
-    from utils import setup_logging
+    from tin.outputs import setup_logging
 
     args = _parse(argv)
     setup_logging()

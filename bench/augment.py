@@ -23,8 +23,8 @@ import time
 
 import torch
 
-import hardware
 import transforms
+from tin import hardware
 from utils import write_json
 
 

@@ -1,7 +1,7 @@
 """One command that proves the GPU path on the machine at hand, in minutes, and prints one table.
 
-    python bench/gpu_check.py                  # on a GPU machine (about 5 minutes on one H100)
-    python bench/gpu_check.py --device cpu     # the same checks on a CPU (CUDA-only rows skipped, < 1 min)
+    python -m bench.gpu_check                  # on a GPU machine (about 5 minutes on one H100)
+    python -m bench.gpu_check --device cpu     # the same checks on a CPU (CUDA-only rows skipped, < 1 min)
 
 Needs only the repository and its requirements (a GPU machine's own torch may differ from the pin:
 the versions it ran with are printed). Its data: the built-in demo digits (demo_data.py), made here.
@@ -36,18 +36,17 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
+import arch
+import demo_data
+import engine
+import transforms
+from tin import hardware
+from utils import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import arch  # noqa: E402
-import demo_data  # noqa: E402
-import engine  # noqa: E402
-import hardware  # noqa: E402
-import transforms  # noqa: E402
-from utils import write_json  # noqa: E402
 
 ROWS: list[dict] = []
 
@@ -80,7 +79,7 @@ def check(title: str):
 def _main_py(args: list[str], out, interrupt_at: int = 0) -> subprocess.Popen:
     """main.py in its own process; with interrupt_at K, SIGINT arrives right after update K
     (bench/interrupt_at.py), wherever that falls in wall-clock time."""
-    wrapper = [str(ROOT / "bench" / "interrupt_at.py"), str(interrupt_at)] if interrupt_at else []
+    wrapper = ["-m", "bench.interrupt_at", str(interrupt_at)] if interrupt_at else []
     return subprocess.Popen(
         [sys.executable, *wrapper, str(ROOT / "main.py"), *args],
         cwd=ROOT,
@@ -95,7 +94,7 @@ def check_training(args, work: Path, data: Path, started: float) -> None:
     import csv
 
     import val
-    from data_sources import read_dataset
+    from tin.readers import read_dataset
 
     common = ["--config", "configs/demo.yaml", "--data_dir", str(data), "--device", args.device, "--time_budget", "0"]
     common += "--epochs 2 --warmup_epochs 0.5 --wandb disabled --no_analysis --workers 2".split()
@@ -140,10 +139,10 @@ def check_training(args, work: Path, data: Path, started: float) -> None:
 # --------------------------------------------------------------------------- 2. syncs and trainer overhead
 @check("2a. host syncs per update")
 def check_syncs(args, work: Path, data: Path, started: float) -> None:
-    import distributed
     import main
-    from config import parse_config
-    from run_state import TrainState
+    from tin import distributed
+    from tin.checkpoint import TrainState
+    from tin.config import parse_config
 
     cfg = parse_config(
         [
@@ -183,10 +182,9 @@ def check_syncs(args, work: Path, data: Path, started: float) -> None:
 @check("2b. trainer / bare loop")
 def check_trainer_overhead(args, work: Path, data: Path, started: float) -> None:
     if args.device != "cuda" and not args.cpu_overhead:
-        row("2b. trainer / bare loop, batch 256", "GPU figure (on a CPU: python bench/step.py, README: Speed)", None)
+        row("2b. trainer / bare loop, batch 256", "GPU figure (on a CPU: python -m bench.step, README: Speed)", None)
         return
-    sys.path.insert(0, str(ROOT / "bench"))
-    import step
+    from bench import step
 
     results = []
     synthetic = synthetic_npy(work / "synthetic", images=256 * (args.steps + 10))

@@ -1,11 +1,11 @@
 """A short visit to a GPU machine: prove the GPU path and run the GPU speed-run in one sequence of
 calls that each carry the repository and one part of the dataset (docs/GPU_VISIT.md).
 
-    python bench/gpu_visit.py split                 # here, once: the dataset's parts re-split to <= 56 MiB
-    python bench/gpu_visit.py plan                  # here: the calls to make, and the time they take
-    python bench/gpu_visit.py start                 # call 1 (carries part 0 and SHA256SUMS): gpu_check starts
-    python bench/gpu_visit.py status                # each middle call (carries the next part)
-    python bench/gpu_visit.py finish --out DIR      # the last call (carries the last part): data, speed-run
+    python -m bench.gpu_visit split                 # here, once: the dataset's parts re-split to <= 56 MiB
+    python -m bench.gpu_visit plan                  # here: the calls to make, and the time they take
+    python -m bench.gpu_visit start                 # call 1 (carries part 0 and SHA256SUMS): gpu_check starts
+    python -m bench.gpu_visit status                # each middle call (carries the next part)
+    python -m bench.gpu_visit finish --out DIR      # the last call (carries the last part): data, speed-run
 
 `start` leaves bench/gpu_check.py running in its own process session, so it goes on while the
 other parts arrive; `finish` waits for it, checks and assembles the parts, installs the dataset,
@@ -113,15 +113,15 @@ def plan(visit: Path) -> str:
         "",
         "| call | carry | command | what runs |",
         "|---|---|---|---|",
-        f"| 1 | `{rel}/SHA256SUMS`, `{rel}/{ARCHIVE}.part0` | `python3 bench/gpu_visit.py start` | gpu_check starts "
+        f"| 1 | `{rel}/SHA256SUMS`, `{rel}/{ARCHIVE}.part0` | `python3 -m bench.gpu_visit start` | gpu_check starts "
         f"in the background (~{GPU_CHECK_S // 60} min) |",
     ]
     for k in range(1, n - 1):
         lines.append(
-            f"| {k + 1} | `{rel}/{ARCHIVE}.part{k}` | `python3 bench/gpu_visit.py status` | the part arrives |"
+            f"| {k + 1} | `{rel}/{ARCHIVE}.part{k}` | `python3 -m bench.gpu_visit status` | the part arrives |"
         )
     lines.append(
-        f"| {n} | `{rel}/{ARCHIVE}.part{n - 1}` | `python3 bench/gpu_visit.py finish --out $OUT` | waits for gpu_check, "
+        f"| {n} | `{rel}/{ARCHIVE}.part{n - 1}` | `python3 -m bench.gpu_visit finish --out $OUT` | waits for gpu_check, "
         f"installs the data (~{INSTALL_S} s), speed-run of {run_min:.1f} min, 8 files back |"
     )
     total = START_S + 30 * (n - 1) + max(0, GPU_CHECK_S - 30 * (n - 1)) + INSTALL_S + 60 * run_min + MARGIN_S
@@ -144,7 +144,15 @@ def _python() -> str:
 def start(visit: Path, dry_run: bool) -> int:
     out = visit / "out"
     out.mkdir(parents=True, exist_ok=True)
-    command = [_python(), "bench/gpu_check.py", "--work_dir", str(visit / "work"), "--out", str(out / "gpu_check.json")]
+    command = [
+        _python(),
+        "-m",
+        "bench.gpu_check",
+        "--work_dir",
+        str(visit / "work"),
+        "--out",
+        str(out / "gpu_check.json"),
+    ]
     (visit / "started").write_text(f"{time.time()}\n")
     if dry_run:
         print("would run in the background:", " ".join(command))

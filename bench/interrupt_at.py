@@ -2,8 +2,8 @@
 user's Ctrl-C at that moment would (or another signal: KILL for a crash): resume checks that must stop mid-epoch whatever the machine's
 speed (a timer fires too late on a fast GPU, too early on a slow CPU).
 
-    python bench/interrupt_at.py K main.py [main.py flags...]
-    python bench/interrupt_at.py K --signal KILL main.py ...     # a crash or an OOM kill at that update
+    python -m bench.interrupt_at K main.py [main.py flags...]
+    python -m bench.interrupt_at K --signal KILL main.py ...     # a crash or an OOM kill at that update
 
 Updates are counted by a global optimizer step hook (torch's register_optimizer_step_post_hook),
 so nothing in the toolkit is patched: its own signal handler sees a real signal.
@@ -15,7 +15,6 @@ import os
 import runpy
 import signal
 import sys
-from pathlib import Path
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -23,7 +22,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 def main() -> None:
     args = sys.argv[1:]
     if len(args) < 2 or not args[0].isdigit():
-        sys.exit("usage: python bench/interrupt_at.py K [--signal NAME] SCRIPT [ARGS...]")
+        sys.exit("usage: python -m bench.interrupt_at K [--signal NAME] SCRIPT [ARGS...]")
     at, args = int(args[0]), args[1:]
     signum = signal.SIGINT
     if args[0] == "--signal":
@@ -39,7 +38,6 @@ def main() -> None:
 
     register_optimizer_step_post_hook(after_step)
     sys.argv = [script, *args[1:]]
-    sys.path.insert(0, str(Path(script).resolve().parent))
     runpy.run_path(script, run_name="__main__")
 
 

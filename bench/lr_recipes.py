@@ -1,6 +1,6 @@
 """Learning rates per model family: short real-data runs that chose the recipe table in optim.py.
 
-    python bench/lr_recipes.py --data_dir data/tiny-imagenet-200 [--classes 20] [--epochs 2]
+    python -m bench.lr_recipes --data_dir data/tiny-imagenet-200 [--classes 20] [--epochs 2]
                                [--families cnn,mobile,small,vit,swin] [--batch_size 128]
 
 For each family, one representative model trains from scratch for `--epochs` epochs on a subset of
@@ -22,12 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import hardware  # noqa: E402
-import main as toolkit  # noqa: E402  (main.py; this file has its own main)
-import optim  # noqa: E402
-from utils import write_json  # noqa: E402
+import main as toolkit  # main.py; this file has its own main
+from tin import (
+    hardware,
+    optim,
+)
+from utils import write_json
 
 FAMILIES = {  # family group -> (representative --arch, AdamW rates per 256 images to compare)
     "cnn": ("resnet18", [4e-5, 1e-3, 2e-3, 4e-3, 8e-3]),

@@ -1,6 +1,6 @@
 """Input-pipeline throughput: the seed-style path against ours, at the same augmentation strength.
 
-    python bench/pipeline.py --data_dir data/tiny-imagenet-200 [--images 6000] [--workers 2] [--reps 3]
+    python -m bench.pipeline --data_dir data/tiny-imagenet-200 [--images 6000] [--workers 2] [--reps 3]
 
 seed-style:  every epoch, decode each JPEG, run albumentations, normalise to float32 in the
              worker, collate float32 batches; the DataLoader (and its workers) is rebuilt every epoch.
@@ -22,20 +22,16 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import batch_manager  # noqa: E402
-import transforms  # noqa: E402
-from data_sources import load_rgb, read_dataset  # noqa: E402
-from utils import write_json  # noqa: E402
+import batch_manager
+import transforms
+from tin.readers import load_rgb, read_dataset
+from utils import write_json
 
 MEAN = np.array(transforms.IMAGENET_MEAN, np.float32)
 STD = np.array(transforms.IMAGENET_STD, np.float32)

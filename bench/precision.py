@@ -2,7 +2,7 @@
 GPU, fp16) autocast, channels_last and torch.compile, on the device at hand, and how main.py's
 automatic choice (--amp auto, --channels_last auto: hardware.decide_runtime) compares with the best.
 
-    python bench/precision.py [--archs resnet18,resnet9_slim,budget_cnn,vit_tiny] [--batch_size 64]
+    python -m bench.precision [--archs resnet18,resnet9_slim,budget_cnn,vit_tiny] [--batch_size 64]
                               [--img_size 64] [--variants fp32,bf16,fp32_cl,bf16_cl,bf16_cl_compile]
 
 Each (arch, variant) trains on one resident random batch (forward, backward, SGD step):
@@ -24,17 +24,14 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import arch  # noqa: E402
-import hardware  # noqa: E402
-from hardware import resolve_device  # noqa: E402
-from utils import write_json  # noqa: E402
+import arch
+from tin import hardware
+from tin.hardware import resolve_device
+from utils import write_json
 
 VARIANTS = {  # name -> (autocast dtype, channels_last, compile)
     "fp32": (None, False, False),

@@ -1,6 +1,6 @@
 """Trainer overhead: the full trainer on the real data path against a bare loop, same model.
 
-    python bench/step.py --arch resnet18 --batch_size 64 [any main.py flag] [--steps 30] [--reps 5]
+    python -m bench.step --arch resnet18 --batch_size 64 [any main.py flag] [--steps 30] [--reps 5]
 
 bare:    forward, backward and optimizer step on one batch already resident on the device (already
          augmented and normalised): what the model's arithmetic alone costs;
@@ -25,23 +25,19 @@ import logging
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from timm.loss import SoftTargetCrossEntropy
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import batch_manager  # noqa: E402
-import distributed  # noqa: E402
-import engine  # noqa: E402
-import main as toolkit  # noqa: E402  (main.py; this file has its own main)
-import transforms  # noqa: E402
-from config import parse_config  # noqa: E402
-from run_state import TrainState  # noqa: E402
-from utils import write_json  # noqa: E402
+import batch_manager
+import engine
+import main as toolkit  # main.py; this file has its own main
+import transforms
+from tin import distributed
+from tin.checkpoint import TrainState
+from tin.config import parse_config
+from utils import write_json
 
 
 def bench_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:

@@ -1,7 +1,7 @@
 """main.py with the measurements of a --time_budget run replaced by fixed figures and a clock that
 stands still, so two processes plan the same run: for the SIGKILL-and-resume test of a budgeted run.
 
-    python tests/budget_run.py MAIN.PY-ARGS...
+    PYTHONPATH=. python tests/budget_run.py MAIN.PY-ARGS...
 
 A resumed process would measure 10x slower figures: if resuming re-planned instead of following
 the plan stored in the checkpoint, its schedule (and weights) would differ."""
@@ -9,18 +9,15 @@ the plan stored in the checkpoint, its schedule (and weights) would differ."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import budget  # noqa: E402
-import main  # noqa: E402
+import main
+from tin import time_budget
 
 SLOWER = 10.0 if "--resume" in sys.argv else 1.0
-COSTS = budget.Costs(update_s={32: 4.0 * SLOWER}, epoch_end_s=6.0 * SLOWER, test_s=2.0 * SLOWER)
+COSTS = time_budget.Costs(update_s={32: 4.0 * SLOWER}, epoch_end_s=6.0 * SLOWER, test_s=2.0 * SLOWER)
 
-budget.measure_costs = lambda *args, **kwargs: COSTS
-budget.clock = lambda: 0.0
+time_budget.measure_costs = lambda *args, **kwargs: COSTS
+time_budget.clock = lambda: 0.0
 
 if __name__ == "__main__":
     main.cli()

@@ -4,7 +4,6 @@ grayscale, val_annotations.txt, unlabelled test/) and one short real training ru
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from tin.readers import write_tiny_imagenet_layout
+
 # Offline everything: wandb writes real files without an account; no hub look-ups; quiet bars.
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
@@ -23,9 +24,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TQDM_DISABLE"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from data_sources import write_tiny_imagenet_layout  # noqa: E402
 
 WNIDS = ["n02000003", "n01000001", "n04000002", "n03000004"]  # deliberately not sorted
 NAMES = ["goldfish", "tabby cat", "school bus", "teapot"]

@@ -115,7 +115,7 @@ def test_pretrained_vit_file_adapts_to_64_pixels(tmp_path):
 
 def test_budget_model_from_file(tmp_path):
     source = arch.build_model("budget_cnn", 10)
-    path = tmp_path / "budget.pth"
+    path = tmp_path / "time_budget.pth"
     torch.save({"state_dict": source.state_dict()}, path)
     model = arch.build_model("budget_cnn", 200, pretrained_path=str(path))
     assert torch.equal(model.stem[0][0].weight, source.stem[0][0].weight) and model.head[-1].out_features == 200

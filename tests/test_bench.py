@@ -11,15 +11,20 @@ import sys
 
 import torch
 
-import hardware
 from conftest import FAST_RUN, ROOT, bench_module
+from tin import hardware
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1"}
 
 
 def _bench(script, *args, timeout=300):
     proc = subprocess.run(
-        [sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=timeout
+        [sys.executable, "-m", f"bench.{script.removesuffix('.py')}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -133,7 +138,8 @@ def test_gpu_check_runs_on_a_cpu_without_albumentations_or_wandb(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            "bench/gpu_check.py",
+            "-m",
+            "bench.gpu_check",
             "--device",
             "cpu",
             "--work_dir",
@@ -198,7 +204,7 @@ def _archive_parts(tmp_path, tiny_data, parts: int = 3):
 
 def _visit(*args):
     proc = subprocess.run(
-        [sys.executable, "bench/gpu_visit.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "bench.gpu_visit", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     return proc
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -15,53 +16,52 @@ import time
 import pytest
 import torch
 
-import budget
 import engine
 import main
-import optim
 import train
 from conftest import FAST_RUN, PINNED, ROOT, TIMING
 from test_resume import _same_weights, _wait_until
+from tin import optim, time_budget
 
 # the fixture: 64 train images, batch 8 -> 8 updates per epoch
-COSTS = budget.Costs(update_s={16: 0.5, 24: 0.75, 32: 1.0}, epoch_end_s=0.0, test_s=1.0, eval_s=2.0)
+COSTS = time_budget.Costs(update_s={16: 0.5, 24: 0.75, 32: 1.0}, epoch_end_s=0.0, test_s=1.0, eval_s=2.0)
 
 
 def test_predicted_time_follows_the_sizes_and_the_epoch_ends():
     def size_at(e, epochs):
         return 32
 
-    assert budget.predicted_seconds(16, 8, COSTS, size_at, test_every_epoch=False) == 2 * (8 + 2) + 1
-    assert budget.predicted_seconds(12, 8, COSTS, size_at, test_every_epoch=True) == (8 + 2 + 1) + (4 + 2 + 1)
-    grow = budget.size_schedule(32, 16, 0.5)
-    assert budget.predicted_seconds(16, 8, COSTS, grow, False) == (8 * 0.5 + 2) + (8 * 1.0 + 2) + 1
+    assert time_budget.predicted_seconds(16, 8, COSTS, size_at, test_every_epoch=False) == 2 * (8 + 2) + 1
+    assert time_budget.predicted_seconds(12, 8, COSTS, size_at, test_every_epoch=True) == (8 + 2 + 1) + (4 + 2 + 1)
+    grow = time_budget.size_schedule(32, 16, 0.5)
+    assert time_budget.predicted_seconds(16, 8, COSTS, grow, False) == (8 * 0.5 + 2) + (8 * 1.0 + 2) + 1
 
 
 def test_evaluations_are_counted_only_where_they_happen():
-    costs = budget.Costs(update_s={32: 1.0}, epoch_end_s=0.5, test_s=1.0, eval_s=3.0)
+    costs = time_budget.Costs(update_s={32: 1.0}, epoch_end_s=0.5, test_s=1.0, eval_s=3.0)
 
     def size_at(e, epochs):
         return 32
 
-    every = budget.predicted_seconds(32, 8, costs, size_at, test_every_epoch=False, eval_every=1)
-    last_only = budget.predicted_seconds(32, 8, costs, size_at, test_every_epoch=False, eval_every=0)
+    every = time_budget.predicted_seconds(32, 8, costs, size_at, test_every_epoch=False, eval_every=1)
+    last_only = time_budget.predicted_seconds(32, 8, costs, size_at, test_every_epoch=False, eval_every=0)
     assert every == 4 * (8 + 0.5 + 3) + 1 and last_only == 4 * (8 + 0.5) + 3 + 1
-    assert [budget.evaluated(e, 4, 2) for e in range(4)] == [False, True, False, True]
-    assert [budget.evaluated(e, 3.5, 0) for e in range(4)] == [False, False, False, True]
+    assert [time_budget.evaluated(e, 4, 2) for e in range(4)] == [False, True, False, True]
+    assert [time_budget.evaluated(e, 3.5, 0) for e in range(4)] == [False, False, False, True]
 
 
 def test_the_plan_is_the_most_updates_that_fit():
     def size_at(e, epochs):
         return 32
 
-    updates, predicted = budget.plan_updates(59.1, 8, 160, COSTS, size_at, test_every_epoch=True)
+    updates, predicted = time_budget.plan_updates(59.1, 8, 160, COSTS, size_at, test_every_epoch=True)
     assert (updates, predicted) == (41, 5 * 11 + 1 + 2 + 1)  # 5 epochs of 11 s, then 1 update, an evaluation, a test
-    assert budget.plan_updates(1e6, 8, 160, COSTS, size_at, True)[0] == 160  # --epochs caps it
-    assert budget.plan_updates(2.0, 8, 160, COSTS, size_at, True)[0] == 0
-    plan = budget.Plan(41, 8, 8)
+    assert time_budget.plan_updates(1e6, 8, 160, COSTS, size_at, True)[0] == 160  # --epochs caps it
+    assert time_budget.plan_updates(2.0, 8, 160, COSTS, size_at, True)[0] == 0
+    plan = time_budget.Plan(41, 8, 8)
     assert plan.n_epochs == 6 and plan.epochs == pytest.approx(5.125)
     assert [plan.end_batch(e) for e in range(6)] == [8, 8, 8, 8, 8, 1]
-    assert budget.Plan(10, 4, 8, accum_steps=2).end_batch(2) == 4  # 2 updates left = 4 batches
+    assert time_budget.Plan(10, 4, 8, accum_steps=2).end_batch(2) == 4  # 2 updates left = 4 batches
 
 
 def test_schedules_stretch_to_a_fractional_run():
@@ -97,8 +97,8 @@ class MachineClock:
 def machine(monkeypatch):
     def make(update_s: float, slow_after: int = 10**9, slow_update_s: float = 0.0) -> MachineClock:
         clock = MachineClock(update_s, COSTS.eval_s, COSTS.test_s, slow_after, slow_update_s)
-        monkeypatch.setattr(budget, "clock", clock)
-        monkeypatch.setattr(budget, "measure_costs", lambda *a, **k: COSTS)
+        monkeypatch.setattr(time_budget, "clock", clock)
+        monkeypatch.setattr(time_budget, "measure_costs", lambda *a, **k: COSTS)
         real_update, real_evaluate, real_test = train._update, engine._evaluate, engine._test_preds
 
         def update(*args, **kwargs):
@@ -216,8 +216,9 @@ BUDGET_RUN = [
 
 
 def _start(args, out):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, "tests/budget_run.py", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        [sys.executable, "tests/budget_run.py", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env
     )
 
 

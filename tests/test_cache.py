@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import batch_manager as bm
-import decode_cache
 from conftest import WNIDS, loaders_for, make_layout
-from data_sources import DatasetError, read_tiny_imagenet
+from tin import decode_cache
+from tin.readers import DatasetError, read_tiny_imagenet
 
 
 @pytest.fixture

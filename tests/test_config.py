@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from config import Config, parse_config
+from tin.config import Config, parse_config
 from utils import UserError
 
 
@@ -111,7 +111,7 @@ def test_a_run_saved_before_a_default_changed_resumes_with_its_old_behaviour():
 
 
 def test_resume_may_change_is_declared_on_the_flags():
-    from config import may_change_on_resume
+    from tin.config import may_change_on_resume
 
     free = may_change_on_resume()
     assert {"workers", "device", "data_dir", "amp", "channels_last", "wandb"} <= free

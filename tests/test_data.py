@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import data_sources as bm
 from conftest import NAMES, WNIDS, loaders_for, make_layout
+from tin import readers as bm
 
 
 def test_layout_parsing_and_sorted_class_order(tiny_data):

@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-import hardware
 import main
-import optim
 import train
 from conftest import FAST_RUN, ROOT, loaders_for, make_layout
+from tin import hardware, optim
+from tin.checkpoint import load_checkpoint
 from transforms import Normalize
-from utils import UserError, load_checkpoint
+from utils import UserError
 
 
 def _lrs(sched, steps, **kw):

@@ -12,17 +12,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_engine import TinyNet, tiny_parts
 
 import arch
-import distributed
 import engine
 import main
-import run_state
 import sweep
 import train
-from config import parse_config
 from conftest import FAST_RUN, HostTraffic, device_tensors, loaders_for, parts_on_meta
+from test_engine import TinyNet, tiny_parts
+from tin import checkpoint, distributed
+from tin.config import parse_config
 from utils import UserError
 
 
@@ -130,13 +129,13 @@ def test_checkpoints_keep_only_this_process_cuda_rng_and_resume_on_fewer_gpus(mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
-    assert run_state.rng_state()["cuda"].tolist() == [7]  # one state, not one per visible GPU
+    assert checkpoint.rng_state()["cuda"].tolist() == [7]  # one state, not one per visible GPU
     restored = []
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: restored.append(s.tolist()))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    state = run_state.rng_state()
+    state = checkpoint.rng_state()
     state["cuda"] = [torch.tensor([k], dtype=torch.uint8) for k in range(4)]  # an older checkpoint of a 4-GPU run
-    run_state.set_rng_state(state)
+    checkpoint.set_rng_state(state)
     assert restored == [[0]]
 
 

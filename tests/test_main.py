@@ -15,7 +15,8 @@ import yaml
 import engine
 import main
 from conftest import FAST_RUN, ROOT, TIMING, WNIDS
-from utils import UserError, make_run_dir
+from tin.outputs import make_run_dir
+from utils import UserError
 
 CHECKPOINT_KEYS = {"state_dict", "optimizer", "scheduler", "epoch", "step", "top1", "top5", "config", "classes"}
 

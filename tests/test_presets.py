@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 import main
-from config import load_yaml_defaults
 from conftest import ROOT
+from tin.config import load_yaml_defaults
 
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 

@@ -12,10 +12,10 @@ import sys
 import pytest
 
 import analyze
-import config
 import sweep
 import val
 from conftest import ROOT
+from tin import config
 
 README = (ROOT / "README.md").read_text()
 DOCS = {p.name: p.read_text() for p in (ROOT / "docs").glob("*.md")}
@@ -40,7 +40,7 @@ def known_flags() -> set[str]:
         [py, "sweep.py", "--help"],
         [py, "report.py", "--help"],
         [py, "data/download.py", "--help"],
-        [py, "bench/gpu_check.py", "--help"],
+        [py, "-m", "bench.gpu_check", "--help"],
         ["bash", "docker/run_docker.sh", "--help"],
         ["bash", "docker/build_docker.sh", "--help"],
     ):

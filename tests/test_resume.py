@@ -26,7 +26,7 @@ def _start(args, out, signal_at: tuple[str, int] | None = None):
     """main.py in a subprocess; signal_at (name, K): that signal arrives right after update K
     (bench/interrupt_at.py), a position in the run that does not depend on the machine's speed."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    wrapper = ["bench/interrupt_at.py", str(signal_at[1]), "--signal", signal_at[0]] if signal_at else []
+    wrapper = ["-m", "bench.interrupt_at", str(signal_at[1]), "--signal", signal_at[0]] if signal_at else []
     return subprocess.Popen(
         [sys.executable, *wrapper, "main.py", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env
     )

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-import run_state
 import train
 import transforms
 import val
+from tin import checkpoint
 
 log = logging.getLogger("tin")
 
@@ -233,7 +233,7 @@ def _checkpoint_seconds(p: train.Parts) -> float:
     start = clock()
     ckpt = {"state_dict": p.model.state_dict(), "optimizer": p.optimizer.state_dict()}
     with tempfile.TemporaryDirectory() as tmp:
-        run_state.write_checkpoint(ckpt, Path(tmp) / "probe.pth.tar")
+        checkpoint.write_checkpoint(ckpt, Path(tmp) / "probe.pth.tar")
     return clock() - start
 
 
@@ -244,7 +244,7 @@ def _snapshot(p: train.Parts) -> dict:
         "scheduler": p.scheduler.state_dict(),
         "scaler": p.scaler.state_dict(),
         "ema": copy.deepcopy(p.ema.state_dict()) if p.ema is not None else None,
-        "rng": run_state.rng_state(),
+        "rng": checkpoint.rng_state(),
     }
 
 
@@ -256,7 +256,7 @@ def _restore(p: train.Parts, s: dict) -> None:
     p.scaler.load_state_dict(s["scaler"])
     if p.ema is not None:
         p.ema.load_state_dict(s["ema"])
-    run_state.set_rng_state(s["rng"])
+    checkpoint.set_rng_state(s["rng"])
 
 
 def _sync(device: torch.device) -> None:

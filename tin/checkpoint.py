@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+import pickletools
 import random
 import shutil
 import signal
+import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-import distributed
-from utils import UserError, atomic_save
+from tin import distributed
+from utils import UserError
 
 log = logging.getLogger("tin")
 
@@ -71,9 +74,71 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- checkpoints
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file, fsync, then rename: a kill mid-write never leaves a
+    truncated file under the final name."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint is as readable as any file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by this project, with one-line errors for the usual mistakes."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"checkpoint {p} does not exist; pass a RUN_FOLDER/best.pth.tar file")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickled objects refused by the weights-only loader, truncated file, not a torch file
+        if _holds_code(p, exc):
+            raise UserError(
+                f"checkpoint {p} holds objects other than tensors and plain data (pickled code); it was refused "
+                "unloaded, for safety. Load only checkpoints written by this toolkit or from a source you trust"
+            ) from None
+        raise UserError(
+            f"checkpoint {p} could not be read ({type(exc).__name__}); is it a complete .pth.tar?"
+        ) from None
+    missing = {"state_dict", "config", "classes"} - set(ckpt) if isinstance(ckpt, dict) else {"state_dict"}
+    if missing:
+        raise UserError(f"checkpoint {p} lacks {sorted(missing)}; it was not written by this toolkit's main.py")
+    return ckpt
+
+
+_CODE_OPS = {"GLOBAL", "STACK_GLOBAL", "REDUCE", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX"}
+
+
+def _holds_code(path: Path, exc: Exception) -> bool:
+    """Did the weights-only loader refuse `path` because it names functions or classes to call?
+    (a raw pickle is scanned opcode by opcode without running anything; a torch zip says so itself)"""
+    if "Unsupported global" in str(exc):
+        return True
+    if zipfile.is_zipfile(path):
+        return False
+    try:
+        with open(path, "rb") as fh:
+            return any(op.name in _CODE_OPS for op, _, _ in pickletools.genops(fh))
+    except Exception:  # noqa: BLE001 - not a pickle at all: garbage or truncated
+        return False
+
+
 def make_checkpoint(parts, cfg_dict: dict, state: TrainState, plan) -> dict[str, Any]:
     """`parts`: train.Parts (model, optimizer, scheduler, scaler, ema, loaders, runtime); `plan`:
-    budget.Plan (how many updates the run makes)."""
+    time_budget.Plan (how many updates the run makes)."""
     last = state.history[-1] if state.history and state.batch == 0 else {}
     return {
         "state_dict": parts.model.state_dict(),
@@ -141,7 +206,7 @@ def find_checkpoint(path: str | Path) -> Path:
 def check_compatible(saved: dict[str, Any], cfg_dict: dict[str, Any], path: Path) -> None:
     """A resumed run is the same run: refuse settings that would change what is computed (those
     not declared `resume=True` in config.Config)."""
-    from config import may_change_on_resume, upgrade_saved
+    from tin.config import may_change_on_resume, upgrade_saved
 
     free, saved = may_change_on_resume(), upgrade_saved(saved)
     diffs = [

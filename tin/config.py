@@ -20,11 +20,11 @@ from typing import Any
 import yaml
 
 import batch_manager
-import hardware
-import optim
 import transforms
-from data_sources import READERS
-from utils import WANDB_MODES, UserError
+from tin import hardware, optim
+from tin.outputs import WANDB_MODES
+from tin.readers import READERS
+from utils import UserError
 
 ON_OFF = ("auto", "on", "off")
 
