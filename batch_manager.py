@@ -247,7 +247,9 @@ class DeviceEval:
                 # bilinear to uint8 as the loader's cv2 INTER_LINEAR: the same pixels when the stored size
                 # is a multiple of `size`, otherwise within 1 grey level (cv2's fixed-point weights)
                 x = F.interpolate(x.float(), size=(self.size, self.size), mode="bilinear", align_corners=False)
-                x = (x + 0.5).floor_().clamp_(0, 255).to(torch.uint8)
+                # contiguous (N, C, H, W), as the loader's resized images come: the same memory layout
+                # gives the same floating-point sums in the model, so both paths evaluate identically
+                x = (x + 0.5).floor_().clamp_(0, 255).to(torch.uint8).contiguous()
             yield x, self.labels.index_select(0, idx)
 
 
