@@ -1,12 +1,16 @@
-"""Training: the parts of a run and ``train_one_epoch(parts, spec, ...) -> dict`` (optimizers,
-schedules and the learning-rate recipes: optim.py).
+"""The training step: ``train_one_epoch`` runs the updates of one epoch, top to bottom.
 
-One code path whether AMP is on or off (a disabled autocast and grad scaler are no-ops);
-exactly one optimizer step per update (``accum_steps`` batches); the LR schedule advances per
-update. The host reads from the device only every ``spec.sync_every`` updates (progress bar,
-finiteness of the loss, the stop flag under torchrun), so on a GPU the next batch is loaded and
-augmented while the current one computes. An epoch can stop at an update boundary (Ctrl-C, the
-time budget) and later resume at that batch.
+Per batch: to the device (non-blocking), augmented on the device (BatchAugment) or already in the
+loader, normalised, channels-last, mixed (CutMix/MixUp) with soft targets, forward under autocast,
+loss, backward; every ``accum_steps`` batches one optimizer update: unscale, clip, step, schedule,
+EMA. One code path whether AMP is on or off (a disabled autocast and grad scaler are no-ops);
+exactly one optimizer step per update. The host reads the device only every ``sync_every``
+updates (progress bar, finiteness of the loss, the stop decision under torchrun), so on a GPU the
+host queues the next batches while the current one computes. An epoch can stop at an update
+boundary (Ctrl-C, the time budget) and later resume at that batch.
+
+What an update needs is built once, complete, by tin.build (``Parts``); the learning-rate schedule
+comes separately (the time budget measures the step before the schedule exists).
 """
 
 from __future__ import annotations
@@ -22,50 +26,129 @@ from timm.loss import SoftTargetCrossEntropy
 from tqdm import tqdm
 
 from tin import distributed, hardware
+from tin.checkpoint import TrainState
 from transforms import Normalize, StrengthMixer, soft_targets
 from utils import topk_correct
 
 
-# --------------------------------------------------------------------------- the parts of a run
 @dataclass
 class Parts:
-    """What the epochs need, built once by engine.build_parts."""
+    """What the updates need: built complete by tin.build, nothing filled in later."""
 
     model: torch.nn.Module  # the module whose weights are saved
     net: torch.nn.Module  # what is called: `model`, its DDP wrapper, or torch.compile of that
     optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: torch.amp.GradScaler
-    ema: Any  # timm ModelEmaV3 or None
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    ema: Any  # timm's ModelEmaV3, or None
     mixer: StrengthMixer | None
     normalize: Normalize
     loaders: Any  # batch_manager.Loaders
-    runtime: Any  # hardware.Runtime: device, autocast dtype, memory format
+    runtime: hardware.Runtime  # device, autocast dtype, memory format
     ctx: distributed.Context = field(default_factory=distributed.Context)
-    params: int = 0
-    gflops: float = 0.0
+    num_classes: int = 0
+    label_smoothing: float = 0.0
+    accum_steps: int = 1
+    grad_clip: float = 0.0
+    sync_every: int = 25  # updates between host reads of the device
 
     @property
     def device(self) -> torch.device:
         return self.runtime.device
 
-    @property
-    def amp_dtype(self) -> torch.dtype | None:
-        return self.runtime.amp_dtype
-
     def autocast(self):
-        return hardware.autocast(self.device, self.amp_dtype)
+        return hardware.autocast(self.device, self.runtime.amp_dtype)
 
 
-@dataclass(frozen=True)
-class StepSpec:
-    """How an update is made, beyond the parts."""
+def train_one_epoch(
+    parts: Parts,
+    scheduler: Any,
+    state: TrainState,
+    *,
+    epoch: int,
+    end_batch: int,
+    strength: float,
+    size: int,
+    should_stop: Callable[[int], bool] | None = None,
+    desc: str = "train",
+) -> dict[str, Any]:
+    """Train epoch `epoch` from batch state.batch to `end_batch` at augmentation strength `strength`
+    and training size `size`; advances `state` (update count, position, running sums). The
+    scheduler (None while the time budget measures) is counted in updates. `should_stop(step)` is
+    asked after every update; True ends the epoch there (stats["interrupted"]). Returns the
+    epoch's figures: train loss and top-1/top-5 against the unmixed labels (%), lr, strength, size,
+    seconds, images/s, the fraction spent waiting for batches and the wait for the first one."""
+    p, start_batch, step = parts, state.batch, state.step
+    p.loaders.set_epoch(epoch, strength, start_batch=start_batch, size=size)  # reaches persistent workers
+    if p.mixer is not None:
+        p.mixer.set_strength(strength)
+    lr = state.epoch_lr if start_batch else p.optimizer.param_groups[0]["lr"]  # the epoch's starting lr
+    meters, loss_fn = EpochMeters(state.meters, p.device), SoftTargetCrossEntropy()
+    bar = tqdm(total=end_batch - start_batch, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    p.net.train()
+    p.optimizer.zero_grad(set_to_none=True)
+    start = ready = time.perf_counter()
+    waited, first_batch_s, b, interrupted = 0.0, None, start_batch, False
+    for b, (images, labels) in enumerate(p.loaders.train, start=start_batch):
+        waited += time.perf_counter() - ready  # blocked on the loader
+        first_batch_s = time.perf_counter() - start if first_batch_s is None else first_batch_s
+        if b >= end_batch:
+            b -= 1
+            break
+        inputs, targets, labels = device_batch(p, images, labels, b)
+        group = b - b % p.accum_steps  # the first batch of this update; the epoch's last group may be short
+        group_size = min(p.accum_steps, end_batch - group)
+        updates = b + 1 - group == group_size
+        with p.autocast(), _no_sync(p.net, not updates):
+            logits = p.net(inputs)
+            loss = loss_fn(logits.float(), targets)
+        p.scaler.scale(loss / group_size).backward()
+        meters.add(loss, logits, labels, step)
+        if updates:  # the optimizer update
+            if p.grad_clip > 0:
+                p.scaler.unscale_(p.optimizer)
+                torch.nn.utils.clip_grad_norm_(p.model.parameters(), p.grad_clip)
+            p.scaler.step(p.optimizer)
+            p.scaler.update()
+            p.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if scheduler is not None:
+                scheduler.step_update(num_updates=step)
+            if p.ema is not None:
+                p.ema.update(p.model, step=step)
+            if step % p.sync_every == 0:
+                _host_sync(meters, p.optimizer, bar, b + 1 - start_batch, start)
+            if b + 1 < end_batch and should_stop is not None and should_stop(step):
+                interrupted = True
+                break
+        ready = time.perf_counter()
+    _host_sync(meters, p.optimizer, bar, b + 1 - start_batch, start)  # nothing non-finite is returned as trained
+    bar.close()
+    seconds = time.perf_counter() - start
+    state.step, state.batch, state.meters, state.epoch_lr = step, b + 1, meters.state, lr
+    return {
+        **meters.averages(),
+        "lr": lr,
+        "aug_strength": strength,
+        "train_size": size,
+        "images_per_second": (b + 1 - start_batch) * p.loaders.train.batch_size / max(seconds, 1e-9),
+        "train_seconds": seconds,
+        "data_wait_fraction": waited / max(seconds, 1e-9),
+        "first_batch_seconds": first_batch_s or 0.0,
+        "interrupted": interrupted,
+    }
 
-    num_classes: int
-    label_smoothing: float = 0.0
-    accum_steps: int = 1
-    grad_clip: float = 0.0
-    sync_every: int = 25  # updates between host reads of the device (bar, finiteness, torchrun stop flag)
+
+def device_batch(p: Parts, images: torch.Tensor, labels: torch.Tensor, b: int):
+    """uint8 batch -> (inputs: augmented, normalised, channels-last, mixed, on the device; soft targets
+    (B, num_classes); the unmixed labels)."""
+    images = images.to(p.device, non_blocking=True)
+    labels = labels.to(p.device, non_blocking=True)
+    augment = p.loaders.augment
+    images = p.normalize(augment(images, b) if augment is not None else images)
+    if p.runtime.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    inputs, targets = soft_targets(images, labels, p.mixer, p.num_classes, p.label_smoothing)
+    return inputs, targets, labels
 
 
 class EpochMeters:
@@ -107,97 +190,6 @@ class EpochMeters:
             )
 
 
-# --------------------------------------------------------------------------- the epoch
-def train_one_epoch(
-    p: Parts,
-    spec: StepSpec,
-    *,
-    step: int,
-    start_batch: int,
-    end_batch: int,
-    meters: EpochMeters | None = None,
-    should_stop: Callable[[int], bool] | None = None,
-    desc: str = "train",
-) -> dict[str, Any]:
-    """Train on batches [start_batch, end_batch) of p.loaders.train (whose sampler already skips
-    the first start_batch). `step` counts optimizer updates so far (the schedule's clock).
-    `should_stop(step)` is asked after every update; True ends the epoch there (interrupted).
-
-    Returns train loss and top-1/top-5 (against the unmixed labels, in %), images/s, seconds, the
-    fraction of the time spent waiting for the next batch (data_wait_fraction), the update count
-    `steps`, the batch reached `batch`, the running sums `meters` and `interrupted`."""
-    p.net.train()
-    loss_fn = SoftTargetCrossEntropy()
-    meters = meters or EpochMeters(device=p.device)
-    bar = tqdm(total=end_batch - start_batch, desc=desc, leave=False, dynamic_ncols=True, disable=None)
-    start = ready = time.perf_counter()
-    waited, b, interrupted = 0.0, start_batch, False
-    p.optimizer.zero_grad(set_to_none=True)
-    for b, (images, labels) in enumerate(p.loaders.train, start=start_batch):
-        waited += time.perf_counter() - ready  # time blocked on the loader
-        if b >= end_batch:
-            b -= 1
-            break
-        inputs, targets, labels = _device_batch(p, spec, images, labels, b)
-        group = b - b % spec.accum_steps  # first batch of this update's group; the epoch's last may be short
-        group_size = min(spec.accum_steps, end_batch - group)
-        updates = b + 1 - group == group_size
-        with p.autocast(), _no_sync(p.net, not updates):
-            logits = p.net(inputs)
-            loss = loss_fn(logits.float(), targets)
-        p.scaler.scale(loss / group_size).backward()
-        meters.add(loss, logits, labels, step)
-        if updates:
-            step = _update(p, spec, step)
-            if step % spec.sync_every == 0:
-                _host_sync(meters, p.optimizer, bar, b + 1 - start_batch, start)
-            if b + 1 < end_batch and should_stop is not None and should_stop(step):
-                interrupted = True
-                break
-        ready = time.perf_counter()
-    _host_sync(meters, p.optimizer, bar, b + 1 - start_batch, start)  # nothing non-finite is returned as trained
-    bar.close()
-    seconds, seen = time.perf_counter() - start, (b + 1 - start_batch) * p.loaders.train.batch_size
-    return {
-        **meters.averages(),
-        "images_per_second": seen / max(seconds, 1e-9),
-        "train_seconds": seconds,
-        "data_wait_fraction": waited / max(seconds, 1e-9),
-        "steps": step,
-        "batch": b + 1,
-        "meters": meters.state,
-        "interrupted": interrupted,
-    }
-
-
-def _device_batch(p: Parts, spec: StepSpec, images, labels, b: int):
-    """uint8 batch -> augmented (batch backend), normalised, channels-last, mixed inputs on the
-    device, their soft targets (B, num_classes), and the unmixed labels."""
-    images = images.to(p.device, non_blocking=True)
-    labels = labels.to(p.device, non_blocking=True)
-    augment = p.loaders.augment
-    images = p.normalize(augment(images, b) if augment is not None else images)
-    if p.runtime.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    inputs, targets = soft_targets(images, labels, p.mixer, spec.num_classes, spec.label_smoothing)
-    return inputs, targets, labels
-
-
-def _update(p: Parts, spec: StepSpec, step: int) -> int:
-    """One optimizer update: unscale, clip, step, schedule, EMA. Returns the new update count."""
-    if spec.grad_clip > 0:
-        p.scaler.unscale_(p.optimizer)
-        torch.nn.utils.clip_grad_norm_(p.model.parameters(), spec.grad_clip)
-    p.scaler.step(p.optimizer)
-    p.scaler.update()
-    p.optimizer.zero_grad(set_to_none=True)
-    step += 1
-    p.scheduler.step_update(num_updates=step)
-    if p.ema is not None:
-        p.ema.update(p.model, step=step)
-    return step
-
-
 def _no_sync(net: torch.nn.Module, skip: bool):
     """DDP: don't all-reduce gradients on the micro-batches before the last of an update."""
     inner = getattr(net, "_orig_mod", net)  # torch.compile wrapper
@@ -207,7 +199,7 @@ def _no_sync(net: torch.nn.Module, skip: bool):
 
 
 def _host_sync(meters: EpochMeters, optimizer, bar, done: int, start: float) -> None:
-    """The only place the loop waits for the device: finiteness, then the progress bar (`done`
+    """The only place the step waits for the device: finiteness, then the progress bar (`done`
     batches since `start`)."""
     meters.check_finite(optimizer)
     if not bar.disable:  # no formatting work when the bar is hidden (logs, CI, torchrun ranks > 0)

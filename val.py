@@ -1,9 +1,10 @@
-"""Evaluation and test predictions.
+"""Evaluation and test predictions, through one loop (``forward``).
 
-``evaluate(...)`` -> {val_loss, val_top1, val_top5}; ``predict(...)`` -> class index per image;
-``infer(...)`` -> logits, labels and penultimate features (optionally flip-TTA);
-``combine(...)`` -> an ensemble's probabilities; ``write_predictions(...)`` -> the submission CSV
-(``image,label``: file name, predicted class id, one row per test image, sorted by file name).
+``evaluate(...)`` -> {val_loss, val_top1, val_top5, ...} (every entry of METRICS); ``predict(...)``
+-> class index per image; ``infer(...)`` -> logits, labels and penultimate features (optionally
+flip-TTA); ``combine(...)`` -> an ensemble's probabilities; ``write_predictions(...)`` -> the
+submission CSV (``image,label``: file name, predicted class id, one row per test image, sorted by
+file name).
 
 Also a CLI to evaluate saved checkpoints, alone or as an ensemble::
 
@@ -17,6 +18,7 @@ import csv
 import json
 import logging
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -25,9 +27,17 @@ from tqdm import tqdm
 
 from tin import distributed, hardware
 from transforms import Normalize
-from utils import UserError
+from utils import UserError, topk_correct
 
 log = logging.getLogger("tin")
+
+# val_<name> in metrics.csv, the log line and wandb: (sum over a batch of (logits, labels), scale of
+# the mean). Sums are kept on the device and reduced across processes; the figure is scale * sum / images.
+METRICS: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], float]] = {
+    "loss": (lambda logits, labels: F.cross_entropy(logits, labels, reduction="sum"), 1.0),
+    "top1": (lambda logits, labels: topk_correct(logits, labels, (1,))[0], 100.0),
+    "top5": (lambda logits, labels: topk_correct(logits, labels, (5,))[0], 100.0),
+}
 
 
 def _logits(model, x: torch.Tensor, tta: bool) -> torch.Tensor:
@@ -39,45 +49,62 @@ def _logits(model, x: torch.Tensor, tta: bool) -> torch.Tensor:
     return probs.clamp_min(1e-12).log()
 
 
-def batches(model, loader, normalize, device, amp_dtype, desc, tta: bool = False):
-    """(logits, labels) of each batch of `loader`, in eval mode, without gradients."""
+def forward(
+    model, loader, normalize: Normalize, device, amp_dtype=None, tta: bool = False, features: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """The evaluation loop: (logits, labels, penultimate features or None) of each batch of `loader`,
+    on the device, in eval mode, without gradients. Features are the last Linear layer's input for
+    the unflipped image."""
+    captured: list[torch.Tensor] = []
+    hook = _last_linear(model).register_forward_hook(lambda m, i, o: captured.append(i[0])) if features else None
     model.eval()
-    with torch.inference_mode():
-        for images, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
-            images = normalize(images.to(device, non_blocking=True))
-            with hardware.autocast(device, amp_dtype):
-                logits = _logits(model, images, tta)
-            yield logits, labels.to(device)
+    try:
+        with torch.inference_mode():
+            for images, labels in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, disable=None):
+                x = normalize(images.to(device, non_blocking=True))
+                with hardware.autocast(device, amp_dtype):
+                    logits = _logits(model, x, tta)
+                feats = captured[0].float().flatten(1) if features else None
+                captured.clear()
+                yield logits, labels.to(device, non_blocking=True), feats
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
 def evaluate(model, loader, normalize: Normalize, device, amp_dtype=None, tta: bool = False) -> dict[str, float]:
-    """Mean cross-entropy and top-1/top-5 accuracy (%) over every labelled image in `loader`
-    (with tta: of the flip-averaged prediction)."""
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros(2, dtype=torch.long, device=device)
-    count = 0
-    for logits, labels in batches(model, loader, normalize, device, amp_dtype, "val", tta):
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top.eq(labels.view(-1, 1))
-        correct += torch.stack([hits[:, :1].any(1).sum(), hits.any(1).sum()])
+    """Every METRICS entry over every labelled image in `loader` (with tta: of the flip-averaged
+    prediction), as val_<name>; under torchrun each process's shard is summed in (no image twice)."""
+    sums, count = torch.zeros(len(METRICS), dtype=torch.float64, device=device), 0
+    for logits, labels, _ in forward(model, loader, normalize, device, amp_dtype, tta):
+        sums += torch.stack([fn(logits, labels).double() for fn, _ in METRICS.values()])
         count += labels.shape[0]
-    # Under torchrun each process saw its own shard: add the sums up (no image counted twice).
-    sums = distributed.all_reduce_(
-        torch.cat([loss_sum.view(1), correct.double(), torch.tensor([count], device=device, dtype=torch.float64)])
-    )
-    count = max(float(sums[3]), 1.0)
+    *totals, count = distributed.all_reduce_(torch.cat([sums, sums.new_tensor([count])])).tolist()
+    count = max(count, 1.0)
     return {
-        "val_loss": float(sums[0]) / count,
-        "val_top1": 100.0 * float(sums[1]) / count,
-        "val_top5": 100.0 * float(sums[2]) / count,
+        f"val_{name}": scale * total / count for (name, (_, scale)), total in zip(METRICS.items(), totals, strict=True)
     }
 
 
 def predict(model, loader, normalize: Normalize, device, amp_dtype=None, tta: bool = False) -> list[int]:
     """Predicted class index for every image of `loader`, in loader order."""
-    preds = [logits.argmax(1).cpu() for logits, _ in batches(model, loader, normalize, device, amp_dtype, "test", tta)]
+    preds = [logits.argmax(1).cpu() for logits, _, _ in forward(model, loader, normalize, device, amp_dtype, tta)]
     return torch.cat(preds).tolist() if preds else []
+
+
+def infer(model, loader, normalize: Normalize, device, amp_dtype=None, tta: bool = False, features: bool = False):
+    """-> {"logits": (N, C) float, "labels": (N,) long, "features": (N, D) or None}, on the CPU."""
+    out = {"logits": [], "labels": [], "features": []}
+    for logits, labels, feats in forward(model, loader, normalize, device, amp_dtype, tta, features):
+        out["logits"].append(logits.cpu())
+        out["labels"].append(labels.cpu())
+        if feats is not None:
+            out["features"].append(feats.cpu())
+    return {
+        "logits": torch.cat(out["logits"]),
+        "labels": torch.cat(out["labels"]),
+        "features": torch.cat(out["features"]) if features else None,
+    }
 
 
 def _last_linear(model: torch.nn.Module) -> torch.nn.Linear:
@@ -85,34 +112,6 @@ def _last_linear(model: torch.nn.Module) -> torch.nn.Linear:
     if not linears:
         raise ValueError(f"{type(model).__name__} has no Linear classifier to read features from")
     return linears[-1]
-
-
-def infer(model, loader, normalize: Normalize, device, amp_dtype=None, tta: bool = False, features: bool = False):
-    """-> {"logits": (N, C) float, "labels": (N,) long, "features": (N, D) or None}, on the CPU.
-    With tta, logits are log of the mean softmax over the image and its horizontal flip; features
-    are the classifier's input (penultimate layer) of the unflipped image."""
-    captured: list[torch.Tensor] = []
-    hook = _last_linear(model).register_forward_hook(lambda m, i, o: captured.append(i[0].detach().float().cpu()))
-    logits_all, labels_all, feats = [], [], []
-    try:
-        model.eval()
-        with torch.inference_mode():
-            for images, labels in tqdm(loader, desc="infer", leave=False, dynamic_ncols=True, disable=None):
-                x = normalize(images.to(device, non_blocking=True))
-                with hardware.autocast(device, amp_dtype):
-                    logits = _logits(model, x, tta)
-                if features:
-                    feats.append(captured[0].flatten(1))  # the unflipped image's (the first call)
-                captured.clear()
-                logits_all.append(logits.cpu())
-                labels_all.append(labels)
-    finally:
-        hook.remove()
-    return {
-        "logits": torch.cat(logits_all),
-        "labels": torch.cat(labels_all),
-        "features": torch.cat(feats) if features else None,
-    }
 
 
 def combine(prob_list: list[torch.Tensor], rule: str = "mean") -> torch.Tensor:
@@ -130,13 +129,8 @@ def combine(prob_list: list[torch.Tensor], rule: str = "mean") -> torch.Tensor:
 def metrics_from_probs(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """NLL loss and top-1/top-5 (%) of (N, C) probabilities against labels."""
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
-    top = probs.topk(min(5, probs.shape[1]), dim=1).indices
-    hits = top.eq(labels.view(-1, 1))
-    return {
-        "val_loss": loss,
-        "val_top1": 100.0 * hits[:, 0].float().mean().item(),
-        "val_top5": 100.0 * hits.any(1).float().mean().item(),
-    }
+    top1, top5 = (100.0 * hits / max(len(labels), 1) for hits in topk_correct(probs, labels).tolist())
+    return {"val_loss": loss, "val_top1": top1, "val_top5": top5}
 
 
 def per_class_accuracy(preds: torch.Tensor, labels: torch.Tensor, classes: list[str], names: dict[str, str]):

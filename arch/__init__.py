@@ -9,7 +9,7 @@ img_size) float images to (B, num_classes) logits. Models know nothing about con
   8x8 token grid, like 224 with 16x16 patches has 14x14) and Swin uses 4x4 windows (a 7x7 window
   does not tile the 16x16 -> 2x2 stage grids of a 64x64 input).
 - Small-image ResNets (arch/resnet.py): ``resnetNN_cifar`` (3x3 stride-1 stem, no max-pool) and
-  ``resnetNN_s2`` (one stride-2 3x3 conv). ``budget_cnn`` (arch/time_budget.py): under 1 M parameters.
+  ``resnetNN_s2`` (one stride-2 3x3 conv). ``budget_cnn`` (arch/budget.py): under 1 M parameters.
 - ``resnet9`` / ``resnet9_slim`` (arch/resnet9.py): Myrtle's ResNet-9 with a 2x2 patch stem, the
   CPU speed-run's model (widths from 64 / 48).
 """

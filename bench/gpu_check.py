@@ -41,7 +41,6 @@ import torch.nn.functional as F
 
 import arch
 import demo_data
-import engine
 import transforms
 from tin import hardware
 from utils import write_json
@@ -139,33 +138,36 @@ def check_training(args, work: Path, data: Path, started: float) -> None:
 # --------------------------------------------------------------------------- 2. syncs and trainer overhead
 @check("2a. host syncs per update")
 def check_syncs(args, work: Path, data: Path, started: float) -> None:
-    import main
-    from tin import distributed
+    from tin import distributed, time_budget
+    from tin.build import build_parts, build_scheduler
     from tin.checkpoint import TrainState
     from tin.config import parse_config
+    from train import train_one_epoch
 
-    cfg = parse_config(
-        [
-            "--data_dir",
-            str(data),
-            *"--arch resnet9_slim --batch_size 64 --device".split(),
-            args.device,
-            *"--workers 2 --wandb disabled --aug_schedule constant".split(),
-        ]
-    )
-    built = main.build(cfg, distributed.Context())
-    p, plan = built.parts, engine.base_plan(built.cfg, built.parts.loaders)
-    spec = engine.step_spec(built.cfg, p)
-    engine.train_epoch(built.cfg, p, spec, TrainState(), plan=plan, epoch=0)  # warm-up (cuDNN, first batches)
-    updates = plan.end_batch(1)
-    if p.device.type != "cuda":
-        row("2a. host syncs per update", "CUDA only (the CPU test suite counts reads in tests/test_gpu_ready.py)", None)
+    if args.device != "cuda":
+        row(
+            "2a. host syncs per update",
+            "CUDA only (the CPU test suite records host traffic: tests/test_gpu_ready.py)",
+            None,
+        )
         return
+    flags = ["--data_dir", str(data), "--arch", "resnet9_slim", "--batch_size", "64", "--device", args.device]
+    cfg = parse_config([*flags, "--workers", "2", "--wandb", "disabled"])
+    cfg, p, *_ = build_parts(cfg, distributed.Context())
+    plan = time_budget.plan_run(cfg, p, 0.0)
+    scheduler = build_scheduler(cfg, p.optimizer, plan)
+
+    def epoch(e: int, state: TrainState) -> None:
+        train_one_epoch(p, scheduler, state, epoch=e, end_batch=plan.end_batch(e), strength=1.0, size=cfg.img_size)
+
+    state = TrainState()
+    epoch(0, state)  # warm-up (cuDNN's autotuning, the first batches)
+    updates = plan.end_batch(1) // cfg.accum_steps
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            engine.train_epoch(built.cfg, p, spec, TrainState(), plan=plan, epoch=1)
+            epoch(1, state)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
@@ -392,6 +394,7 @@ def check_compile(args, work: Path, data: Path, started: float) -> None:
 @check("5. DDP + EMA + compile")
 def check_ddp(args, work: Path, data: Path, started: float) -> None:
     import torch.distributed as dist
+    from timm.layers import convert_sync_batchnorm
     from timm.utils import ModelEmaV3
 
     device = torch.device(args.device)
@@ -406,7 +409,7 @@ def check_ddp(args, work: Path, data: Path, started: float) -> None:
             torch.manual_seed(0)
             model = arch.build_model(name, 200, img_size=64).to(device)
             if sync_bn:
-                model = engine.to_sync_batchnorm(model)
+                model = convert_sync_batchnorm(model)
             ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[0] if device.type == "cuda" else None)
             net = torch.compile(ddp) if compile_it else ddp
             ema = ModelEmaV3(model, decay=0.99, use_warmup=True)

@@ -4,7 +4,7 @@
 
 bare:    forward, backward and optimizer step on one batch already resident on the device (already
          augmented and normalised): what the model's arithmetic alone costs;
-trainer: engine.train_epoch, i.e. what `main.py` runs per epoch: the loader (cache, augmentation
+trainer: train.train_one_epoch, i.e. what `main.py` runs per epoch: the loader (cache, augmentation
          in the workers or on the device at full strength), copy, normalisation, CutMix/MixUp,
          loss, accuracy, LR schedule, EMA if asked, progress accounting.
 
@@ -20,7 +20,6 @@ range over the repetitions) and the trainer's data-wait fraction; writes JSON
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import platform
@@ -31,12 +30,12 @@ import torch
 from timm.loss import SoftTargetCrossEntropy
 
 import batch_manager
-import engine
-import main as toolkit  # main.py; this file has its own main
 import transforms
-from tin import distributed
+from tin import distributed, hardware, time_budget
+from tin.build import build_parts, build_scheduler
 from tin.checkpoint import TrainState
 from tin.config import parse_config
+from train import train_one_epoch
 from utils import write_json
 
 
@@ -58,9 +57,11 @@ def bench_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def build(cfg):
-    """Data, loaders, model and trainer parts exactly as main.py builds them (main.build)."""
-    built = toolkit.build(cfg, distributed.Context())
-    return built.cfg, built.parts
+    """Data, loaders, model and what trains it exactly as main.py builds them (tin.build.build_parts),
+    and the learning-rate schedule over --epochs."""
+    cfg, parts, *_ = build_parts(cfg, distributed.Context())
+    plan = time_budget.epochs_plan(cfg.epochs, cfg.steps_per_epoch, cfg.accum_steps)
+    return cfg, parts, build_scheduler(cfg, parts.optimizer, plan)
 
 
 def resident_batch(p, cfg):
@@ -82,11 +83,11 @@ def augment_ms(p, raw, batches: int) -> float | None:
     """Milliseconds per batch of the on-device augmentation alone (None: it runs in the loader)."""
     if p.loaders.augment is None:
         return None
-    _sync(p.device)
+    hardware.synchronize(p.device)
     start = time.perf_counter()
     for b in range(batches):
         p.loaders.augment(raw, b)
-    _sync(p.device)
+    hardware.synchronize(p.device)
     return 1000 * (time.perf_counter() - start) / batches
 
 
@@ -94,7 +95,7 @@ def bare_steps(p, images, targets, steps: int) -> float:
     """images/s of forward + backward + optimizer step on resident tensors."""
     loss_fn = SoftTargetCrossEntropy()
     p.net.train()
-    _sync(p.device)
+    hardware.synchronize(p.device)
     start = time.perf_counter()
     for _ in range(steps):
         with p.autocast():
@@ -102,24 +103,19 @@ def bare_steps(p, images, targets, steps: int) -> float:
         loss.backward()
         p.optimizer.step()
         p.optimizer.zero_grad(set_to_none=True)
-    _sync(p.device)
+    hardware.synchronize(p.device)
     return steps * images.shape[0] / (time.perf_counter() - start)
 
 
-def trainer_steps(p, cfg, epoch: int) -> tuple[float, float]:
-    """(images/s, data-wait fraction) of engine.train_epoch over cfg.steps_per_epoch updates."""
-    plan = engine.base_plan(cfg, p.loaders)
-    _sync(p.device)
+def trainer_steps(p, scheduler, cfg, epoch: int, strength: float, updates: int) -> tuple[float, float]:
+    """(images/s, data-wait fraction) of train.train_one_epoch over `updates` updates."""
+    state = TrainState()
+    hardware.synchronize(p.device)
     start = time.perf_counter()
-    tr = engine.train_epoch(cfg, p, engine.step_spec(cfg, p), TrainState(step=0), plan=plan, epoch=epoch)
-    _sync(p.device)
-    images = tr["batch"] * cfg.batch_size
-    return images / (time.perf_counter() - start), tr["data_wait_fraction"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    end = updates * cfg.accum_steps
+    tr = train_one_epoch(p, scheduler, state, epoch=epoch, end_batch=end, strength=strength, size=cfg.img_size)
+    hardware.synchronize(p.device)
+    return state.batch * cfg.batch_size / (time.perf_counter() - start), tr["data_wait_fraction"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -131,21 +127,16 @@ def main(argv: list[str] | None = None) -> dict:
     # constant strength: every timed epoch augments at --strength
     base = ["--aug_schedule", "constant", "--aug_strength", str(args.strength), "--no_analysis", "--wandb", "disabled"]
     fixed = ["--min_img_size", "0"]  # every timed epoch at --img_size, like the resident batch
-    warm_cfg = parse_config(base + rest + fixed + ["--steps_per_epoch", str(args.warmup)])
-    cfg = parse_config(base + rest + fixed + ["--steps_per_epoch", str(args.steps)])
-    cfg, p = build(cfg)
-    warm_cfg = dataclasses.replace(
-        warm_cfg, lr_base=cfg.lr_base, warmup_epochs=cfg.warmup_epochs, lr_scale_batch=cfg.lr_scale_batch
-    )
+    cfg, p, scheduler = build(parse_config(base + rest + fixed + ["--steps_per_epoch", str(args.steps)]))
     device = p.device
     images, targets, raw = resident_batch(p, cfg)
 
     bare_steps(p, images, targets, args.warmup)
-    trainer_steps(p, warm_cfg, 0)  # also starts the persistent workers
+    trainer_steps(p, scheduler, cfg, 0, args.strength, args.warmup)  # also starts the persistent workers
     bare, trainer, wait = [], [], []
     for rep in range(args.reps):
         bare.append(bare_steps(p, images, targets, args.steps))
-        ips, w = trainer_steps(p, cfg, rep + 1)
+        ips, w = trainer_steps(p, scheduler, cfg, rep + 1, args.strength, args.steps)
         trainer.append(ips)
         wait.append(w)
     ratios = [t / b for t, b in zip(trainer, bare, strict=True)]

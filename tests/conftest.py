@@ -186,3 +186,59 @@ def parts_on_meta(parts):
         train.images, train.labels = train.images.to(meta), train.labels.to(meta)
     parts.runtime = dataclasses.replace(parts.runtime, device=meta, amp_dtype=None, channels_last=True)
     return parts
+
+
+class TinyNet(torch.nn.Module):
+    """No batch norm, no dropout: accumulation must equal a larger batch exactly up to float error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, stride=2),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(8, 4),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def tiny_parts(model, loaders, lr=0.5, **step):
+    """train.Parts around `model`: fp32 on the CPU, SGD with momentum; `step`: accum_steps, grad_clip,
+    sync_every."""
+    from tin import hardware, optim
+    from train import Parts
+    from transforms import Normalize
+
+    return Parts(
+        model=model,
+        net=model,
+        optimizer=optim.build_optimizer(model, "sgd", lr, 0.0, momentum=0.9),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        ema=None,
+        mixer=None,
+        normalize=Normalize(),
+        loaders=loaders,
+        runtime=hardware.Runtime(torch.device("cpu"), None, False, "test: fp32"),
+        num_classes=4,
+        **step,
+    )
+
+
+def train_epoch(parts, end_batch, scheduler=None, strength=0.0, size=None, **kw):
+    """One epoch of train.train_one_epoch from a fresh position: (its figures, the TrainState after)."""
+    from tin.checkpoint import TrainState
+    from train import train_one_epoch
+
+    state = TrainState()
+    size = size or parts.loaders.img_size
+    stats = train_one_epoch(parts, scheduler, state, epoch=0, end_batch=end_batch, strength=strength, size=size, **kw)
+    return stats, state
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Two checkpoints hold exactly the same weights."""
+    wa, wb = (torch.load(p, map_location="cpu", weights_only=True)["state_dict"] for p in (a, b))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

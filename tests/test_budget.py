@@ -15,12 +15,11 @@ import time
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import engine
 import main
-import train
-from conftest import FAST_RUN, PINNED, ROOT, TIMING
-from test_resume import _same_weights, _wait_until
+import val
+from conftest import FAST_RUN, PINNED, ROOT, TIMING, same_weights
 from tin import optim, time_budget
 
 # the fixture: 64 train images, batch 8 -> 8 updates per epoch
@@ -95,30 +94,32 @@ class MachineClock:
 
 @pytest.fixture
 def machine(monkeypatch):
+    """Runs main() on a controlled clock: each optimizer update (counted by torch's global step hook),
+    evaluation (val.evaluate) and test prediction (val.predict) advances it by its cost."""
+    hooks = []
+
     def make(update_s: float, slow_after: int = 10**9, slow_update_s: float = 0.0) -> MachineClock:
         clock = MachineClock(update_s, COSTS.eval_s, COSTS.test_s, slow_after, slow_update_s)
         monkeypatch.setattr(time_budget, "clock", clock)
         monkeypatch.setattr(time_budget, "measure_costs", lambda *a, **k: COSTS)
-        real_update, real_evaluate, real_test = train._update, engine._evaluate, engine._test_preds
+        hooks.append(register_optimizer_step_post_hook(lambda *args: clock.update()))
+        real_evaluate, real_predict = val.evaluate, val.predict
 
-        def update(*args, **kwargs):
-            clock.update()
-            return real_update(*args, **kwargs)
+        def evaluate(*args, **kwargs):
+            clock.now += clock.eval_s
+            return real_evaluate(*args, **kwargs)
 
-        def evaluate(*args, validate=True, **kwargs):
-            clock.now += clock.eval_s if validate else 0.0
-            return real_evaluate(*args, validate=validate, **kwargs)
-
-        def test_preds(*args, **kwargs):
+        def predict(*args, **kwargs):
             clock.now += clock.test_s
-            return real_test(*args, **kwargs)
+            return real_predict(*args, **kwargs)
 
-        monkeypatch.setattr(train, "_update", update)
-        monkeypatch.setattr(engine, "_evaluate", evaluate)
-        monkeypatch.setattr(engine, "_test_preds", test_preds)
+        monkeypatch.setattr(val, "evaluate", evaluate)
+        monkeypatch.setattr(val, "predict", predict)
         return clock
 
-    return make
+    yield make
+    for hook in hooks:
+        hook.remove()
 
 
 def _budgeted(tiny_data, tmp_path, minutes="1", *extra):
@@ -215,10 +216,16 @@ BUDGET_RUN = [
 ]
 
 
-def _start(args, out):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def _start(args, out, kill_at: int = 0):
+    """tests/budget_run.py (main.py with fixed costs) in a subprocess; kill_at K: SIGKILL right after
+    update K (bench/interrupt_at.py)."""
+    wrapper = ["-m", "bench.interrupt_at", str(kill_at), "--signal", "KILL"] if kill_at else []
     return subprocess.Popen(
-        [sys.executable, "tests/budget_run.py", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env
+        [sys.executable, *wrapper, "tests/budget_run.py", *args],
+        cwd=ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
 
 
@@ -235,18 +242,8 @@ def test_sigkilled_budgeted_run_resumes_to_identical_weights(tiny_data, tmp_path
     reference = _only_run(ref_out)
     plan = torch.load(reference / "last.pth.tar", weights_only=True)["plan"]
     assert plan["updates"] == 23 and plan["updates"] % plan["updates_per_epoch"]  # 2.875 epochs, fixed costs
-
-    def mid_epoch_2() -> bool:
-        run = _only_run(out)
-        done = run is not None and (run / "metrics.csv").is_file() and len(_rows(run)) >= 1
-        return done and (time.sleep(0.3) or True)
-
-    with open(tmp_path / "log", "w") as log:
-        proc = _start([*args, "--output_dir", str(out)], log)
-        reached = _wait_until(mid_epoch_2, proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(60)
-    assert reached, (tmp_path / "log").read_text()[-2000:]
+    with open(tmp_path / "log", "w") as log:  # 8 updates per epoch: killed in the middle of epoch 2
+        assert _start([*args, "--output_dir", str(out)], log, kill_at=12).wait(300) == -signal.SIGKILL
     run = _only_run(out)
     with open(tmp_path / "resume.log", "w") as log:
         assert _start(["--resume", str(run)], log).wait(300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
@@ -255,5 +252,79 @@ def test_sigkilled_budgeted_run_resumes_to_identical_weights(tiny_data, tmp_path
         return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
     assert strip(_rows(run)) == strip(_rows(reference)) and len(_rows(run)) == 3
-    assert _same_weights(run / "last.pth.tar", reference / "last.pth.tar")
+    assert same_weights(run / "last.pth.tar", reference / "last.pth.tar")
     assert torch.load(run / "last.pth.tar", weights_only=True)["plan"] == plan
+
+
+def test_measuring_times_updates_from_the_first_batch_not_the_loaders_start(tiny_data, tmp_path, monkeypatch):
+    """The loader's start (the order's copy, workers' first batches) is an epoch's cost, not an
+    update's: counted in each of the 5 timed updates, a slow start would shorten the plan."""
+    import batch_manager
+    from tin import distributed
+    from tin.build import build_parts
+    from tin.config import parse_config
+
+    args = [*FAST_RUN, "--data_dir", str(tiny_data), "--data_on_device", "on", "--cache_dir", str(tmp_path)]
+    _, parts, *_ = build_parts(parse_config(args), distributed.Context())
+    real = batch_manager.DeviceBatches.__iter__
+
+    def slow_start(self):
+        time.sleep(2.0)
+        yield from real(self)
+
+    monkeypatch.setattr(batch_manager.DeviceBatches, "__iter__", slow_start)
+    costs = time_budget.measure_costs(parts, [32], ema=False, tta=False, test_images=0, warmup=1, timed=5)
+    assert costs.epoch_start_s >= 1.9 and costs.update_s[32] < 2.0 / 5  # 0.4 s if the start were in
+
+
+def _epochs_on(machine_s: dict, measured: dict, upe: int = 390):
+    """The re-planned lengths (in epochs) at each epoch start of a 30-minute run whose start-up
+    measurement per training size was `measured` and whose machine really takes `machine_s`."""
+    from types import SimpleNamespace
+
+    from tin.checkpoint import TrainState
+    from tin.config import parse_config
+    from tin.distributed import Context
+
+    now = [0.0]
+    costs = time_budget.Costs(update_s=measured, epoch_end_s=0.2, test_s=20.0, eval_s=20.0)
+    size_at = time_budget.size_schedule(64, 32, 0.8)
+    updates, _ = time_budget.plan_updates(1800 * (1 - time_budget.MARGIN), upe, 40 * upe, costs, size_at, False, 0)
+    plan = time_budget.Plan(
+        updates, upe, upe, budget_s=1800.0, costs=time_budget._costs_dict(costs), max_updates=40 * upe
+    )
+    cfg = parse_config("--img_size 64 --min_img_size 32 --resize_until 0.8 --eval_every 0 --test_preds end".split())
+    state, lengths = TrainState(), [plan.epochs]
+    schedule = SimpleNamespace(replan=lambda t0, new: None)
+    clock = time_budget.Timekeeper(plan, cfg, state, 0.0, Context(), "cpu", 25)
+    time_budget.clock = lambda: now[0]
+    try:
+        while state.step < clock.plan.updates:
+            clock.epoch_start(state, schedule)
+            lengths.append(clock.plan.epochs)
+            size = size_at(state.step // upe, clock.plan.epochs)
+            k = min(upe, clock.plan.updates - state.step)
+            now[0] += k * machine_s[size]
+            clock.epoch_trained(size, k)
+            state.step += k
+            now[0] += 0.2
+    finally:
+        clock.close()
+    return lengths, now[0]
+
+
+def test_re_plans_keep_each_sizes_observed_time_and_follow_only_a_lasting_drift(monkeypatch):
+    monkeypatch.setattr(time_budget, "clock", time_budget.clock)  # _epochs_on replaces it; restored after
+    # the CPU speed-run of 2026-11-27 (README: Time budget): measured at its start (5 updates per size)
+    # and what its epochs then took per update (metrics.csv's epoch seconds / 390 updates)
+    measured = {32: 0.262, 40: 0.293, 48: 0.376, 56: 0.482, 64: 0.556}
+    steady = {32: 0.23, 40: 0.285, 48: 0.355, 56: 0.44, 64: 0.535}
+    lengths, end = _epochs_on(steady, measured)
+    changes = [b for a, b in zip(lengths, lengths[1:], strict=False) if a != b]
+    assert len(changes) <= 1 and end <= 1800  # (that run, re-planning from its last epoch alone: six re-plans)
+    slower = {s: 1.5 * t for s, t in measured.items()}
+    lengths, end = _epochs_on(slower, measured)
+    assert lengths[2] < 0.7 * lengths[0] and end <= 1800  # shorter at the first epoch start that sees it
+    faster = {s: 0.7 * t for s, t in measured.items()}
+    lengths, end = _epochs_on(faster, measured)
+    assert lengths[2] == lengths[0] < lengths[3] and end <= 1800  # longer once it lasts two epochs

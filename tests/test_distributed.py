@@ -16,9 +16,15 @@ import torch
 from conftest import ROOT, TIMING
 
 # ViT-Tiny has no batch norm, and with mixing, augmentation and dropout off, 2 processes x 4 images
-# average exactly the gradients of 1 process x 8 images: only float summation order differs.
-# fp32 (--no-amp): the comparison is about the arithmetic, not bf16 rounding.
-RECIPE = "--arch vit_tiny --img_size 32 --epochs 2 --workers 0 --lr_base 1e-3 --mix_prob 0 --aug_schedule constant --aug_strength 0 --drop_rate 0 --attn_drop_rate 0 --drop_path_rate 0 --wandb disabled --no_analysis --no-amp".split()
+# average the gradients of 1 process x 8 images: only the order of the float sums differs. The
+# error model: each gradient differs by a few float32 roundings (~1e-7 relative), and plain SGD
+# passes that on linearly — each update moves the weights by lr x gradient — so after 16 updates at
+# lr 0.02 the losses agree to the 6 digits metrics.csv keeps (measured on an AMD EPYC Zen 4; at lr
+# 0.05, where the run is on the edge of diverging, they drift to 3e-5): 1e-4 is the bound. AdamW is
+# not used here: it divides by the root of the squared gradients, so the rounding of near-zero
+# gradients becomes whole update steps (1.3e-3 apart after 16 updates on a Zen 4, under 1e-3 on a
+# Xeon: machine-dependent). fp32 (--no-amp): no bf16 rounding.
+RECIPE = "--arch vit_tiny --img_size 32 --epochs 2 --workers 0 --opt sgd --lr_base 0.02 --mix_prob 0 --aug_schedule constant --aug_strength 0 --drop_rate 0 --attn_drop_rate 0 --drop_path_rate 0 --wandb disabled --no_analysis --no-amp".split()
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -77,9 +83,8 @@ def test_matches_one_process_with_the_same_global_batch(ddp_run, tiny_data, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     single, multi = _rows(_only_run(tmp_path)), _rows(ddp_run[0])
     for a, b in zip(single, multi, strict=True):
-        # stated tolerance: float summation order only
-        for key in ("train_loss", "val_loss"):
-            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-3, abs=1e-4)
+        for key in ("train_loss", "val_loss"):  # the error model above
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4)
         assert abs(float(a["val_top1"]) - float(b["val_top1"])) <= 5.0  # at most one of 20 val images flips
 
 

@@ -227,13 +227,13 @@ def test_docker_smoke():
 
 
 def test_an_interrupted_run_in_a_container_tells_the_host_command(tmp_path, monkeypatch):
-    import engine
+    from tin import loop
 
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "checkpoints" / "2026-11-27_10-00-00_resnet18"
-    monkeypatch.setattr(engine, "IN_CONTAINER", False)
-    assert engine.resume_command(run) == f"python main.py --resume {run}"
-    monkeypatch.setattr(engine, "IN_CONTAINER", True)
-    assert engine.resume_command(run).startswith(
+    monkeypatch.setattr(loop, "IN_CONTAINER", False)
+    assert loop.resume_command(run) == f"python main.py --resume {run}"
+    monkeypatch.setattr(loop, "IN_CONTAINER", True)
+    assert loop.resume_command(run).startswith(
         "bash docker/run_docker.sh -- python main.py --resume checkpoints/2026-11-27_10-00-00_resnet18 "
     )

@@ -15,11 +15,9 @@ import torch
 from torch import nn
 
 import main
-import train
-from conftest import FAST_RUN, ROOT, loaders_for, make_layout
-from tin import hardware, optim
+from conftest import FAST_RUN, ROOT, TinyNet, loaders_for, make_layout, tiny_parts, train_epoch
+from tin import optim
 from tin.checkpoint import load_checkpoint
-from transforms import Normalize
 from utils import UserError
 
 
@@ -61,52 +59,19 @@ def test_optimizers_and_no_decay_on_norms_and_biases():
     assert isinstance(optim.build_optimizer(model, "adamw", 1e-3, 0.05), torch.optim.AdamW)
 
 
-class TinyNet(nn.Module):
-    """No batch norm, no dropout: accumulation must equal a larger batch exactly up to float error."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)
-        )
-
-    def forward(self, x):
-        return self.net(x)
-
-
-def tiny_parts(model, loaders, lr=0.5):
-    """The training parts around `model`, fp32 on the CPU, SGD with momentum, constant lr."""
-    opt = optim.build_optimizer(model, "sgd", lr, 0.0, momentum=0.9)
-    runtime = hardware.Runtime(torch.device("cpu"), None, False, "test: fp32")
-    return train.Parts(
-        model=model,
-        net=model,
-        optimizer=opt,
-        scheduler=optim.build_scheduler(opt, "none", 100, 10),
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        ema=None,
-        mixer=None,
-        normalize=Normalize(),
-        loaders=loaders,
-        runtime=runtime,
-    )
-
-
 def _train_tiny(tiny_data, batch, accum, clip=0.0):
     torch.manual_seed(0)
     model = TinyNet()
     loaders = loaders_for(tiny_data, batch_size=batch, seed=3)
-    loaders.set_epoch(0, 0.0)
-    spec = train.StepSpec(num_classes=4, accum_steps=accum, grad_clip=clip)
-    out = train.train_one_epoch(tiny_parts(model, loaders), spec, step=0, start_batch=0, end_batch=len(loaders.train))
-    return model, out
+    _, state = train_epoch(tiny_parts(model, loaders, accum_steps=accum, grad_clip=clip), len(loaders.train))
+    return model, state
 
 
 def test_accumulating_k_batches_equals_one_k_times_larger_batch(tiny_data):
-    small, out_small = _train_tiny(tiny_data, batch=4, accum=4)
-    big, out_big = _train_tiny(tiny_data, batch=16, accum=1)
+    small, state_small = _train_tiny(tiny_data, batch=4, accum=4)
+    big, state_big = _train_tiny(tiny_data, batch=16, accum=1)
     plain, _ = _train_tiny(tiny_data, batch=4, accum=1)  # 16 small updates: clearly different
-    assert out_small["steps"] == out_big["steps"] == 4
+    assert state_small.step == state_big.step == 4
 
     def gap(m):
         return max((a - b).abs().max().item() for a, b in zip(m.parameters(), big.parameters(), strict=True))

@@ -12,15 +12,24 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from timm.layers import convert_sync_batchnorm
 
 import arch
-import engine
 import main
 import sweep
-import train
-from conftest import FAST_RUN, HostTraffic, device_tensors, loaders_for, parts_on_meta
-from test_engine import TinyNet, tiny_parts
-from tin import checkpoint, distributed
+from conftest import (
+    FAST_RUN,
+    HostTraffic,
+    TinyNet,
+    device_tensors,
+    loaders_for,
+    parts_on_meta,
+    tiny_parts,
+    train_epoch,
+)
+from tin import checkpoint, distributed, time_budget
+from tin.build import build_parts, build_scheduler
+from tin.checkpoint import TrainState
 from tin.config import parse_config
 from utils import UserError
 
@@ -33,14 +42,13 @@ def test_the_training_step_copies_without_blocking_and_reads_only_every_few_upda
     itself from the loader), one of the epoch's order, and host reads only at the sync points."""
     args = [*FAST_RUN, "--data_dir", str(tiny_data), "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"]
     args += ["--data_on_device", "on" if resident else "off", "--randaugment", "--ema", "--wandb", "disabled"]
-    built = main.build(parse_config(args), distributed.Context())
-    parts = parts_on_meta(built.parts)
-    parts.loaders.set_epoch(0, 1.0)  # full strength: every augmentation op and the mixer run
-    parts.mixer.set_strength(1.0)
-    spec = train.StepSpec(num_classes=4, sync_every=4)
-    with HostTraffic(known=device_tensors(parts)) as traffic:
-        out = train.train_one_epoch(parts, spec, step=0, start_batch=0, end_batch=8)
-    assert out["steps"] == 8
+    cfg, parts, *_ = build_parts(parse_config(args), distributed.Context())
+    parts = parts_on_meta(parts)
+    parts.sync_every = 4
+    scheduler = build_scheduler(cfg, parts.optimizer, time_budget.epochs_plan(1, 8, 1))
+    with HostTraffic(known=device_tensors(parts)) as traffic:  # full strength: every augmentation op and the mixer
+        _, state = train_epoch(parts, 8, scheduler, strength=1.0)
+    assert state.step == 8
     blocking = [c for c in traffic.copies if not c[1]]
     assert not blocking, blocking  # each would make the host wait for the GPU
     per_batch = 1 if resident else 3  # augmentation parameters (+ images and labels)
@@ -68,31 +76,36 @@ def test_accumulation_all_reduces_once_per_update(tiny_data, one_process_group):
         return fut
 
     ddp.register_comm_hook(None, count)
-    loaders = loaders_for(tiny_data, batch_size=4, seed=3)
-    loaders.set_epoch(0, 0.0)
-    parts = tiny_parts(model, loaders)
+    parts = tiny_parts(model, loaders_for(tiny_data, batch_size=4, seed=3), accum_steps=4)
     parts.net = ddp
-    out = train.train_one_epoch(
-        parts, train.StepSpec(num_classes=4, accum_steps=4), step=0, start_batch=0, end_batch=16
-    )
-    assert out["steps"] == 4 and len(reductions) == 4  # one all-reduce per update, not per micro-batch
+    _, state = train_epoch(parts, 16)
+    assert state.step == 4 and len(reductions) == 4  # one all-reduce per update, not per micro-batch
 
 
-def test_under_torchrun_the_stop_flag_is_agreed_every_sync_every_updates(monkeypatch):
-    calls = []
-    monkeypatch.setattr(distributed, "any_flag", lambda flag, device: calls.append(flag) or flag)
+def test_under_torchrun_the_stop_is_agreed_every_sync_every_updates_with_its_reason(monkeypatch):
+    asked, others = [], {"signal": 0.0, "deadline": 0.0}  # what the other process reports
 
-    class Parts:
-        ctx = distributed.Context(rank=0, world=2)
-        device = torch.device("cpu")
+    def agree(values, device):
+        asked.append(list(values))
+        mine = [float(v) for v in values]
+        theirs = [others["signal"], others["deadline"]][: len(mine)]
+        return [max(a, b) for a, b in zip(mine, theirs, strict=True)]
 
-    stop = type("Stop", (), {"signum": 0})()
-    deadline = type("Deadline", (), {"passed": lambda self: False})()
-    should_stop = engine._stopper(Parts(), train.StepSpec(num_classes=2, sync_every=25), stop, deadline)
-    results = [should_stop(step) for step in range(1, 101)]
-    assert len(calls) == 4 and not any(results)  # updates 25, 50, 75, 100
-    stop.signum = 2
-    assert not should_stop(101) and should_stop(125)  # every process stops at the same update
+    monkeypatch.setattr(distributed, "agree", agree)
+    cfg = parse_config(["--time_budget", "0"])
+    ctx = distributed.Context(rank=0, world=2)
+    clock = time_budget.Timekeeper(time_budget.Plan(100, 10, 10), cfg, TrainState(), 0.0, ctx, "cpu", 25)
+    try:
+        results = [clock.should_stop(step) for step in range(1, 101)]
+        assert len(asked) == 4 and not any(results)  # updates 25, 50, 75, 100: the only collectives
+        others["signal"] = 2.0  # Ctrl-C reached the other process only
+        assert not clock.should_stop(101) and clock.should_stop(125)  # both stop at the same update...
+        assert clock.signal == 2 and not clock.deadline_hit  # ...for the same reason: save and exit 130
+        others.update(signal=0.0, deadline=1.0)  # the other process's deadline passed
+        clock.signal = 0
+        assert clock.should_stop(150) and clock.deadline_hit and clock.signal == 0  # evaluate, then finish
+    finally:
+        clock.close()
 
 
 def test_sync_bn_keeps_timm_activations_which_torch_conversion_drops():
@@ -103,7 +116,7 @@ def test_sync_bn_keeps_timm_activations_which_torch_conversion_drops():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():  # in eval mode SyncBatchNorm needs no process group: outputs can be compared
         expected = model(x)
-        ours = engine.to_sync_batchnorm(copy.deepcopy(model)).eval()
+        ours = convert_sync_batchnorm(copy.deepcopy(model)).eval()  # timm's, which tin.build uses
         theirs = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
         assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in ours.modules())
         assert torch.allclose(ours(x), expected, atol=1e-5)
@@ -111,18 +124,26 @@ def test_sync_bn_keeps_timm_activations_which_torch_conversion_drops():
 
 
 def _broadcast_worker(rank: int, store: str, out: dict) -> None:
+    from types import SimpleNamespace
+
+    from timm.utils import ModelEmaV3
+
+    from tin import loop
+
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    bn = torch.nn.BatchNorm2d(3)
-    bn.running_mean.fill_(float(rank + 1))
-    distributed.broadcast_buffers(bn)
-    out[rank] = bn.running_mean.tolist()
+    model = torch.nn.BatchNorm2d(3)
+    ema = ModelEmaV3(model, decay=0.9)
+    model.running_mean.fill_(float(rank + 1))  # each process saw its own shard
+    ema.module.running_mean.fill_(float(10 * (rank + 1)))
+    loop.same_statistics(SimpleNamespace(model=model, ema=ema))
+    out[rank] = (model.running_mean.tolist(), ema.module.running_mean.tolist())
     dist.destroy_process_group()
 
 
-def test_batchnorm_statistics_come_from_rank_0_before_evaluation(tmp_path):
+def test_batchnorm_statistics_of_the_model_and_the_ema_come_from_rank_0_before_evaluation(tmp_path):
     out = mp.Manager().dict()
     mp.spawn(_broadcast_worker, args=(str(tmp_path / "store"), out), nprocs=2)
-    assert out[0] == out[1] == [1.0, 1.0, 1.0]
+    assert out[0] == out[1] == ([1.0, 1.0, 1.0], [10.0, 10.0, 10.0])  # as rank 0 saves them
 
 
 def test_checkpoints_keep_only_this_process_cuda_rng_and_resume_on_fewer_gpus(monkeypatch):

@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-import engine
 import main
 from conftest import FAST_RUN, ROOT, TIMING, WNIDS
+from tin import outputs
 from tin.outputs import make_run_dir
 from utils import UserError
 
@@ -33,7 +33,7 @@ def test_run_folder_is_complete(trained_run, tiny_data):
 
     metrics = _rows(trained_run / "metrics.csv")
     assert len(metrics) == 2 and [r["epoch"] for r in metrics] == ["1", "2"]
-    expected = [c for c in engine.METRIC_ORDER if not c.startswith("ema_")]  # every key of the rows, none dropped
+    expected = [c for c in outputs.METRIC_ORDER if not c.startswith("ema_")]  # every key of the rows, none dropped
     assert list(metrics[0]) == expected
     assert all(0 <= float(r["val_top1"]) <= float(r["val_top5"]) <= 100 for r in metrics)
     assert all(0 <= float(r["data_wait_fraction"]) <= 1 for r in metrics)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PINNED, ROOT, TIMING
+from conftest import PINNED, ROOT, TIMING, same_weights
 
 RUN = [
     *"--arch mobilenetv2_100 --img_size 32 --batch_size 8 --workers 0 --epochs 3 --lr_base 2e-3 --drop_rate 0.1 --drop_path_rate 0.1 --ema --ema_decay 0.9 --aug_schedule linear --wandb disabled --no_analysis".split(),
@@ -40,15 +40,6 @@ def _run_dir(out_dir: Path) -> Path | None:
 def _rows(run: Path) -> list[dict]:
     with open(run / "metrics.csv", newline="") as fh:
         return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(fh)]
-
-
-def _weights(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-
-
-def _same_weights(a: Path, b: Path) -> bool:
-    wa, wb = _weights(a), _weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def _reference(run, tiny_data, out):
@@ -111,8 +102,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(reference, tiny_data, 
     with open(tmp_path / "resume.log", "w") as log:
         assert _start(["--resume", str(run)], log).wait(300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     assert _rows(run) == _rows(reference)
-    assert _same_weights(run / "last.pth.tar", reference / "last.pth.tar")
-    assert _same_weights(run / "best.pth.tar", reference / "best.pth.tar")
+    assert same_weights(run / "last.pth.tar", reference / "last.pth.tar")
+    assert same_weights(run / "best.pth.tar", reference / "best.pth.tar")
     assert (run / "best_test_preds.csv").read_text() == (reference / "best_test_preds.csv").read_text()
     assert not list(run.glob(".*.tmp"))  # a write the kill cut short leaves nothing behind once resumed
 
@@ -129,7 +120,7 @@ def test_sigint_saves_mid_epoch_and_resumes_exactly(reference, tiny_data, tmp_pa
     with open(tmp_path / "resume.log", "w") as log:
         assert _start(["--resume", str(run), "--workers", "2"], log).wait(300) == 0
     assert _rows(run) == _rows(reference)
-    assert _same_weights(run / "last.pth.tar", reference / "last.pth.tar")
+    assert same_weights(run / "last.pth.tar", reference / "last.pth.tar")
 
 
 # the other augmentation backend (albumentations in the workers, seeded per image) and progressive
@@ -148,7 +139,7 @@ def test_sigkill_mid_epoch_resumes_exactly_with_albumentations_workers(tiny_data
     with open(tmp_path / "resume.log", "w") as log:
         assert _start(["--resume", str(run)], log).wait(300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     assert _rows(run) == _rows(reference)
-    assert _same_weights(run / "last.pth.tar", reference / "last.pth.tar")
+    assert same_weights(run / "last.pth.tar", reference / "last.pth.tar")
 
 
 def test_sigkill_mid_epoch_with_data_on_the_device_resumes_to_the_loader_paths_run(reference, tiny_data, tmp_path):
@@ -162,5 +153,5 @@ def test_sigkill_mid_epoch_with_data_on_the_device_resumes_to_the_loader_paths_r
         assert _start(["--resume", str(run)], log).wait(300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     assert "data on the device: on" in (run / "log.txt").read_text()
     assert _rows(run) == _rows(reference)
-    assert _same_weights(run / "last.pth.tar", reference / "last.pth.tar")
+    assert same_weights(run / "last.pth.tar", reference / "last.pth.tar")
     assert (run / "best_test_preds.csv").read_text() == (reference / "best_test_preds.csv").read_text()

@@ -15,7 +15,6 @@ import os
 import pickletools
 import random
 import shutil
-import signal
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -136,14 +135,14 @@ def _holds_code(path: Path, exc: Exception) -> bool:
         return False
 
 
-def make_checkpoint(parts, cfg_dict: dict, state: TrainState, plan) -> dict[str, Any]:
-    """`parts`: train.Parts (model, optimizer, scheduler, scaler, ema, loaders, runtime); `plan`:
-    time_budget.Plan (how many updates the run makes)."""
+def make_checkpoint(parts, scheduler, cfg_dict: dict, state: TrainState, plan) -> dict[str, Any]:
+    """Everything to resume `parts` (train.Parts) exactly: weights, optimizer, `scheduler`, scaler,
+    EMA, the position and history in `state`, `plan` (time_budget.Plan), every random state."""
     last = state.history[-1] if state.history and state.batch == 0 else {}
     return {
         "state_dict": parts.model.state_dict(),
         "optimizer": parts.optimizer.state_dict(),
-        "scheduler": parts.scheduler.state_dict(),
+        "scheduler": scheduler.state_dict(),
         "scaler": parts.scaler.state_dict(),
         "ema": parts.ema.state_dict() if parts.ema is not None else None,
         "epoch": state.epoch,
@@ -168,11 +167,12 @@ def make_checkpoint(parts, cfg_dict: dict, state: TrainState, plan) -> dict[str,
     }
 
 
-def restore(parts, ckpt: dict[str, Any]) -> TrainState:
-    """Load every piece of `ckpt` into `parts`; the caller restores the RNG last (set_rng_state)."""
+def restore(parts, scheduler, ckpt: dict[str, Any]) -> TrainState:
+    """Load every piece of `ckpt` into `parts` and `scheduler`; the caller restores the RNG last
+    (restore_rng)."""
     parts.model.load_state_dict(ckpt["state_dict"])
     parts.optimizer.load_state_dict(ckpt["optimizer"])
-    parts.scheduler.load_state_dict(ckpt["scheduler"])
+    scheduler.load_state_dict(ckpt["scheduler"])
     parts.scaler.load_state_dict(ckpt["scaler"])
     if parts.ema is not None and ckpt.get("ema") is not None:
         parts.ema.load_state_dict(ckpt["ema"])
@@ -192,6 +192,13 @@ def restore(parts, ckpt: dict[str, Any]) -> TrainState:
         finished=ckpt.get("finished", False),
         epoch_lr=ckpt.get("epoch_lr", (meters or {}).get("lr")),
     )
+
+
+def restore_rng(ckpt: dict[str, Any], ctx: distributed.Context) -> None:
+    """This process's random states from `ckpt` (its own when the process count is the same), last
+    of all: nothing may draw after it."""
+    rngs = ckpt.get("rng_all") or [ckpt["rng"]]
+    set_rng_state(rngs[ctx.rank] if len(rngs) == ctx.world else ckpt["rng"])
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -242,24 +249,6 @@ def write_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
             f"could not write {path} ({exc.strerror or exc}); the previous {path.name} is intact. "
             "Free disk space, then resume with --resume " + str(path.parent)
         ) from None
-
-
-class StopRequest:
-    """SIGINT/SIGTERM: finish the current update, save, exit. A second Ctrl-C stops at once."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        # os.write, not logging: a handler may interrupt a logging call that holds its lock
-        os.write(2, f"\n{signal.Signals(signum).name}: stopping after the current update (again to abort)\n".encode())
-
-    def restore(self) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
 
 
 def check_disk(run_dir: Path, model: torch.nn.Module, extra_copies: int = 0) -> None:

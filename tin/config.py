@@ -36,7 +36,8 @@ def _opt(help_text: str, *, default: Any, resume: bool = False, before: Any = No
     before=X:    runs saved before this field existed behaved as X (a resumed old run keeps it);
     flag=True:   a plain switch (--no_cache); other bools get --name / --no-name;
     onoff=True:  auto|on|off, with --name meaning on and --no-name off;
-    choices=...: the allowed values (taken from where they are implemented)."""
+    choices=...: the allowed values, or a function giving them, read where they are implemented
+                 (a dataset reader, a schedule, a backend added there is a choice at once)."""
     meta = {"help": help_text, "resume": resume, "before": before, **extra}
     if callable(default):
         return field(default_factory=default, metadata=meta)
@@ -77,7 +78,9 @@ class Config:
     )
     format: str = _opt("--list_archs output", default="table", choices=("table", "csv"), resume=True)
     # --- data and outputs ---
-    dataset: str = _opt("dataset format (see README: Other datasets)", default="tiny-imagenet", choices=tuple(READERS))
+    dataset: str = _opt(
+        "dataset format (see README: Other datasets)", default="tiny-imagenet", choices=lambda: tuple(READERS)
+    )
     data_dir: str = _opt("dataset root folder", default="data/tiny-imagenet-200", resume=True)
     cache_dir: str = _opt("where the decode-once cache goes (default: DATA_DIR/.cache)", default="", resume=True)
     no_cache: bool = _opt("decode image files every epoch instead of once", default=False, flag=True, resume=True)
@@ -122,7 +125,9 @@ class Config:
     lr_scale_batch: int = _opt(
         "linear scaling rule: lr = lr_base * global batch / N (0 = use lr_base as given)", default=0
     )
-    sched: str = _opt("learning-rate schedule, updated every step", default="cosine", choices=tuple(optim.SCHEDULES))
+    sched: str = _opt(
+        "learning-rate schedule, updated every step", default="cosine", choices=lambda: tuple(optim.SCHEDULES)
+    )
     warmup_epochs: float | None = _opt(
         "linear learning-rate warm-up before the schedule; auto = from the recipe table", default=None
     )
@@ -168,10 +173,12 @@ class Config:
         "torch: the recipe on whole batches on the device (faster, see README: Speed); albumentations: per "
         "image in the loader workers",
         default="torch",
-        choices=tuple(batch_manager.AUG_BACKENDS),
+        choices=lambda: tuple(batch_manager.AUG_BACKENDS),
         before="albumentations",
     )
-    aug_schedule: str = _opt("how s grows over the run", default="cosine", choices=tuple(transforms.AUG_SCHEDULES))
+    aug_schedule: str = _opt(
+        "how s grows over the run", default="cosine", choices=lambda: tuple(transforms.AUG_SCHEDULES)
+    )
     aug_strength: float = _opt("s for --aug_schedule constant; the ceiling for the others", default=1.0)
     aug_ops: str = _opt(
         'per-op changes to the augmentation recipe, "op.param=value,...", e.g. "flip.p=0,affine.rotate=30" '
@@ -238,6 +245,18 @@ class Config:
     def eval_px(self) -> int:
         """The resolution val and test images are evaluated at."""
         return self.eval_size or self.img_size
+
+    def milestone_epochs(self) -> list[float]:
+        """--milestones '30,60' -> [30.0, 60.0] (epochs, ascending)."""
+        try:
+            values = [float(v) for v in self.milestones.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(
+                f"--milestones must be comma-separated epochs like 30,60,80 (got {self.milestones!r})"
+            ) from None
+        if values != sorted(values) or any(v <= 0 for v in values):
+            raise UserError(f"--milestones must be positive and ascending (got {self.milestones!r})")
+        return values
 
     def recipe(self) -> dict[str, dict[str, float]]:
         """The augmentation recipe table with --randaugment and --aug_ops applied (transforms.RECIPE)."""
@@ -330,7 +349,7 @@ def validate(cfg: Config) -> Config:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    milestones(cfg)
+    cfg.milestone_epochs()
     if cfg.aug_backend == "albumentations":
         transforms.require_albumentations()  # installed? (optional: the torch backend needs none)
     try:
@@ -340,18 +359,13 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def milestones(cfg: Config) -> list[float]:
-    """--milestones '30,60' -> [30.0, 60.0] (epochs, ascending)."""
-    try:
-        values = [float(v) for v in cfg.milestones.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--milestones must be comma-separated epochs like 30,60,80 (got {cfg.milestones!r})") from None
-    if values != sorted(values) or any(v <= 0 for v in values):
-        raise UserError(f"--milestones must be positive and ascending (got {cfg.milestones!r})")
-    return values
-
-
 # --------------------------------------------------------------------------- argparse from the fields
+def _choices(f: dataclasses.Field) -> tuple | None:
+    """A field's allowed values (None: any), computed now when declared as a function."""
+    choices = f.metadata.get("choices")
+    return tuple(choices()) if callable(choices) else choices
+
+
 def _base_type(f: dataclasses.Field) -> str:
     """'float | None' -> 'float' (None stands for auto)."""
     return str(f.type).replace(" | None", "")
@@ -378,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         meta, name = f.metadata, f"--{f.name}"
         kwargs: dict[str, Any] = {"default": "auto" if default is None else default, "help": meta["help"]}
         if meta.get("onoff"):  # --amp [auto|on|off], --amp = on, --no-amp = off
-            parser.add_argument(name, nargs="?", const="on", choices=meta["choices"], **kwargs)
+            parser.add_argument(name, nargs="?", const="on", choices=_choices(f), **kwargs)
             parser.add_argument(
                 f"--no-{f.name}",
                 dest=f.name,
@@ -395,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
             kind = {"int": int, "float": float, "str": str}[_base_type(f)]
             kwargs["type"] = _auto_number(kind) if default is None else kind
             if "choices" in meta:
-                kwargs["choices"] = meta["choices"]
+                kwargs["choices"] = _choices(f)
         parser.add_argument(name, **kwargs)
     return parser
 
@@ -422,7 +436,7 @@ def load_yaml_defaults(path: str) -> dict[str, Any]:
         raise UserError(f"config file {p}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
     for key, value in data.items():
         data[key] = _coerce(p, key, value, known[key])
-        choices = known[key].metadata.get("choices")
+        choices = _choices(known[key])
         if choices is not None and data[key] not in choices:
             raise UserError(f"config file {p}: {key} must be one of {list(choices)}, got {value!r}")
     return data

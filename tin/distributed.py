@@ -137,12 +137,13 @@ def interleave(parts: list[list[Any]]) -> list[Any]:
     return out
 
 
-def any_flag(flag: bool, device: torch.device) -> bool:
-    """True on every process when any process raised `flag` (all stop at the same update)."""
+def agree(values: list[float], device: torch.device) -> list[float]:
+    """The largest of each value across processes, on every process: one small all-reduce (and one
+    read of the device), so that all take the same decision — stop, and why. Unchanged with one
+    process."""
     if not active():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(all_reduce_(t, "max").item())
+        return [float(v) for v in values]
+    return all_reduce_(torch.tensor([float(v) for v in values], device=device), "max").tolist()
 
 
 def shutdown() -> None:

@@ -77,8 +77,7 @@ def build_scheduler(
     """timm scheduler counted in optimizer updates (call ``step_update(n)``) over a run of
     `total_updates`; the warm-up is linear from lr/1000 and comes before the schedule proper."""
     warmup = int(round(warmup_epochs * updates_per_epoch))
-    group = optimizer.param_groups[0]
-    lr = group.get("initial_lr", group["lr"])  # a scheduler built before (then re-planned) moved "lr"
+    lr = optimizer.param_groups[0]["lr"]
     common = {"warmup_t": warmup, "warmup_lr_init": lr * 1e-3, "warmup_prefix": True, "t_in_epochs": False}
     options = {"min_lr": min_lr, "step_size": step_size, "gamma": gamma, "milestones": milestones or []}
     base = SCHEDULES[sched](optimizer, total_updates - warmup, updates_per_epoch, common, options)

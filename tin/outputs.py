@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import sys
@@ -17,6 +18,139 @@ log = logging.getLogger("tin")
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DEFAULT_WANDB_PROJECT = "tiny-imagenet-200"
+
+
+# metrics.csv lists these first, then every other key the rows carry (in order of appearance)
+METRIC_ORDER = [
+    "epoch",
+    "lr",
+    "aug_strength",
+    "train_size",
+    "train_loss",
+    "train_top1",
+    "train_top5",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "ema_val_loss",
+    "ema_val_top1",
+    "ema_val_top5",
+    "epoch_seconds",
+    "train_seconds",
+    "images_per_second",
+    "data_wait_fraction",
+    "wall_seconds",
+]
+
+
+# --------------------------------------------------------------------------- the run's console story
+def announce(run) -> None:
+    """The run's first line after set-up: its folder, model, data and device."""
+    data, p = run.parts.loaders.data, run.parts
+    log.info(
+        "run folder %s | %s, %.2fM params, %d classes | train %d, val %d, test %d images | %s, %s",
+        run.run_dir,
+        run.cfg.arch,
+        run.params / 1e6,
+        len(data.classes),
+        len(data.train),
+        len(data.val or []),
+        len(data.test or []),
+        p.device,
+        p.runtime.reason,
+    )
+    if p.loaders.test is None:
+        log.info("this dataset has no unlabelled test split: no best_test_preds.csv will be written")
+    if run.state.finished:
+        log.info("this run has already finished (%d epochs); nothing left to train", run.state.epoch)
+
+
+def log_epoch(run, row: dict, improved: bool) -> None:
+    """One metrics row to every sink, one line to the log, and why training ends, if it does."""
+    for sink in run.sinks:
+        sink.log(row)
+    plan = run.clock.plan
+    log.info("epoch %d/%s  %s%s", row["epoch"], epochs_text(plan), summary(row), "  *best*" if improved else "")
+    if run.clock.deadline_hit:
+        log.warning(
+            "--time_budget: training stopped at update %d of the %d planned, to finish on time (the last epoch "
+            "ran slower than planned)",
+            run.state.step,
+            plan.updates,
+        )
+    elif run.state.finished and row["epoch"] < plan.n_epochs:
+        log.info(
+            "early stop: no better val top-1 for %d evaluations (--patience %d)", run.state.bad_epochs, run.cfg.patience
+        )
+
+
+def epochs_text(plan) -> str:
+    return f"{plan.n_epochs}" if plan.updates % plan.updates_per_epoch == 0 else f"{plan.epochs:.2f}"
+
+
+_SHOWN = {  # the log line's figures, in this order; any other key of the row follows as "key value"
+    "lr": "lr {:.2e}",
+    "aug_strength": "s {:.2f}",
+    "train_size": "{}px |",
+    "train_loss": "train loss {:.3f}",
+    "train_top1": "top-1 {:.2f}% |",
+    "val_loss": "val loss {:.3f}",
+    "val_top1": "top-1 {:.2f}%",
+    "val_top5": "top-5 {:.2f}% |",
+    "ema_val_top1": "EMA top-1 {:.2f}% |",
+    "epoch_seconds": "{:.0f}s,",
+    "images_per_second": "{:.0f} img/s,",
+}
+_QUIET = {"epoch", "train_top5", "ema_val_loss", "ema_val_top5", "train_seconds", "wall_seconds", "data_wait_fraction"}
+
+
+def summary(row: dict) -> str:
+    """The epoch's log line: the usual figures, then every other figure the row carries."""
+    parts = [fmt.format(row[k]) for k, fmt in _SHOWN.items() if k in row]
+    parts.append(f"data wait {100 * row.get('data_wait_fraction', 0.0):.1f}%")
+    extra = [k for k in row if k not in _SHOWN and k not in _QUIET]
+    parts += [f"{k} {row[k]:.4g}" if isinstance(row[k], float) else f"{k} {row[k]}" for k in extra]
+    return " ".join(parts)
+
+
+def write_results(run, row: dict) -> None:
+    """best_results.json: the best epoch's figures, the run's length and time, where it ran."""
+    plan, state = run.clock.plan, run.state
+    results = {
+        "arch": run.cfg.arch,
+        "params": run.params,
+        "gflops": round(run.gflops, 4),
+        **state.best,
+        "epochs_run": state.epoch,
+        "updates": state.step,
+        "wall_time_seconds": round(row["wall_seconds"], 2),
+        **(
+            {
+                "time_budget_seconds": plan.budget_s,
+                "planned_updates": plan.updates,
+                "planned_epochs": round(plan.epochs, 3),
+                "first_planned_updates": plan.schedule_updates,
+                "slowness": plan.slowness,
+            }
+            if plan.budget_s
+            else {}
+        ),
+        "runtime": run.parts.runtime.to_dict(),
+    }
+    tmp = run.run_dir / "best_results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(run.run_dir / "best_results.json")
+
+
+def log_done(run) -> None:
+    b, plan = run.state.best, run.clock.plan
+    final = "trained on train + val (no val metrics)"
+    if b.get("val_top1") is not None:
+        final = f"best val top-1 {b['val_top1']:.2f}% (top-5 {b['val_top5']:.2f}%) at epoch {b['best_epoch']}"
+    has_test = run.parts.loaders.test is not None
+    out = f"submit {run.run_dir / 'best_test_preds.csv'}" if has_test else f"weights in {run.run_dir}"
+    within = f" (--time_budget {plan.budget_s:.0f}s)" if plan.budget_s else ""
+    log.info("done: %s in %.0fs%s | %s", final, run.clock.elapsed(), within, out)
 
 
 # --------------------------------------------------------------------------- run folder and logging

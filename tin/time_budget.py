@@ -1,16 +1,19 @@
-"""The run's plan: how many optimizer updates it makes, and --time_budget, which sizes that
-number to minutes of wall clock on this machine.
+"""The run's plan and when it stops: how many optimizer updates it makes, --time_budget (which sizes
+that number to minutes of wall clock on this machine), and the stop decisions the loop asks for.
 
 Without a budget the plan is `--epochs` whole epochs. With `--time_budget M`, the run first
-measures itself on this machine (``measure_costs``): seconds per update through the real
-trainer at each training size of the progressive-resizing schedule, seconds per evaluation
-(val, EMA, TTA), per checkpoint and per test prediction. ``plan_updates`` then simulates the
-whole timeline and takes the most updates whose predicted finish, final predictions included,
-fits the minutes left. The LR schedule, the augmentation strength and the training size all
-follow the plan (its epoch count may be fractional: the last epoch is cut short). The plan is
-stored in every checkpoint, so a resumed run follows it exactly; a ``Deadline`` stops training
-early, at an update boundary, if the machine turns out slower than measured, leaving time for
-the final evaluation and predictions.
+measures itself on this machine (``measure_costs``): seconds per update through the real step at
+each training size of the progressive-resizing schedule, seconds per evaluation (val, EMA, TTA),
+per checkpoint and per test prediction. ``plan_updates`` then simulates the whole timeline and takes
+the most updates whose predicted finish, final predictions included, fits the minutes left. The LR
+schedule, the augmentation strength and the training size all follow the plan (its epoch count may
+be fractional: the last epoch is cut short). The plan is stored in every checkpoint, so a resumed
+run follows it exactly.
+
+The loop asks one object, ``Timekeeper``: at each epoch's start it re-plans when the machine trains
+at another speed than measured (each training size's time per update as observed here; sizes not
+seen yet scaled by the drift seen so far); between updates ``should_stop`` says whether a signal
+(Ctrl-C, SIGTERM) or the deadline ends the epoch — under torchrun, the same answer on every process.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import copy
 import dataclasses
 import logging
 import math
+import os
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,7 +35,9 @@ import torch
 import train
 import transforms
 import val
-from tin import checkpoint
+from tin import checkpoint, distributed
+from tin.checkpoint import TrainState
+from utils import UserError
 
 log = logging.getLogger("tin")
 
@@ -100,8 +107,10 @@ def evaluated(epoch: int, epochs: float, eval_every: int) -> bool:
     return last or (eval_every > 0 and (epoch + 1) % eval_every == 0)
 
 
-def epochs_plan(epochs: int, updates_per_epoch: int, batches_per_epoch: int, accum_steps: int) -> Plan:
-    return Plan(epochs * updates_per_epoch, updates_per_epoch, batches_per_epoch, accum_steps)
+def epochs_plan(epochs: int, batches: int, accum_steps: int) -> Plan:
+    """--epochs whole epochs of `batches` batches (the plan without a budget)."""
+    upe = math.ceil(batches / accum_steps)
+    return Plan(epochs * upe, upe, batches, accum_steps)
 
 
 def predicted_seconds(
@@ -118,7 +127,9 @@ def predicted_seconds(
     epochs = updates / upe
     total = 0.0 if test_every_epoch else costs.test_s
     for e in range(from_epoch, math.ceil(epochs)):
-        total += _epoch_seconds(e, updates, upe, costs, size_at, test_every_epoch, eval_every)
+        total += _training_seconds(e, updates, upe, costs, size_at) + costs.epoch_end_s
+        if evaluated(e, epochs, eval_every):
+            total += costs.eval_s + (costs.test_s if test_every_epoch else 0.0)
     return total
 
 
@@ -126,16 +137,6 @@ def _training_seconds(e: int, updates: int, upe: int, costs: Costs, size_at) -> 
     """Epoch e's training alone (its start and its updates at its size) in a plan of `updates`."""
     k = min(upe, updates - e * upe)
     return costs.epoch_start_s + k * costs.update_s[size_at(e, updates / upe)]
-
-
-def _epoch_seconds(
-    e: int, updates: int, upe: int, costs: Costs, size_at, test_every_epoch: bool, eval_every: int
-) -> float:
-    epochs = updates / upe
-    seconds = _training_seconds(e, updates, upe, costs, size_at) + costs.epoch_end_s
-    if evaluated(e, epochs, eval_every):
-        seconds += costs.eval_s + (costs.test_s if test_every_epoch else 0.0)
-    return seconds
 
 
 def plan_updates(
@@ -169,93 +170,90 @@ def plan_updates(
 
 # --------------------------------------------------------------------------- measuring the run on this machine
 def measure_costs(
-    p: train.Parts,
-    spec: train.StepSpec,
-    sizes: list[int],
-    *,
-    ema: bool,
-    tta: bool,
-    test_images: int,
-    warmup: int = 3,
-    timed: int = 5,
+    parts: train.Parts, sizes: list[int], *, ema: bool, tta: bool, test_images: int, warmup: int = 3, timed: int = 5
 ) -> Costs:
-    """Time the real trainer at each size (warm-up, then `timed` updates), an evaluation and a
-    checkpoint, then put every piece of state back: the run afterwards is exactly the run
-    it would have been without the measurement."""
-    saved = _snapshot(p)
+    """Time the real step at each size (warm-up, then `timed` updates, timed from the first batch's
+    arrival: the loader's start is an epoch's, not an update's), an evaluation and a checkpoint,
+    then put every piece of state back: the run afterwards is exactly the run it would have been
+    without the measurement."""
+    saved = _snapshot(parts)
     try:
         update_s, starts = {}, []
         for size in sorted(set(sizes)):
-            p.loaders.set_epoch(0, 1.0, start_batch=0, size=size)  # full strength: the dearest augmentation
-            if p.mixer is not None:
-                p.mixer.set_strength(1.0)
-            first = _train(p, spec, warmup)
-            starts.append(first["data_wait_fraction"] * first["train_seconds"])
-            update_s[size] = _train(p, spec, timed)["train_seconds"] / timed
-        per_image = _inference_seconds_per_image(p, tta)
-        n_val = len(p.loaders.data.val) if p.loaders.val is not None else 0
-        checkpoint_s = _checkpoint_seconds(p)
+            _train(parts, warmup, size)
+            stats = _train(parts, timed, size)
+            starts.append(stats["first_batch_seconds"])
+            update_s[size] = (stats["train_seconds"] - stats["first_batch_seconds"]) / timed
+        per_image = _inference_seconds_per_image(parts, tta)
+        n_val = len(parts.loaders.data.val) if parts.loaders.val is not None else 0
+        checkpoint_s = _checkpoint_seconds(parts)
     finally:
-        _restore(p, saved)
-    evals = n_val * per_image * (2 if ema else 1)
+        _restore(parts, saved)
     return Costs(
         update_s,
-        eval_s=evals,
+        eval_s=n_val * per_image * (2 if ema else 1),
         epoch_end_s=2 * checkpoint_s,
         test_s=test_images * per_image,
-        epoch_start_s=min(starts) if starts else 0.0,
+        epoch_start_s=sorted(starts)[len(starts) // 2] if starts else 0.0,
     )
 
 
-def _train(p: train.Parts, spec: train.StepSpec, updates: int) -> dict:
-    return train.train_one_epoch(p, spec, step=0, start_batch=0, end_batch=updates * spec.accum_steps, desc="measuring")
+def _train(parts: train.Parts, updates: int, size: int) -> dict:
+    """`updates` updates at `size` and full strength (the dearest augmentation), no schedule."""
+    return train.train_one_epoch(
+        parts,
+        None,
+        TrainState(),
+        epoch=0,
+        end_batch=updates * parts.accum_steps,
+        strength=1.0,
+        size=size,
+        desc="measuring",
+    )
 
 
-def _inference_seconds_per_image(p: train.Parts, tta: bool, batches: int = 4) -> float:
-    loader = p.loaders.val if p.loaders.val is not None else p.loaders.test
+def _inference_seconds_per_image(parts: train.Parts, tta: bool, batches: int = 4) -> float:
+    loader = parts.loaders.val if parts.loaders.val is not None else parts.loaders.test
     if loader is None:
         return 0.0
     seen, start = 0, None
-    evaluated = val.batches(p.model, loader, p.normalize, p.device, p.amp_dtype, "measuring", tta)
-    for i, (_, labels) in enumerate(evaluated):
+    amp = parts.runtime.amp_dtype
+    for i, (_, labels, _) in enumerate(val.forward(parts.model, loader, parts.normalize, parts.device, amp, tta)):
         if i == 0:  # the first batch warms up; time the rest
-            _sync(p.device)
+            _sync(parts.device)
             start = clock()
             continue
         seen += labels.shape[0]
         if i == batches:
             break
-    _sync(p.device)
+    _sync(parts.device)
     return (clock() - start) / seen if seen else 0.0
 
 
-def _checkpoint_seconds(p: train.Parts) -> float:
+def _checkpoint_seconds(parts: train.Parts) -> float:
     start = clock()
-    ckpt = {"state_dict": p.model.state_dict(), "optimizer": p.optimizer.state_dict()}
+    ckpt = {"state_dict": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict()}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint.write_checkpoint(ckpt, Path(tmp) / "probe.pth.tar")
     return clock() - start
 
 
-def _snapshot(p: train.Parts) -> dict:
+def _snapshot(parts: train.Parts) -> dict:
     return {
-        "model": copy.deepcopy(p.model.state_dict()),
-        "optimizer": copy.deepcopy(p.optimizer.state_dict()),
-        "scheduler": p.scheduler.state_dict(),
-        "scaler": p.scaler.state_dict(),
-        "ema": copy.deepcopy(p.ema.state_dict()) if p.ema is not None else None,
+        "model": copy.deepcopy(parts.model.state_dict()),
+        "optimizer": copy.deepcopy(parts.optimizer.state_dict()),
+        "scaler": parts.scaler.state_dict(),
+        "ema": copy.deepcopy(parts.ema.state_dict()) if parts.ema is not None else None,
         "rng": checkpoint.rng_state(),
     }
 
 
-def _restore(p: train.Parts, s: dict) -> None:
-    p.model.load_state_dict(s["model"])
-    p.optimizer.load_state_dict(s["optimizer"])
-    p.scheduler.load_state_dict(s["scheduler"])
-    p.scheduler.step_update(num_updates=0)
-    p.scaler.load_state_dict(s["scaler"])
-    if p.ema is not None:
-        p.ema.load_state_dict(s["ema"])
+def _restore(parts: train.Parts, s: dict) -> None:
+    parts.model.load_state_dict(s["model"])
+    parts.optimizer.load_state_dict(s["optimizer"])
+    parts.scaler.load_state_dict(s["scaler"])
+    if parts.ema is not None:
+        parts.ema.load_state_dict(s["ema"])
     checkpoint.set_rng_state(s["rng"])
 
 
@@ -264,48 +262,53 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# --------------------------------------------------------------------------- the plan for a budgeted run
-def make_plan(
-    p: train.Parts,
-    spec: train.StepSpec,
-    base: Plan,
-    *,
-    minutes: float,
-    elapsed_s: float,
-    size_at: Callable[[int, float], int],
-    ema: bool,
-    tta: bool,
-    test_every_epoch: bool,
-    eval_every: int = 1,
-) -> Plan:
-    """Measure, then size `base` (the --epochs plan, an upper bound) to the minutes left."""
-    budget = minutes * 60.0
-    start = clock()
+# --------------------------------------------------------------------------- planning
+def size_schedule(img_size: int, min_size: int, until: float) -> Callable[[int, float], int]:
+    def size_at(epoch: int, epochs: float) -> int:
+        return transforms.train_size_at(epoch, epochs, img_size, min_size, until)
+
+    return size_at
+
+
+def plan_run(cfg, parts: train.Parts, elapsed_s: float) -> Plan:
+    """A new run's plan: --epochs whole epochs of this process's share of the data, or, with
+    --time_budget, the most of them that fit the minutes left here (measured on `parts`, which are
+    left as they were)."""
+    full = parts.loaders.train.sampler.num_samples // cfg.batch_size
+    base = epochs_plan(cfg.epochs, min(full, cfg.steps_per_epoch) if cfg.steps_per_epoch else full, cfg.accum_steps)
+    if not cfg.time_budget:
+        return base
+    size_at = size_schedule(cfg.img_size, cfg.min_img_size, cfg.resize_until)
+    budget, start = cfg.time_budget * 60.0, clock()
     sizes = sorted({size_at(e, base.epochs) for e in range(base.n_epochs)})
-    test_images = len(p.loaders.data.test) if p.loaders.test is not None else 0
-    costs = measure_costs(p, spec, sizes, ema=ema, tta=tta, test_images=test_images)
+    test_images = len(parts.loaders.data.test) if parts.loaders.test is not None else 0
+    costs = measure_costs(parts, sizes, ema=cfg.ema, tta=cfg.tta, test_images=test_images)
     left = budget * (1 - MARGIN) - elapsed_s - (clock() - start)
+    test_every_epoch = cfg.test_preds == "best"
     updates, predicted = plan_updates(
-        left, base.updates_per_epoch, base.updates, costs, size_at, test_every_epoch, eval_every
+        left, base.updates_per_epoch, base.updates, costs, size_at, test_every_epoch, cfg.eval_every
     )
     if updates < 1:
-        raise_too_short(minutes, costs, elapsed_s + clock() - start)
-    plan = Plan(
-        updates,
-        base.updates_per_epoch,
-        base.batches_per_epoch,
-        base.accum_steps,
+        one = min(costs.update_s.values()) + costs.epoch_end_s + costs.eval_s + costs.test_s
+        raise UserError(
+            f"--time_budget {cfg.time_budget:g} min leaves no time to train: {elapsed_s + clock() - start:.0f} s went "
+            f"on start-up and measuring, and one update with its evaluation takes {one:.0f} s here; give more minutes"
+        )
+    plan = dataclasses.replace(
+        base,
+        updates=updates,
         budget_s=budget,
         predicted_s=round(predicted, 2),
         costs=_costs_dict(costs),
+        schedule_updates=updates,
         max_updates=base.updates,
     )
     per_update = ", ".join(f"{s}px {1000 * t:.0f} ms" for s, t in costs.update_s.items())
     log.info(
         "--time_budget %.4g min: measured %s per update, %.1f s per evaluation, %.1f s of checkpoints per epoch, "
-        "%.1f s per test prediction; "
-        "plan: %d updates = %.2f epochs%s, predicted %.0f s of training and evaluation + %.0f s spent so far",
-        minutes,
+        "%.1f s per test prediction; plan: %d updates = %.2f epochs%s, predicted %.0f s of training and "
+        "evaluation + %.0f s spent so far",
+        cfg.time_budget,
         per_update,
         costs.eval_s,
         costs.epoch_end_s,
@@ -324,35 +327,30 @@ def replan(
     *,
     step: int,
     elapsed_s: float,
-    window: tuple[int, float],
-    trained_s: float,
+    observed: dict[int, tuple[float, int]],
     size_at: Callable[[int, float], int],
     test_every_epoch: bool,
     eval_every: int,
 ) -> Plan:
-    """At an epoch start of a budgeted run: how much slower (or faster) than measured at the start
-    has the machine trained since `window` = (update, elapsed seconds) a whole number of epochs ago
-    (`trained_s`: the seconds spent in those epochs' training, against the measured seconds per
-    update)? With that speed for everything that is left, the most updates that still fit the
-    budget (never beyond --epochs; never fewer than one more: then the deadline ends the run).
-    Returns the plan, re-planned when its length changes by more than REPLAN_THRESHOLD; the caller
-    stretches the LR schedule (optim.Stretchable)."""
+    """At an epoch start of a budgeted run, from `observed` {size: (seconds, updates)} trained at each
+    size in this process: each observed size's time per update is what it took here; a size not seen
+    yet keeps its measurement, scaled by the drift seen so far (observed seconds / measured seconds
+    of the same updates, the plan's `slowness`). Evaluations, checkpoints and test predictions are
+    taken to have slowed as training did, never to have sped up. Returns the plan with the most
+    updates that still fit the budget (never beyond --epochs, never fewer than those done: the
+    deadline then ends the run), or the same plan when its length would change by no more than
+    REPLAN_THRESHOLD — so a steady machine keeps its plan, and a resumed run repeats an
+    uninterrupted one exactly. The caller stretches the LR schedule (optim.Stretchable)."""
     costs, upe = costs_from_dict(plan.costs), plan.updates_per_epoch
-    expected = sum(
-        _training_seconds(e, plan.updates, upe, costs, size_at) for e in range(window[0] // upe, step // upe)
-    )
-    if expected <= 0 or trained_s <= 0:
+    seen = {s: o for s, o in observed.items() if o[1] > 0 and s in costs.update_s}
+    expected = sum(n * costs.update_s[s] for s, (_, n) in seen.items())
+    if expected <= 0:
         return plan
-    slowness = trained_s / expected
-    # what was not measured again (evaluation, checkpoints, test predictions) is taken to have slowed
-    # as training did, never to have sped up: a faster machine must not spend its last evaluation's time
+    slowness = sum(t for t, _ in seen.values()) / expected
     worse = max(slowness, 1.0)
+    update_s = {s: (seen[s][0] / seen[s][1] if s in seen else t * slowness) for s, t in costs.update_s.items()}
     scaled = Costs(
-        {k: v * slowness for k, v in costs.update_s.items()},
-        costs.epoch_end_s * worse,
-        costs.test_s * worse,
-        costs.epoch_start_s * worse,
-        costs.eval_s * worse,
+        update_s, costs.epoch_end_s * worse, costs.test_s * worse, costs.epoch_start_s * worse, costs.eval_s * worse
     )
     left = plan.budget_s * (1 - MARGIN) - elapsed_s
     updates, predicted = plan_updates(
@@ -375,16 +373,6 @@ def costs_from_dict(d: dict) -> Costs:
     )
 
 
-def raise_too_short(minutes: float, costs: Costs, spent: float) -> None:
-    from utils import UserError
-
-    one = min(costs.update_s.values()) + costs.epoch_end_s + costs.eval_s + costs.test_s
-    raise UserError(
-        f"--time_budget {minutes:g} min leaves no time to train: {spent:.0f} s went on start-up and "
-        f"measuring, and one update with its evaluation takes {one:.0f} s here; give more minutes"
-    )
-
-
 def _costs_dict(c: Costs) -> dict:
     return {
         "update_s": {int(k): round(v, 5) for k, v in c.update_s.items()},
@@ -395,10 +383,29 @@ def _costs_dict(c: Costs) -> dict:
     }
 
 
+# --------------------------------------------------------------------------- stopping
+class StopRequest:
+    """SIGINT/SIGTERM: finish the current update, save, exit. A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # os.write, not logging: a handler may interrupt a logging call that holds its lock
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after the current update (again to abort)\n".encode())
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
 class Deadline:
-    """Stops training when the rest would not fit: at `start + budget` minus what must still
-    happen after training (an evaluation, checkpoints, the test prediction). `elapsed_s` is the
-    run's time before this process (a resumed run)."""
+    """When the rest would not fit: `start + budget` minus what must still happen after training
+    (an evaluation, checkpoints, the test prediction). `elapsed_s`: the run's time before this
+    process (a resumed run)."""
 
     def __init__(self, plan: Plan, elapsed_s: float) -> None:
         c = plan.costs
@@ -406,7 +413,6 @@ class Deadline:
         self.end = clock() - elapsed_s + plan.budget_s
         self.base_reserve = sum(c.get(k, 0.0) for k in ("epoch_end_s", "eval_s", "test_s")) if self.enabled else 0.0
         self.reserve = self.base_reserve * max(plan.slowness, 1.0)
-        self.hit = False
         self.last, self.interval = None, 0.0  # the previous check, and the time between the last two
 
     def epoch_start(self) -> None:
@@ -424,16 +430,92 @@ class Deadline:
         if self.last is not None:
             self.interval = now - self.last
         self.last = now
-        if self.enabled and not self.hit and now + self.interval > self.end - self.reserve:
-            self.hit = True
-        return self.hit
-
-    def left(self) -> float:
-        return self.end - clock()
+        return self.enabled and now + self.interval > self.end - self.reserve
 
 
-def size_schedule(img_size: int, min_size: int, until: float) -> Callable[[int, float], int]:
-    def size_at(epoch: int, epochs: float) -> int:
-        return transforms.train_size_at(epoch, epochs, img_size, min_size, until)
+class Timekeeper:
+    """The time side of the loop, behind one object: the plan (re-planned at epoch starts), the
+    deadline, and `should_stop(step)` — a signal or the deadline. Under torchrun every process asks
+    at the same updates (every sync_every) and all get the same answer and the same reason, so they
+    stop together and call the same collectives afterwards. `signal` and `deadline_hit` hold the
+    agreed reason."""
 
-    return size_at
+    def __init__(self, plan: Plan, cfg, state: TrainState, started: float, ctx, device, sync_every: int) -> None:
+        self.plan, self.ctx, self.device, self.sync_every = plan, ctx, device, sync_every
+        self.origin = started - state.elapsed_s  # the run's time 0, across resumes
+        self.deadline = Deadline(plan, clock() - self.origin)
+        self.size_at = size_schedule(cfg.img_size, cfg.min_img_size, cfg.resize_until)
+        self.test_every_epoch, self.eval_every = cfg.test_preds == "best", cfg.eval_every
+        self.signals = StopRequest()
+        self.signal, self.deadline_hit = 0, False
+        self.observed: dict[int, tuple[float, int]] = {}  # size -> (seconds, updates) trained in this process
+        self.wanted_more = False  # the last re-plan would have lengthened the plan
+        self.epoch_started = clock()
+
+    def elapsed(self) -> float:
+        return clock() - self.origin
+
+    def epoch_start(self, state: TrainState, scheduler) -> None:
+        """--time_budget: re-plan from what this process has seen so far (rank 0 decides for all); the
+        schedule stretches or squeezes to end with the new plan. Shorter at once, when the rest would
+        not fit; longer only when two epoch starts in a row call for it (a start-up measurement a few
+        per cent off at one size is no reason to stretch the schedule back and forth)."""
+        if self.plan.budget_s and self.observed and state.batch == 0:
+            new = distributed.broadcast(
+                replan(
+                    self.plan,
+                    step=state.step,
+                    elapsed_s=self.elapsed(),
+                    observed=self.observed,
+                    size_at=self.size_at,
+                    test_every_epoch=self.test_every_epoch,
+                    eval_every=self.eval_every,
+                )
+            )
+            wants_more = new.updates > self.plan.updates
+            if wants_more and not self.wanted_more:  # longer only on a lasting drift: two epoch starts in a row
+                new = dataclasses.replace(self.plan, slowness=new.slowness)
+            self.wanted_more = wants_more and new.updates == self.plan.updates  # asked, not granted yet
+            self.deadline.slower(new.slowness)
+            if new.updates != self.plan.updates:
+                scheduler.replan(state.step, new.updates)
+                log.info(
+                    "--time_budget: this machine trains at %.2fx the measured time per update; re-planned to %d "
+                    "updates = %.2f epochs (was %d)",
+                    new.slowness,
+                    new.updates,
+                    new.epochs,
+                    self.plan.updates,
+                )
+            self.plan = new
+        self.deadline.epoch_start()
+        self.epoch_started = clock()
+
+    def epoch_trained(self, size: int, updates: int) -> None:
+        """Record the epoch's training time at `size` (from epoch_start, less the loader's start as
+        measured) for the next re-plan."""
+        seconds = (
+            clock() - self.epoch_started - costs_from_dict(self.plan.costs).epoch_start_s if self.plan.costs else 0.0
+        )
+        if updates > 0 and seconds > 0:
+            t, n = self.observed.get(size, (0.0, 0))
+            self.observed[size] = (t + seconds, n + updates)
+
+    def should_stop(self, step: int) -> bool:
+        """Asked after every update: a signal or the deadline (under torchrun, agreed every
+        sync_every updates and never in between)."""
+        if self.ctx.enabled and step % self.sync_every:
+            return False
+        self.signal, hit = (
+            int(v) for v in distributed.agree([self.signals.signum, self.deadline.passed()], self.device)
+        )
+        self.deadline_hit = self.deadline_hit or bool(hit)
+        return bool(self.signal) or self.deadline_hit
+
+    def signalled(self) -> int:
+        """At an epoch's end: the signal any process received (agreed), or 0."""
+        self.signal = int(distributed.agree([self.signals.signum], self.device)[0])
+        return self.signal
+
+    def close(self) -> None:
+        self.signals.restore()

@@ -1,0 +1,279 @@
+"""One build: a resolved configuration -> a complete ``Run`` (the model and what trains it, the data,
+the plan and the schedule that follows it, where the run stands, its folder and sinks). Nothing is
+created empty and filled in later: the plan comes first (a time budget measures the real step),
+then what depends on it.
+
+    run = build(cfg, ctx, ckpt, started)      # ckpt: a resumed run's checkpoint, else None
+    loop.fit(run)
+
+bench/step.py and bench/gpu_check.py build exactly this way (``build_parts`` alone: no run folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from timm.layers import convert_sync_batchnorm
+from timm.utils import ModelEmaV3
+
+import arch
+import batch_manager
+import train
+import transforms
+from tin import checkpoint, distributed, hardware, optim, outputs, time_budget
+from tin.checkpoint import TrainState
+from tin.config import RESOLVED_KEY, Config
+from utils import UserError, seed_everything
+
+log = logging.getLogger("tin")
+
+
+@dataclass
+class Run:
+    """A training run, complete: what loop.fit trains."""
+
+    cfg: Config  # resolved: the numbers `auto` became
+    parts: train.Parts  # what the updates need
+    scheduler: optim.Stretchable  # the learning rate per update, over the plan
+    clock: time_budget.Timekeeper  # the plan, its re-planning, the deadline, signals
+    state: TrainState  # where the run stands (a resumed run's position)
+    run_dir: Path
+    sinks: list = field(default_factory=list)  # metrics.csv, wandb (the main process only)
+    params: int = 0
+    gflops: float = 0.0
+
+    def close(self) -> None:
+        self.clock.close()
+        for sink in self.sinks:
+            sink.close()
+
+
+def build(cfg: Config, ctx: distributed.Context, ckpt: dict | None, started: float, run_dir: Path | None = None) -> Run:
+    """The run of `cfg` (a new one, or `ckpt`'s resumed in `run_dir`), from the process's start
+    `started` (time_budget.clock())."""
+    wandb_mode = outputs.resolve_wandb_mode(cfg.wandb) if ctx.is_main else "disabled"  # a missing install: now
+    cfg, parts, params, gflops, (recipe, auto) = build_parts(cfg, ctx, ckpt)
+    if ckpt is not None:
+        plan = time_budget.Plan.from_dict(ckpt["plan"]) if "plan" in ckpt else time_budget.plan_run(cfg, parts, 0.0)
+    else:
+        plan = distributed.broadcast(time_budget.plan_run(cfg, parts, time_budget.clock() - started))  # rank 0's
+        cfg = _fit_warmup_to_plan(cfg, plan, recipe if "warmup_epochs" in auto else None)
+    scheduler = build_scheduler(cfg, parts.optimizer, plan)
+    state = checkpoint.restore(parts, scheduler, ckpt) if ckpt is not None else TrainState()
+    resolved = {
+        "runtime": {
+            **parts.runtime.to_dict(),
+            "data_on_device": isinstance(parts.loaders.train, batch_manager.DeviceBatches),
+        },
+        "plan": plan.to_dict(),
+        **({"recipe": {"why": recipe.why, **{k: getattr(cfg, k) for k in auto}}} if recipe else {}),
+    }
+    run_dir = distributed.broadcast(_open_run_dir(cfg, parts.model, run_dir, resolved) if ctx.is_main else None)
+    sinks = []
+    if ctx.is_main:
+        sinks.append(outputs.CsvSink(run_dir / "metrics.csv", outputs.METRIC_ORDER, rows=state.history))
+        if wandb_mode != "disabled":
+            sinks.append(
+                outputs.WandbSink(run_dir, wandb_mode, cfg.wandb_project, cfg.to_dict(), run_id=state.wandb_id)
+            )
+            state.wandb_id = sinks[-1].run.id
+    clock = time_budget.Timekeeper(plan, cfg, state, started, ctx, parts.device, parts.sync_every)
+    if ckpt is not None:
+        checkpoint.restore_rng(ckpt, ctx)  # last: nothing may draw after it
+        log.info("resumed %s at epoch %d, batch %d (update %d)", run_dir, state.epoch + 1, state.batch, state.step)
+    return Run(cfg, parts, scheduler, clock, state, run_dir, sinks, params, gflops)
+
+
+def build_parts(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None):
+    """Device and precision, data, loaders, model and what trains it: (cfg with auto values resolved,
+    train.Parts, parameters, GFLOPs per image, (the learning-rate recipe used or None, the fields it
+    set)). For `ckpt`'s run, its weights are loaded later (checkpoint.restore)."""
+    seed_everything(cfg.seed)
+    threads = hardware.fit_threads()
+    if threads:
+        log.info(threads)
+    runtime = hardware.decide_runtime(
+        distributed.device_for(ctx, hardware.resolve_device(cfg.device)), cfg.amp, cfg.amp_dtype, cfg.channels_last
+    )
+    log.info("%s (%s): %s", runtime.device, runtime.device_name, runtime.reason)
+    log.info("numerics: %s", hardware.configure(runtime.device, deterministic=cfg.deterministic))
+    if ckpt is not None:
+        hardware.warn_if_changed(ckpt.get("runtime"), runtime)
+    if cfg.eval_px != cfg.img_size and arch.resolve(cfg.arch).family in ("vit", "swin"):
+        raise UserError(
+            f"--eval_size {cfg.eval_size}: {cfg.arch} is built for {cfg.img_size}x{cfg.img_size} inputs "
+            "(a transformer's position grid); evaluate it at --img_size (--eval_size 0)"
+        )
+    data = _prepare_data_once(cfg, ctx)
+    if ckpt is not None and list(ckpt["classes"]) != data.classes:
+        raise UserError(f"--resume {cfg.resume}: the run was trained on other classes than those in {data.root}")
+    cfg, recipe, auto = _resolve_recipe(cfg, ctx) if ckpt is None else (cfg, None, [])
+    resident, why = hardware.decide_data_on_device(
+        cfg.data_on_device, runtime.device, batch_manager.resident_bytes(data), cfg.aug_backend
+    )
+    log.info(why)
+    loaders = batch_manager.build_loaders(
+        data,
+        img_size=cfg.img_size,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        seed=cfg.seed,
+        pin_memory=runtime.device.type == "cuda",
+        rank=ctx.rank,
+        world=ctx.world,
+        aug_backend=cfg.aug_backend,
+        recipe=cfg.recipe(),
+        on_device=runtime.device if resident else None,
+        eval_size=cfg.eval_px,
+    )
+    model, params, gflops = _model(cfg, len(data.classes), runtime, fresh=ckpt is None)
+    if ctx.enabled:  # same initial weights everywhere (DDP broadcasts them); own dropout/mixing draws per process
+        seed_everything(cfg.seed + ctx.rank)
+    net = model
+    if ctx.enabled:
+        if cfg.sync_bn:  # timm's converter keeps BatchNormAct2d's activation (torch's drops it)
+            model = net = convert_sync_batchnorm(model)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+        )
+    global_batch = cfg.batch_size * cfg.accum_steps * ctx.world  # the linear scaling rule's batch
+    lr = cfg.lr_base * (global_batch / cfg.lr_scale_batch if cfg.lr_scale_batch else 1.0)
+    parts = train.Parts(
+        model=model,
+        net=torch.compile(net) if cfg.compile else net,
+        optimizer=optim.build_optimizer(
+            model, cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov
+        ),
+        scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16),
+        ema=ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None,  # warms up: short runs too
+        mixer=transforms.build_mixer(
+            cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.label_smoothing, num_classes=len(data.classes)
+        ),
+        normalize=transforms.Normalize().to(runtime.device),
+        loaders=loaders,
+        runtime=runtime,
+        ctx=ctx,
+        num_classes=len(data.classes),
+        label_smoothing=cfg.label_smoothing,
+        accum_steps=cfg.accum_steps,
+        grad_clip=cfg.grad_clip,
+    )
+    return cfg, parts, params, gflops, (recipe, auto)
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, plan: time_budget.Plan) -> optim.Stretchable:
+    """The learning rate per update over the plan's (first) length."""
+    return optim.build_scheduler(
+        optimizer,
+        cfg.sched,
+        plan.schedule_updates,
+        plan.updates_per_epoch,
+        warmup_epochs=cfg.warmup_epochs,
+        min_lr=cfg.min_lr,
+        step_size=cfg.step_size,
+        gamma=cfg.gamma,
+        milestones=cfg.milestone_epochs(),
+    )
+
+
+def _model(cfg: Config, num_classes: int, runtime: hardware.Runtime, fresh: bool) -> tuple[torch.nn.Module, int, float]:
+    """The model on its device and in its memory format; pretrained weights only for a new run."""
+    model = arch.build_model(
+        cfg.arch,
+        num_classes,
+        img_size=cfg.img_size,
+        drop_rate=cfg.drop_rate,
+        attn_drop_rate=cfg.attn_drop_rate,
+        drop_path_rate=cfg.drop_path_rate,
+        pretrained=cfg.pretrained and fresh,
+        pretrained_path=(cfg.pretrained_path or None) if fresh else None,
+    ).to(runtime.device)
+    params, gflops = arch.model_stats(model, cfg.img_size)
+    if cfg.max_params and params > cfg.max_params:
+        raise UserError(f"--arch {cfg.arch} has {params:,} parameters, over --max_params {cfg.max_params:,}")
+    log.info(
+        "%s: %s parameters, %.3f GFLOPs per %dx%d image", cfg.arch, f"{params:,}", gflops, cfg.img_size, cfg.img_size
+    )
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, params, gflops
+
+
+def _prepare_data_once(cfg: Config, ctx: distributed.Context):
+    """One process per node (local rank 0) decodes/caches first, so node-local data gets a cache on
+    every node; the others then find it ready. The wait is a long gloo barrier, not NCCL's."""
+    if ctx.local_rank != 0:
+        distributed.barrier_long()
+    data = batch_manager.prepare_data(**cfg.data_kwargs())
+    if ctx.local_rank == 0:
+        distributed.barrier_long()
+    return data
+
+
+def _resolve_recipe(cfg: Config, ctx: distributed.Context) -> tuple[Config, optim.LrRecipe | None, list[str]]:
+    """--lr_base auto / --warmup_epochs auto -> numbers from the recipe table, logged, and written
+    into the config (so config.yaml and the checkpoints hold the numbers the run used). Returns the
+    config, the recipe (None when nothing was auto) and the fields it set."""
+    if cfg.lr_base is not None and cfg.warmup_epochs is not None:
+        return cfg, None, []
+    spec = arch.resolve(cfg.arch)
+    recipe = optim.lr_recipe(spec.family, cfg.pretrained or bool(cfg.pretrained_path), cfg.opt)
+    changes = {}
+    if cfg.lr_base is None:
+        per = cfg.lr_scale_batch or 256  # the recipe's rate is per 256 images; the scaling rule applies it
+        changes.update(lr_base=recipe.lr_per_256 * per / 256, lr_scale_batch=per)
+        global_batch = cfg.batch_size * cfg.accum_steps * ctx.world
+        log.info(
+            "learning rate %.3g for a global batch of %d (%.3g per %d images; recipe: %s; --lr_base to set it)",
+            changes["lr_base"] * global_batch / per,
+            global_batch,
+            changes["lr_base"],
+            per,
+            recipe.why,
+        )
+    if cfg.warmup_epochs is None:
+        changes["warmup_epochs"] = min(recipe.warmup_epochs, 0.1 * cfg.epochs)
+    return dataclasses.replace(cfg, **changes), recipe, list(changes)
+
+
+def _fit_warmup_to_plan(cfg: Config, plan: time_budget.Plan, recipe: optim.LrRecipe | None) -> Config:
+    """A warm-up from the recipe (`recipe`, when it set the warm-up) is at most a tenth of the run the
+    time budget planned; one the user gave must fit inside it."""
+    if not plan.budget_s:
+        return cfg
+    if recipe is not None and cfg.warmup_epochs > 0.1 * plan.epochs:
+        cfg = dataclasses.replace(cfg, warmup_epochs=round(min(recipe.warmup_epochs, 0.1 * plan.epochs), 4))
+    if cfg.warmup_epochs >= plan.epochs:
+        raise UserError(
+            f"--warmup_epochs {cfg.warmup_epochs:g} is as long as the {plan.epochs:.2f} epochs that fit "
+            f"--time_budget {cfg.time_budget:g}; shorten the warm-up or give more minutes"
+        )
+    return cfg
+
+
+def _open_run_dir(cfg: Config, model: torch.nn.Module, run_dir: Path | None, resolved: dict[str, Any]) -> Path:
+    """A new run folder (or the resumed one), created only once data and model are known good.
+    config.yaml: the configuration (usable as --config), then what the auto settings became here."""
+    new_run = run_dir is None
+    run_dir = run_dir or outputs.make_run_dir(cfg.output_dir, cfg.arch)
+    try:
+        checkpoint.check_disk(run_dir, model, extra_copies=cfg.keep_last + (1 if cfg.ema else 0))
+    except UserError:
+        if new_run:
+            run_dir.rmdir()
+        raise
+    outputs.setup_logging(run_dir)
+    if not new_run:  # a write that a kill cut short left its temporary file: never valid, never needed
+        for stale in run_dir.glob("*.tmp"):
+            stale.unlink()
+            log.info("removed %s, an unfinished write of the interrupted run", stale.name)
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    text += f"# {RESOLVED_KEY}: what auto settings became on this machine (ignored when read back with --config)\n"
+    (run_dir / "config.yaml").write_text(text + yaml.safe_dump({RESOLVED_KEY: resolved}, sort_keys=False))
+    return run_dir
