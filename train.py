@@ -77,51 +77,51 @@ def train_one_epoch(
     asked after every update; True ends the epoch there (stats["interrupted"]). Returns the
     epoch's figures: train loss and top-1/top-5 against the unmixed labels (%), lr, strength, size,
     seconds, images/s, the fraction spent waiting for batches and the wait for the first one."""
-    p, start_batch, step = parts, state.batch, state.step
-    p.loaders.set_epoch(epoch, strength, start_batch=start_batch, size=size)  # reaches persistent workers
-    if p.mixer is not None:
-        p.mixer.set_strength(strength)
-    lr = state.epoch_lr if start_batch else p.optimizer.param_groups[0]["lr"]  # the epoch's starting lr
-    meters, loss_fn = EpochMeters(state.meters, p.device), SoftTargetCrossEntropy()
+    start_batch, step = state.batch, state.step
+    parts.loaders.set_epoch(epoch, strength, start_batch=start_batch, size=size)  # reaches persistent workers
+    if parts.mixer is not None:
+        parts.mixer.set_strength(strength)
+    lr = state.epoch_lr if start_batch else parts.optimizer.param_groups[0]["lr"]  # the epoch's starting lr
+    meters, loss_fn = EpochMeters(state.meters, parts.device), SoftTargetCrossEntropy()
     bar = tqdm(total=end_batch - start_batch, desc=desc, leave=False, dynamic_ncols=True, disable=None)
-    p.net.train()
-    p.optimizer.zero_grad(set_to_none=True)
+    parts.net.train()
+    parts.optimizer.zero_grad(set_to_none=True)
     start = ready = time.perf_counter()
     waited, first_batch_s, b, interrupted = 0.0, None, start_batch, False
-    for b, (images, labels) in enumerate(p.loaders.train, start=start_batch):
+    for b, (images, labels) in enumerate(parts.loaders.train, start=start_batch):
         waited += time.perf_counter() - ready  # blocked on the loader
         first_batch_s = time.perf_counter() - start if first_batch_s is None else first_batch_s
         if b >= end_batch:
             b -= 1
             break
-        inputs, targets, labels = device_batch(p, images, labels, b)
-        group = b - b % p.accum_steps  # the first batch of this update; the epoch's last group may be short
-        group_size = min(p.accum_steps, end_batch - group)
+        inputs, targets, labels = device_batch(parts, images, labels, b)
+        group = b - b % parts.accum_steps  # the first batch of this update; the epoch's last group may be short
+        group_size = min(parts.accum_steps, end_batch - group)
         updates = b + 1 - group == group_size
-        with p.autocast(), _no_sync(p.net, not updates):
-            logits = p.net(inputs)
+        with parts.autocast(), _no_sync(parts.net, not updates):
+            logits = parts.net(inputs)
             loss = loss_fn(logits.float(), targets)
-        p.scaler.scale(loss / group_size).backward()
+        parts.scaler.scale(loss / group_size).backward()
         meters.add(loss, logits, labels, step)
         if updates:  # the optimizer update
-            if p.grad_clip > 0:
-                p.scaler.unscale_(p.optimizer)
-                torch.nn.utils.clip_grad_norm_(p.model.parameters(), p.grad_clip)
-            p.scaler.step(p.optimizer)
-            p.scaler.update()
-            p.optimizer.zero_grad(set_to_none=True)
+            if parts.grad_clip > 0:
+                parts.scaler.unscale_(parts.optimizer)
+                torch.nn.utils.clip_grad_norm_(parts.model.parameters(), parts.grad_clip)
+            parts.scaler.step(parts.optimizer)
+            parts.scaler.update()
+            parts.optimizer.zero_grad(set_to_none=True)
             step += 1
             if scheduler is not None:
                 scheduler.step_update(num_updates=step)
-            if p.ema is not None:
-                p.ema.update(p.model, step=step)
-            if step % p.sync_every == 0:
-                _host_sync(meters, p.optimizer, bar, b + 1 - start_batch, start)
+            if parts.ema is not None:
+                parts.ema.update(parts.model, step=step)
+            if step % parts.sync_every == 0:
+                _host_sync(meters, parts.optimizer, bar, b + 1 - start_batch, start)
             if b + 1 < end_batch and should_stop is not None and should_stop(step):
                 interrupted = True
                 break
         ready = time.perf_counter()
-    _host_sync(meters, p.optimizer, bar, b + 1 - start_batch, start)  # nothing non-finite is returned as trained
+    _host_sync(meters, parts.optimizer, bar, b + 1 - start_batch, start)  # nothing non-finite is returned as trained
     bar.close()
     seconds = time.perf_counter() - start
     state.step, state.batch, state.meters, state.epoch_lr = step, b + 1, meters.state, lr
@@ -130,7 +130,7 @@ def train_one_epoch(
         "lr": lr,
         "aug_strength": strength,
         "train_size": size,
-        "images_per_second": (b + 1 - start_batch) * p.loaders.train.batch_size / max(seconds, 1e-9),
+        "images_per_second": (b + 1 - start_batch) * parts.loaders.train.batch_size / max(seconds, 1e-9),
         "train_seconds": seconds,
         "data_wait_fraction": waited / max(seconds, 1e-9),
         "first_batch_seconds": first_batch_s or 0.0,
@@ -138,16 +138,16 @@ def train_one_epoch(
     }
 
 
-def device_batch(p: Parts, images: torch.Tensor, labels: torch.Tensor, b: int):
+def device_batch(parts: Parts, images: torch.Tensor, labels: torch.Tensor, b: int):
     """uint8 batch -> (inputs: augmented, normalised, channels-last, mixed, on the device; soft targets
     (B, num_classes); the unmixed labels)."""
-    images = images.to(p.device, non_blocking=True)
-    labels = labels.to(p.device, non_blocking=True)
-    augment = p.loaders.augment
-    images = p.normalize(augment(images, b) if augment is not None else images)
-    if p.runtime.channels_last:
+    images = images.to(parts.device, non_blocking=True)
+    labels = labels.to(parts.device, non_blocking=True)
+    augment = parts.loaders.augment
+    images = parts.normalize(augment(images, b) if augment is not None else images)
+    if parts.runtime.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    inputs, targets = soft_targets(images, labels, p.mixer, p.num_classes, p.label_smoothing)
+    inputs, targets = soft_targets(images, labels, parts.mixer, parts.num_classes, parts.label_smoothing)
     return inputs, targets, labels
 
 

@@ -167,7 +167,7 @@ def write_predictions(ids: list[str], preds: list[int], classes: list[str], out_
 
 
 # --------------------------------------------------------------------------- CLI
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Evaluate checkpoints (alone or as an ensemble) and predict the test split."
     )
@@ -222,7 +222,7 @@ def run(argv: list[str] | None = None) -> dict[str, float]:
     import batch_manager
     from tin.outputs import setup_logging
 
-    args = _parse(argv)
+    args = parse_args(argv)
     setup_logging()
     device = hardware.resolve_device(args.device)
     models = _load_models(args, device)

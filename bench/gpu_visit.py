@@ -231,7 +231,7 @@ def finish(visit: Path, out_dir: Path, minutes: float | None, dry_run: bool, t0:
         with open(out / "speedrun.log", "w") as log:
             code = subprocess.call(run, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         notes.append(f"speed-run exit status {code}")
-    _collect(visit, out_dir, notes, t0)
+    collect(visit, out_dir, notes, t0)
     return 0
 
 
@@ -252,7 +252,7 @@ def _wait_for_gpu_check(visit: Path, t0: float, notes: list[str]) -> None:
         notes.append(f"gpu_check: started {t0 - started:.0f} s before this call; waited {waited:.0f} s for it here")
 
 
-def _collect(visit: Path, out_dir: Path, notes: list[str], t0: float) -> None:
+def collect(visit: Path, out_dir: Path, notes: list[str], t0: float) -> None:
     """At most 8 files into out_dir: gpu_check's table, JSON and log, the run's metrics.csv, log.txt
     and best_results.json, the speed-run's console, and visit.md (timings, card, curve)."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -249,7 +249,7 @@ def test_gpu_visit_brings_back_at_most_eight_files_with_the_curve(trained_run, t
         (visit / "out" / name).write_text("x\n")
     (visit / "runs").mkdir()
     shutil.copytree(trained_run, visit / "runs" / trained_run.name)
-    gpu_visit._collect(visit, tmp_path / "back", ["a note"], t0=0.0)
+    gpu_visit.collect(visit, tmp_path / "back", ["a note"], t0=0.0)
     back = sorted(p.name for p in (tmp_path / "back").iterdir())
     assert len(back) == 8 and {"metrics.csv", "log.txt", "best_results.json", "visit.md"} <= set(back)
     assert "| epoch | train px |" in (tmp_path / "back" / "visit.md").read_text()

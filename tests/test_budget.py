@@ -291,7 +291,7 @@ def _epochs_on(machine_s: dict, measured: dict, upe: int = 390):
     size_at = time_budget.size_schedule(64, 32, 0.8)
     updates, _ = time_budget.plan_updates(1800 * (1 - time_budget.MARGIN), upe, 40 * upe, costs, size_at, False, 0)
     plan = time_budget.Plan(
-        updates, upe, upe, budget_s=1800.0, costs=time_budget._costs_dict(costs), max_updates=40 * upe
+        updates, upe, upe, budget_s=1800.0, costs=time_budget.costs_dict(costs), max_updates=40 * upe
     )
     cfg = parse_config("--img_size 64 --min_img_size 32 --resize_until 0.8 --eval_every 0 --test_preds end".split())
     state, lengths = TrainState(), [plan.epochs]

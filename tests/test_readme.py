@@ -80,7 +80,7 @@ def test_every_preset_named_exists():
 
 SCRIPTS = {
     "main.py": lambda argv: config.parse_config(argv),
-    "val.py": lambda argv: val._parse(argv),
+    "val.py": lambda argv: val.parse_args(argv),
     "analyze.py": lambda argv: analyze.build_parser().parse_args(argv),
     "sweep.py": lambda argv: sweep.build_parser().parse_args(argv),
 }

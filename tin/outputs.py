@@ -178,7 +178,7 @@ def make_run_dir(output_dir: str | Path, arch: str) -> Path:
     raise UserError(f"could not create a new run folder in {root}")
 
 
-class _Early(logging.Handler):
+class _LinesBeforeTheRunFolder(logging.Handler):
     """Keeps the lines logged before the run folder exists (device, data, model, plan), so that
     log.txt starts with them too."""
 
@@ -197,14 +197,14 @@ def setup_logging(run_dir: Path | None = None, level: int = logging.INFO) -> lis
     before run_dir was given are written into log.txt first."""
     log.setLevel(level)
     log.propagate = False
-    early = next((h for h in log.handlers if isinstance(h, _Early)), None)
+    early = next((h for h in log.handlers if isinstance(h, _LinesBeforeTheRunFolder)), None)
     for h in list(log.handlers):
         log.removeHandler(h)
         h.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if run_dir is None:
-        handlers.append(_Early())
+        handlers.append(_LinesBeforeTheRunFolder())
     else:
         handlers.append(logging.FileHandler(run_dir / "log.txt"))
         for record in early.records if early is not None else []:

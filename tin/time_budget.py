@@ -299,7 +299,7 @@ def plan_run(cfg, parts: train.Parts, elapsed_s: float) -> Plan:
         updates=updates,
         budget_s=budget,
         predicted_s=round(predicted, 2),
-        costs=_costs_dict(costs),
+        costs=costs_dict(costs),
         schedule_updates=updates,
         max_updates=base.updates,
     )
@@ -373,7 +373,7 @@ def costs_from_dict(d: dict) -> Costs:
     )
 
 
-def _costs_dict(c: Costs) -> dict:
+def costs_dict(c: Costs) -> dict:
     return {
         "update_s": {int(k): round(v, 5) for k, v in c.update_s.items()},
         "epoch_end_s": round(c.epoch_end_s, 3),
