@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from tin.readers import short_name  # noqa: E402
 from utils import UserError  # noqa: E402
 
 log = logging.getLogger("tin")
@@ -87,24 +88,46 @@ def cluster_order(cm: np.ndarray) -> np.ndarray:
     return leaves_list(linkage(squareform(dist, checks=False), method="average"))
 
 
-def plot_confusion(cm: np.ndarray, names: list[str], out: Path) -> Path:
+READABLE = 40  # classes whose names a confusion matrix can print legibly
+
+
+def plot_confusion(cm: np.ndarray, names: list[str], out: Path, title: str = "") -> Path:
+    """Rows normalised, sqrt colour, classes clustered so confusions sit side by side. Up to READABLE
+    classes get their names on the axes; beyond that the picture shows the structure (the pairs are
+    in top_confusions.csv, the most confused classes legible in confusion_top.png)."""
     order = cluster_order(cm) if len(cm) > 2 else np.arange(len(cm))
     rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     shown = rates[np.ix_(order, order)]
     size = min(max(6, len(cm) * 0.09), 22)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     im = ax.imshow(np.sqrt(shown), cmap="magma_r", vmin=0, vmax=1)  # sqrt: small confusions stay visible
-    labels = [names[i][:18] for i in order]
-    font = max(2.5, min(9, 700 / max(len(cm), 1) / 4))
-    ax.set_xticks(range(len(cm)), labels, rotation=90, fontsize=font)
-    ax.set_yticks(range(len(cm)), labels, fontsize=font)
-    ax.set(xlabel="predicted", ylabel="true", title="confusion (rows normalised, sqrt colour; clustered order)")
+    if len(cm) <= READABLE:
+        labels = [short_name(names[i]) for i in order]
+        ax.set_xticks(range(len(cm)), labels, rotation=90, fontsize=8)
+        ax.set_yticks(range(len(cm)), labels, fontsize=8)
+        title = title or "confusion (rows normalised, sqrt colour; clustered order)"
+    else:
+        ax.set(xticks=[], yticks=[])
+        title = title or (
+            f"confusion of {len(cm)} classes (rows normalised, sqrt colour, clustered): names of the pairs in "
+            "top_confusions.csv, the most confused classes in confusion_top.png"
+        )
+    ax.set(xlabel="predicted", ylabel="true")
+    ax.set_title(title, fontsize=10)
     cbar = fig.colorbar(im, ax=ax, fraction=0.03)
     cbar.set_ticks(np.sqrt([0, 0.05, 0.25, 0.5, 1.0]), labels=["0", "5%", "25%", "50%", "100%"])
     fig.tight_layout()
     fig.savefig(out, dpi=150)
     plt.close(fig)
     return out
+
+
+def most_confused(cm: np.ndarray, k: int = 20) -> np.ndarray:
+    """The k classes involved in the most confusions (as true or predicted class), for a legible
+    confusion matrix of the hard part."""
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    return np.sort(np.argsort(off.sum(0) + off.sum(1))[::-1][:k])
 
 
 def top_confusions(cm: np.ndarray, classes: list[str], names: dict[str, str], k: int = 50) -> list[dict]:
@@ -129,19 +152,37 @@ def top_confusions(cm: np.ndarray, classes: list[str], names: dict[str, str], k:
 
 
 # --------------------------------------------------------------------------- features
-def plot_tsne(features: torch.Tensor, labels: torch.Tensor, out: Path, samples: int = 2000, seed: int = 0) -> Path:
+def plot_tsne(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    out: Path,
+    samples: int = 2000,
+    seed: int = 0,
+    names: list[str] | None = None,
+    highlight: int = 10,
+) -> Path:
+    """t-SNE of the penultimate features. `highlight` classes (the best-represented in the sample)
+    get a colour and a legend entry each; the others are grey dots, so the legend stays readable."""
     from sklearn.manifold import TSNE
 
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(features), size=min(samples, len(features)), replace=False)
     x = features[idx].numpy().astype(np.float32)
-    emb = TSNE(n_components=2, init="pca", perplexity=min(30, max(2, len(idx) // 4)), random_state=seed).fit_transform(
-        x
-    )
+    perplexity = min(30, max(2, len(idx) // 4))
+    emb = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(x)
     y = labels[idx].numpy()
-    fig, ax = plt.subplots(figsize=(9, 9))
-    ax.scatter(emb[:, 0], emb[:, 1], c=y, cmap="nipy_spectral", s=6, alpha=0.8)
-    ax.set(title=f"t-SNE of penultimate features ({len(idx)} val images, coloured by class)", xticks=[], yticks=[])
+    counts = np.bincount(y)
+    shown = [int(c) for c in np.argsort(counts)[::-1][:highlight] if counts[c] > 0]
+    fig, ax = plt.subplots(figsize=(10, 9))
+    rest = ~np.isin(y, shown)
+    ax.scatter(emb[rest, 0], emb[rest, 1], c="lightgrey", s=4, alpha=0.6, label=f"other classes ({rest.sum()} images)")
+    colours = plt.get_cmap("tab10" if len(shown) <= 10 else "tab20")
+    for k, c in enumerate(shown):
+        mine = y == c
+        name = short_name(names[c]) if names is not None else str(c)
+        ax.scatter(emb[mine, 0], emb[mine, 1], color=colours(k), s=10, label=name)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=2, frameon=False)
+    ax.set(title=f"t-SNE of penultimate features ({len(idx)} val images)", xticks=[], yticks=[])
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -208,18 +249,23 @@ def analyze_run(
     per_class = per_class_accuracy(preds, labels, data.classes, data.names)
     write_csv(per_class, out / "per_class_accuracy.csv")
     ranked = sorted(per_class, key=lambda r: r["accuracy"])
-    log.info("worst classes: %s", "; ".join(f"{r['name'][:25]} {r['accuracy']:.0f}%" for r in ranked[:10]))
-    log.info("best classes: %s", "; ".join(f"{r['name'][:25]} {r['accuracy']:.0f}%" for r in ranked[::-1][:10]))
+    log.info("worst classes: %s", "; ".join(f"{short_name(r['name'])} {r['accuracy']:.0f}%" for r in ranked[:10]))
+    log.info("best classes: %s", "; ".join(f"{short_name(r['name'])} {r['accuracy']:.0f}%" for r in ranked[::-1][:10]))
     cm = confusion(preds, labels, len(data.classes))
-    plot_confusion(cm, [data.names[c] for c in data.classes], out / "confusion_matrix.png")
+    class_names = [data.names[c] for c in data.classes]
+    plot_confusion(cm, class_names, out / "confusion_matrix.png")
+    if len(cm) > READABLE:
+        hard = most_confused(cm)
+        top = f"the {len(hard)} classes in the most confusions (rows normalised among them, clustered)"
+        plot_confusion(cm[np.ix_(hard, hard)], [class_names[i] for i in hard], out / "confusion_top.png", top)
     write_csv(top_confusions(cm, data.classes, data.names), out / "top_confusions.csv")
-    plot_tsne(res["features"], labels, out / "tsne.png", tsne_samples)
+    plot_tsne(res["features"], labels, out / "tsne.png", tsne_samples, names=class_names)
     wrong = torch.nonzero(preds != labels).flatten()
     worst = wrong[probs[wrong].max(1).values.argsort(descending=True)][:24].tolist()
     plot_misclassified(
         [data.val.image(i) for i in worst],
         [
-            f"{data.names[data.classes[labels[i]]][:16]}\n→ {data.names[data.classes[preds[i]]][:16]} "
+            f"{short_name(data.names[data.classes[labels[i]]])}\n→ {short_name(data.names[data.classes[preds[i]]])} "
             f"({100 * probs[i].max():.0f}%)"
             for i in worst
         ],
@@ -281,7 +327,7 @@ def analyze_dataset(kind: str, data_dir: str | Path, output_dir: str | Path) -> 
     pick = rng.choice(len(data.train), size=min(32, len(data.train)), replace=False)
     plot_misclassified(
         [data.train.image(int(i)) for i in pick],
-        [data.names[data.classes[data.train.labels[int(i)]]][:18] for i in pick],
+        [short_name(data.names[data.classes[data.train.labels[int(i)]]]) for i in pick],
         out / "sample_grid.png",
         title="random train images",
     )

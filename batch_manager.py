@@ -45,10 +45,11 @@ def prepare_data(
     val_split: float = 0.0,
     trainval: bool = False,
     seed: int = 0,
+    listing: DataSplits | None = None,
 ) -> DataSplits:
-    """Read the dataset, check or cache every image file (unreadable files are listed before
-    training starts), then apply --val_split / --trainval."""
-    data = read_dataset(kind, data_dir)
+    """Read the dataset (or take `listing`, read already), check or cache every image file
+    (unreadable files are listed before training starts), then apply --val_split / --trainval."""
+    data = listing if listing is not None else read_dataset(kind, data_dir)
     # Tiny-ImageNet is stored at its native 64x64 (odd-sized files are resized to it); other
     # image folders at the training resolution.
     store = 64 if kind == "tiny-imagenet" else img_size

@@ -1,10 +1,11 @@
 """Compare training runs: one table row per run and their val curves overlaid.
 
-    python report.py checkpoints/* [--output_dir reports/]
+    python report.py checkpoints/ [more folders...] [--output_dir DIR]
 
-Reads each run folder's best_results.json, config.yaml and metrics.csv; folders that are not
-finished runs are skipped with a note. Writes report.md (sorted by val top-1) and
-report_val_top1.png / report_val_loss.png into --output_dir (default: the current folder).
+Each folder given is a run folder, or is searched for run folders (a sweep's folder, checkpoints/).
+Reads each run's best_results.json, config.yaml and metrics.csv; folders that are not finished runs
+are skipped with a note. Writes report.md (sorted by val top-1) and report_val_top1.png /
+report_val_loss.png into --output_dir (default: reports/<timestamp>/, never the repository root).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import csv
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import matplotlib
@@ -83,12 +85,12 @@ def write_report(runs: list[dict], out_dir: Path, skipped: list[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Compare training runs (one row per run, overlaid val curves).")
-    p.add_argument("runs", nargs="+", help="run folders (a glob like checkpoints/* works)")
-    p.add_argument("--output_dir", default=".", help="where report.md and the plots go")
+    p.add_argument("runs", nargs="+", help="run folders, or folders holding them (checkpoints/, a sweep's folder)")
+    p.add_argument("--output_dir", default=None, help="where report.md and the plots go (default: reports/<timestamp>)")
     args = p.parse_args(argv)
     runs, skipped = [], []
-    for path in map(Path, args.runs):
-        run = load_run(path) if path.is_dir() else None
+    for path in (r for given in map(Path, args.runs) for r in find_runs(given)):
+        run = load_run(path)
         (runs.append(run) if run else skipped.append(path.name))
     if not runs:
         print(
@@ -97,9 +99,19 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    report = write_report(runs, Path(args.output_dir), skipped)
+    out = Path(args.output_dir or f"reports/{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    report = write_report(runs, out, skipped)
     print(report.read_text())
+    print(f"written: {report}")
     return 0
+
+
+def find_runs(path: Path) -> list[Path]:
+    """`path` itself when it is a run folder (it has config.yaml), else every run folder below it,
+    at any depth (a sweep's runs sit two levels down)."""
+    if (path / "config.yaml").is_file() or not path.is_dir():
+        return [path]
+    return sorted(p.parent for p in path.rglob("config.yaml") if p.parent != path)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import os
 import queue
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from tin import hardware
-from tin.config import load_yaml_defaults
+from tin.config import config_from, load_yaml_defaults
 from utils import UserError
 
 COLUMNS = [
@@ -52,10 +54,21 @@ def parse_sets(pairs: list[str]) -> dict:
 
 
 def prepare(configs: list[str], sets: dict, sweep_dir: Path) -> list[tuple[str, Path]]:
-    """One merged YAML per config, validated up front (unknown keys and bad types fail before any run)."""
+    """One merged YAML per config, each validated whole before any run starts: an error names the
+    preset, the --set values and where each bad value came from."""
     jobs, names = [], set()
     for path in configs:
-        merged = {**load_yaml_defaults(path), **sets}
+        preset = load_yaml_defaults(path)
+        merged = {**preset, **sets}
+        origins = {**dict.fromkeys(preset, path), **dict.fromkeys(sets, "--set")}
+        try:
+            config_from({k: v for k, v in merged.items() if k != "output_dir"}, origins)
+        except UserError as exc:
+            overrides = " ".join(f"--set {k}={v}" for k, v in sets.items())
+            raise UserError(
+                f"{path}{' with ' + overrides if overrides else ''}: {exc}; change such a value in every preset "
+                "with --set KEY=VALUE"
+            ) from None
         name = Path(path).stem
         while name in names:
             name += "_"
@@ -87,11 +100,24 @@ def run_one(name: str, cfg_path: Path, sweep_dir: Path, threads: int, gpus: queu
     """One config as its own main.py process; with GPUs it takes a GPU slot (CUDA_VISIBLE_DEVICES)
     for its duration, so parallel runs spread over the GPUs instead of all landing on cuda:0."""
     gpu = gpus.get() if gpus is not None else None
+    start = time.monotonic()
+    print(f"{time.strftime('%H:%M:%S')} {name}: started{f' on GPU {gpu}' if gpu is not None else ''}", flush=True)
     try:
-        return _run(name, cfg_path, sweep_dir, threads, gpu)
+        row = _run(name, cfg_path, sweep_dir, threads, gpu)
     finally:
         if gpu is not None:
             gpus.put(gpu)
+    top1 = f"val top-1 {row['val_top1']:.2f} %, " if isinstance(row.get("val_top1"), float) else ""
+    with _PROGRESS["lock"]:
+        _PROGRESS["done"] += 1
+        done, total = _PROGRESS["done"], _PROGRESS["total"]
+    print(
+        f"{time.strftime('%H:%M:%S')} {name}: {row['status']}, {top1}{time.monotonic() - start:.0f} s ({done}/{total} done)"
+    )
+    return row
+
+
+_PROGRESS = {"lock": threading.Lock(), "done": 0, "total": 0}
 
 
 def _run(name: str, cfg_path: Path, sweep_dir: Path, threads: int, gpu: str | None) -> dict:
@@ -156,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         for gpu in slots:
             gpus.put(gpu)
         print(f"runs take GPUs {', '.join(slots)} in turn (CUDA_VISIBLE_DEVICES per run)")
+    _PROGRESS.update(done=0, total=len(jobs))
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         threads = max(1, hardware.usable_cpus() // max(1, args.parallel))  # affinity and CPU quota
         rows = list(pool.map(lambda job: run_one(*job, sweep_dir, threads, gpus), jobs))

@@ -166,19 +166,51 @@ def write_predictions(ids: list[str], preds: list[int], classes: list[str], out_
     return out_csv
 
 
+def check_predictions(path: Path, ids: list[str], classes: list[str]) -> int:
+    """A submission as the format wants it: header image,label, one row per test image (each image of
+    `ids` once), every label a class id of `classes`. Returns the row count; a UserError names what
+    is wrong."""
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    problems = []
+    if not rows or rows[0] != ["image", "label"]:
+        problems.append(f"the header is {rows[0] if rows else 'missing'}, not ['image', 'label']")
+    body = rows[1:]
+    if sorted(r[0] for r in body if r) != sorted(ids):
+        problems.append(f"{len(body)} rows for {len(ids)} test images (every image once is needed)")
+    unknown = {r[1] for r in body if len(r) > 1} - set(classes)
+    if unknown:
+        problems.append(f"labels that are no class: {sorted(unknown)[:3]}")
+    if problems:
+        raise UserError(f"{path} is not a valid submission: {'; '.join(problems)}")
+    return len(body)
+
+
 # --------------------------------------------------------------------------- CLI
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Evaluate checkpoints (alone or as an ensemble) and predict the test split."
     )
     p.add_argument(
-        "--checkpoint", required=True, nargs="+", help="best.pth.tar / last.pth.tar files written by main.py"
+        "--checkpoint",
+        required=True,
+        nargs="+",
+        help="run folders (their best.pth.tar) or .pth.tar files written by main.py; several: an ensemble",
     )
     p.add_argument("--data_dir", default=None, help="dataset root (default: the one the first run trained on)")
     p.add_argument(
-        "--output_dir", default=None, help="where to write the outputs (default: beside the first checkpoint)"
+        "--output_dir",
+        default=None,
+        help="a new folder for the outputs (default: FIRST_RUN/eval/<checkpoints and options>, never overwritten)",
     )
-    p.add_argument("--tta", choices=("none", "flip"), default="none", help="test-time augmentation")
+    p.add_argument(
+        "--tta",
+        nargs="?",
+        const="flip",
+        default="none",
+        choices=("none", "flip"),
+        help="test-time augmentation: --tta (or --tta flip) averages each image with its mirror image, as main.py --tta",
+    )
     p.add_argument(
         "--ensemble",
         choices=("mean", "max_conf"),
@@ -200,7 +232,7 @@ def _load_models(args, device):
 
     models = []
     for path in args.checkpoint:
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(checkpoint_file(path))
         overrides = {"data_dir": args.data_dir} if args.data_dir else {}
         overrides.update({"workers": args.workers} if args.workers is not None else {})
         cfg = from_saved(ckpt["config"], **overrides, trainval=False, resume="")
@@ -246,8 +278,7 @@ def run(argv: list[str] | None = None) -> dict[str, float]:
             test_probs.append(infer(model, test_loader, normalize, device, dtype, tta=tta)["logits"].softmax(1))
     probs = combine(val_probs, args.ensemble)
     metrics = metrics_from_probs(probs, labels)
-    out_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint[0]).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(args)
     summary = {"checkpoints": [str(c) for c in args.checkpoint], "tta": args.tta, "ensemble": args.ensemble, **metrics}
     (out_dir / "val_metrics.json").write_text(json.dumps(summary, indent=2))
     write_csv(per_class_accuracy(probs.argmax(1), labels, data.classes, data.names), out_dir / "per_class_accuracy.csv")
@@ -265,7 +296,44 @@ def run(argv: list[str] | None = None) -> dict[str, float]:
         metrics["val_top5"],
         where,
     )
+    log.info("written to %s", out_dir)
     return metrics
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """A run folder stands for its best.pth.tar; a file is itself."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "best.pth.tar").is_file():
+            raise UserError(f"{p} holds no best.pth.tar; pass a run folder of main.py or a .pth.tar file")
+        return p / "best.pth.tar"
+    return p
+
+
+def output_folder(args) -> Path:
+    """A folder of its own for this evaluation, never one that holds another's outputs: --output_dir
+    (refused when it already holds an evaluation), else FIRST_RUN/eval/NAME, NAME from the
+    checkpoints and options (NAME_2, NAME_3, ... when taken)."""
+    if args.output_dir:
+        out = Path(args.output_dir)
+        if (out / "val_metrics.json").exists():
+            raise UserError(f"--output_dir {out} already holds an evaluation (val_metrics.json); pass a new folder")
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    files = [checkpoint_file(c) for c in args.checkpoint]
+    name = files[0].name.removesuffix(".pth.tar")
+    if len(files) > 1:
+        name = f"ensemble{len(files)}_{args.ensemble}_" + "+".join(f.parent.name.split("_", 2)[-1] for f in files)[:60]
+    name += "_tta" if args.tta == "flip" else ""
+    root = files[0].parent / "eval"
+    for n in range(1, 1000):
+        out = root / (name if n == 1 else f"{name}_{n}")
+        try:
+            out.mkdir(parents=True)
+            return out
+        except FileExistsError:
+            continue
+    raise UserError(f"{root} holds 999 evaluations named {name}; pass --output_dir")
 
 
 if __name__ == "__main__":

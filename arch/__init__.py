@@ -16,6 +16,7 @@ img_size) float images to (B, num_classes) logits. Models know nothing about con
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import socket
@@ -95,7 +96,11 @@ def resolve(name: str) -> ArchSpec:
         return ArchSpec(name, timm_name, "timm", DROP_KNOBS)  # what it really takes shows when building
     spec = REGISTRY.get(name)
     if spec is None:
-        raise UserError(f"unknown --arch {name!r}; choose one of: {', '.join(REGISTRY)}, or timm:NAME")
+        close = difflib.get_close_matches(name, list(REGISTRY), n=2, cutoff=0.6)
+        guess = f"did you mean {' or '.join(close)}? " if close else ""
+        raise UserError(
+            f"unknown --arch {name!r}; {guess}the catalogue: python main.py --list_archs (any timm model: timm:NAME)"
+        )
     return spec
 
 
@@ -123,12 +128,9 @@ def build_model(
     pretrained: bool = False,
     pretrained_path: str | None = None,
 ) -> torch.nn.Module:
-    """Build a model; drop knobs it lacks are reported once, never silently dropped."""
+    """Build a model; drop knobs it lacks are left out (unused_knobs names them for a message)."""
     spec = resolve(name)
     requested = {"drop_rate": drop_rate, "attn_drop_rate": attn_drop_rate, "drop_path_rate": drop_path_rate}
-    unused = [k for k, v in requested.items() if v and k not in spec.knobs]
-    if unused:
-        log.info("%s has no %s; those flags are ignored for this model", name, " / ".join(f"--{k}" for k in unused))
     kwargs = {k: v for k, v in requested.items() if k in spec.knobs}
     if pretrained_path and _toolkit_checkpoint(pretrained_path, name):  # a run of ours: every tensor, head included
         model = build_model(name, num_classes, img_size, drop_rate, attn_drop_rate, drop_path_rate)
@@ -143,6 +145,12 @@ def build_model(
     if spec.local is not None:
         return spec.local(num_classes=num_classes, **kwargs, **weights)
     return _create_timm(spec.timm_name, num_classes, kwargs, **spec.resolution_kwargs(img_size), **weights)
+
+
+def unused_knobs(name: str, **values: float) -> list[str]:
+    """The drop knobs given a non-zero value that model `name` does not have."""
+    spec = resolve(name)
+    return [k for k, v in values.items() if v and k not in spec.knobs]
 
 
 def _toolkit_checkpoint(path: str, arch: str) -> bool:
@@ -231,11 +239,27 @@ def model_stats(model: torch.nn.Module, img_size: int) -> tuple[int, float]:
     return params, counter.get_total_flops() / 1e9
 
 
+def on_meta(name: str, num_classes: int, img_size: int) -> torch.nn.Module:
+    """The model with shapes but no values (torch's meta device): for counting, instantly."""
+    with torch.device("meta"):
+        return build_model(name, num_classes, img_size)
+
+
+def count_params(name: str, num_classes: int, img_size: int = 64) -> int:
+    return sum(p.numel() for p in on_meta(name, num_classes, img_size).parameters())
+
+
+def smallest(num_classes: int, img_size: int = 64) -> list[tuple[str, int]]:
+    """(name, parameters) of the catalogue, smallest first: what fits a parameter budget."""
+    return sorted(((name, count_params(name, num_classes, img_size)) for name in REGISTRY), key=lambda r: r[1])
+
+
 def catalogue(img_size: int = 64, num_classes: int = 200) -> list[dict]:
-    """One row per registry entry: name, family, params, GFLOPs at img_size, drop_path support."""
+    """One row per registry entry: name, family, params, GFLOPs at img_size, drop_path support (built
+    on the meta device: seconds for the whole catalogue)."""
     rows = []
     for spec in REGISTRY.values():
-        params, gflops = model_stats(build_model(spec.name, num_classes, img_size), img_size)
+        params, gflops = model_stats(on_meta(spec.name, num_classes, img_size), img_size)
         rows.append(
             {
                 "name": spec.name,

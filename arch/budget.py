@@ -47,7 +47,7 @@ class BudgetNet(nn.Module):
     ) -> None:
         super().__init__()
         self.stem = nn.Sequential(_conv_bn(3, 32, 3, 2), _conv_bn(32, 48, 3))
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # also when built on meta
         blocks, cin, k = [], 48, 0
         for stage, (width, depth) in enumerate(zip(widths, depths, strict=True)):
             for i in range(depth):

@@ -78,6 +78,7 @@ if [ "$mount_code" -eq 1 ]; then
     cmd+=(-v "$root:/workspace")
 fi
 cmd+=(-v "$root/data:/workspace/data" -v "$root/checkpoints:/workspace/checkpoints" -w /workspace)
+cmd+=(-e TIN_LAUNCHED_BY=run_docker)  # an interrupted run then says how to resume from the host
 for var in WANDB_API_KEY WANDB_MODE WANDB_PROJECT WANDB_ENTITY; do
     if [ -n "${!var:-}" ]; then
         cmd+=(-e "$var")

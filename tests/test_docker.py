@@ -226,14 +226,15 @@ def test_docker_smoke():
     assert "docker smoke ok" in proc.stdout
 
 
-def test_an_interrupted_run_in_a_container_tells_the_host_command(tmp_path, monkeypatch):
+def test_an_interrupted_run_tells_the_host_command_only_in_run_dockers_containers(tmp_path, monkeypatch):
     from tin import loop
 
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "checkpoints" / "2026-11-27_10-00-00_resnet18"
-    monkeypatch.setattr(loop, "IN_CONTAINER", False)
+    monkeypatch.delenv("TIN_LAUNCHED_BY", raising=False)  # a plain machine, or any container but run_docker.sh's
     assert loop.resume_command(run) == f"python main.py --resume {run}"
-    monkeypatch.setattr(loop, "IN_CONTAINER", True)
+    monkeypatch.setenv("TIN_LAUNCHED_BY", "run_docker")  # what docker/run_docker.sh passes
     assert loop.resume_command(run).startswith(
         "bash docker/run_docker.sh -- python main.py --resume checkpoints/2026-11-27_10-00-00_resnet18 "
     )
+    assert "-e TIN_LAUNCHED_BY=run_docker" in _dry("run_docker.sh", "--", "python", "main.py", env=_env())

@@ -125,3 +125,66 @@ def test_no_figure_is_left_as_a_placeholder():
     for name, text in texts.items():
         prose = re.sub(r"```.*?```", "", text, flags=re.S)
         assert not placeholder.findall(prose), f"{name}: placeholders left: {placeholder.findall(prose)}"
+
+
+def test_the_learning_rate_table_is_the_recipe_table():
+    """README's learning-rate table against tin/optim.py's LR_RECIPES, cell by cell."""
+    from tin import optim
+
+    table = README.split("| model family (`--arch`)", 1)[1].split("\n\n", 1)[0]
+    rows = [r for r in table.splitlines() if r.startswith("| ")]
+    family = {"CNNs": "resnet", "mobile": "mobilenet", "small": "budget", "ViT/DeiT": "vit", "Swin": "swin", "any": "x"}
+    columns = [(False, "adamw"), (False, "sgd"), (True, "adamw"), (True, "sgd")]
+    assert len(rows) == 6
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        fam = family[cells[0].split()[0].rstrip(":")]
+        for (pretrained, opt), cell in zip(columns, cells[1:], strict=True):
+            recipe = optim.lr_recipe(fam, pretrained, opt)
+            rate, warmup = re.match(r"([\d.e-]+).*warm-up (\d+)", cell).groups()
+            assert (float(rate), float(warmup)) == (recipe.lr_per_256, recipe.warmup_epochs), (cells[0], cell)
+
+
+def test_preset_values_quoted_in_the_docs_are_the_presets():
+    """Sentences like "`configs/demo.yaml` sets `time_budget: 2`" say what the file holds."""
+    import yaml
+
+    quoted = re.findall(r"`(configs/[\w.-]+\.yaml)`\s+sets\s+`(\w+): ([^`]+)`", README + "".join(DOCS.values()))
+    assert quoted  # the README quotes at least the demo's budget
+    for preset, key, value in quoted:
+        assert yaml.safe_load((ROOT / preset).read_text())[key] == yaml.safe_load(value), (preset, key)
+
+
+def test_the_sections_the_help_texts_point_to_exist():
+    headings = set(re.findall(r"^#+ (.+)$", README, flags=re.M))
+    sources = [ROOT / "tin" / "config.py", ROOT / "tin" / "optim.py", ROOT / "arch" / "__init__.py"]
+    pointers = {p for f in sources for p in re.findall(r"README: ([A-Z][\w -]*\w)", f.read_text())}
+    assert pointers and all(p in headings for p in pointers), pointers - headings
+
+
+def test_the_first_screen_runs_as_written(tiny_data, tmp_path):
+    """The README's first four commands, from this checkout: the install is make's (dry run here: CI
+    made .venv), the data script installs an archive in the Tiny-ImageNet layout the way it installs
+    the download, training runs the command as written with the tiny dataset and a short run
+    appended, and the submission it names exists."""
+    import tarfile
+
+    first = _code_lines(README)[:4]
+    assert [line.split()[0] for line in first] == ["make", "sh", ".venv/bin/python", "ls"], first
+    assert subprocess.run(shlex.split(first[0]) + ["-n"], cwd=ROOT, capture_output=True).returncode == 0
+    archive = tmp_path / "tiny-imagenet-200.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tiny_data, arcname="tiny-imagenet-200")
+    data = tmp_path / "data" / "tiny-imagenet-200"
+    extra = ["--archive", str(archive), "--dest", str(data), "--expect", "4,16,20,9"]
+    assert subprocess.run(shlex.split(first[1]) + extra, cwd=ROOT, capture_output=True).returncode == 0
+    train = shlex.split(first[2].replace(".venv/bin/python", sys.executable))
+    train += ["--data_dir", str(data), "--output_dir", str(tmp_path / "checkpoints"), "--time_budget", "0"]
+    train += ["--epochs", "1", "--steps_per_epoch", "2", "--batch_size", "8", "--eval_size", "0", "--wandb", "disabled"]
+    proc = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"submit .*best_test_preds.csv \(9 rows, checked\)", proc.stdout)
+    listing = subprocess.run(
+        first[3].replace("checkpoints/", f"{tmp_path}/checkpoints/"), shell=True, capture_output=True
+    )
+    assert listing.returncode == 0 and b"best_test_preds.csv" in listing.stdout

@@ -26,7 +26,7 @@ import arch
 import batch_manager
 import train
 import transforms
-from tin import checkpoint, distributed, hardware, optim, outputs, time_budget
+from tin import checkpoint, distributed, hardware, optim, outputs, readers, time_budget
 from tin.checkpoint import TrainState
 from tin.config import RESOLVED_KEY, Config
 from utils import UserError, seed_everything
@@ -110,7 +110,9 @@ def build_parts(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None)
             f"--eval_size {cfg.eval_size}: {cfg.arch} is built for {cfg.img_size}x{cfg.img_size} inputs "
             "(a transformer's position grid); evaluate it at --img_size (--eval_size 0)"
         )
-    data = _prepare_data_once(cfg, ctx)
+    listing = readers.read_dataset(cfg.dataset, cfg.data_dir)  # file names only: fast
+    _check_params(cfg, len(listing.classes))  # before the decoding, not after
+    data = _prepare_data_once(cfg, ctx, listing)
     if ckpt is not None and list(ckpt["classes"]) != data.classes:
         raise UserError(f"--resume {cfg.resume}: the run was trained on other classes than those in {data.root}")
     cfg, recipe, auto = _resolve_recipe(cfg, ctx) if ckpt is None else (cfg, None, [])
@@ -195,8 +197,11 @@ def _model(cfg: Config, num_classes: int, runtime: hardware.Runtime, fresh: bool
         pretrained_path=(cfg.pretrained_path or None) if fresh else None,
     ).to(runtime.device)
     params, gflops = arch.model_stats(model, cfg.img_size)
-    if cfg.max_params and params > cfg.max_params:
-        raise UserError(f"--arch {cfg.arch} has {params:,} parameters, over --max_params {cfg.max_params:,}")
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    told = {k: getattr(cfg, k) for k in arch.DROP_KNOBS if getattr(cfg, k) != defaults[k]}  # set by the user
+    unused = arch.unused_knobs(cfg.arch, **told)
+    if unused:
+        log.info("%s has no %s; ignored for this model", cfg.arch, " / ".join(f"--{k}" for k in unused))
     log.info(
         "%s: %s parameters, %.3f GFLOPs per %dx%d image", cfg.arch, f"{params:,}", gflops, cfg.img_size, cfg.img_size
     )
@@ -205,12 +210,26 @@ def _model(cfg: Config, num_classes: int, runtime: hardware.Runtime, fresh: bool
     return model, params, gflops
 
 
-def _prepare_data_once(cfg: Config, ctx: distributed.Context):
+def _check_params(cfg: Config, num_classes: int) -> None:
+    """--max_params: the model's parameters counted on the meta device (no memory, no time)."""
+    if not cfg.max_params:
+        return
+    params = arch.count_params(cfg.arch, num_classes, cfg.img_size)
+    if params > cfg.max_params:
+        fits = [(n, k) for n, k in arch.smallest(num_classes, cfg.img_size) if k <= cfg.max_params]
+        hint = f"; {', '.join(f'--arch {n} ({k:,})' for n, k in fits[:2])} fit{'s' if len(fits) == 1 else ''}"
+        raise UserError(
+            f"--arch {cfg.arch} has {params:,} parameters with {num_classes} classes, over --max_params "
+            f"{cfg.max_params:,}{hint if fits else ''}"
+        )
+
+
+def _prepare_data_once(cfg: Config, ctx: distributed.Context, listing):
     """One process per node (local rank 0) decodes/caches first, so node-local data gets a cache on
     every node; the others then find it ready. The wait is a long gloo barrier, not NCCL's."""
     if ctx.local_rank != 0:
         distributed.barrier_long()
-    data = batch_manager.prepare_data(**cfg.data_kwargs())
+    data = batch_manager.prepare_data(**cfg.data_kwargs(), listing=listing)
     if ctx.local_rank == 0:
         distributed.barrier_long()
     return data
@@ -273,7 +292,7 @@ def _open_run_dir(cfg: Config, model: torch.nn.Module, run_dir: Path | None, res
         for stale in run_dir.glob("*.tmp"):
             stale.unlink()
             log.info("removed %s, an unfinished write of the interrupted run", stale.name)
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    text = yaml.safe_dump({**cfg.to_dict(), "resume": ""}, sort_keys=False)  # a preset: --config reads it back
     text += f"# {RESOLVED_KEY}: what auto settings became on this machine (ignored when read back with --config)\n"
     (run_dir / "config.yaml").write_text(text + yaml.safe_dump({RESOLVED_KEY: resolved}, sort_keys=False))
     return run_dir

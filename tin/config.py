@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+import arch
 import batch_manager
 import transforms
 from tin import hardware, optim
@@ -146,9 +149,10 @@ class Config:
         "which weights pick best.pth.tar and the test predictions", default="model", choices=("model", "ema")
     )
     tta: bool = _opt(
-        "evaluate and predict with horizontal-flip test-time augmentation (2x evaluation cost)",
+        "evaluate and predict with horizontal-flip test-time augmentation (2x evaluation cost); --tta, "
+        "--tta flip and --tta none work as in val.py and predict.py",
         default=False,
-        flag=True,
+        words={"flip": True, "none": False},
     )
     test_preds: str = _opt(
         "when best_test_preds.csv is written: at every new best (an interrupted run has them), or once at "
@@ -170,8 +174,8 @@ class Config:
     )
     # --- progressive augmentation (strength s in [0, 1]) ---
     aug_backend: str = _opt(
-        "torch: the recipe on whole batches on the device (faster, see README: Speed); albumentations: per "
-        "image in the loader workers",
+        "torch: the recipe on whole batches on the device (faster; README: Augmentation recipe); albumentations: "
+        "per image in the loader workers",
         default="torch",
         choices=lambda: tuple(batch_manager.AUG_BACKENDS),
         before="albumentations",
@@ -282,8 +286,18 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def validate(cfg: Config) -> Config:
-    """Reject values that would fail later, naming the flag and the fix."""
+def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
+    """Reject values that would fail later, naming the flag, the fix and, for a value that was not
+    on the command line, where it came from (`origins`: field -> a preset file, the resumed run)."""
+    try:
+        return _validate(cfg)
+    except UserError as exc:
+        named = dict.fromkeys(re.findall(r"--(\w+)", str(exc)))
+        notes = [f"--{k} {getattr(cfg, k)!r} comes from {origins[k]}" for k in named if k in (origins or {})]
+        raise UserError(f"{exc}{' (' + '; '.join(notes) + ')' if notes else ''}") from None
+
+
+def _validate(cfg: Config) -> Config:
     checks = [
         (cfg.epochs >= 1, f"--epochs must be >= 1 (got {cfg.epochs})"),
         (cfg.batch_size >= 1, f"--batch_size must be >= 1 (got {cfg.batch_size})"),
@@ -350,6 +364,7 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise UserError(message)
     cfg.milestone_epochs()
+    arch.resolve(cfg.arch)  # a typo: "did you mean", now
     if cfg.aug_backend == "albumentations":
         transforms.require_albumentations()  # installed? (optional: the torch backend needs none)
     try:
@@ -381,16 +396,28 @@ def _auto_number(kind: type):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _word(text: str, words: dict[str, Any]) -> Any:
+    if text not in words:
+        raise argparse.ArgumentTypeError(f"{text!r}: use one of {', '.join(words)} (or the flag alone)")
+    return words[text]
+
+
+def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
+    """The parser generated from Config's fields. suppress=True: options not given are left out of
+    the result (to see what the command line set)."""
     parser = argparse.ArgumentParser(
         description="Train an image classifier on Tiny-ImageNet-200.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # --ep 3 must not quietly mean --epochs 3
+        argument_default=argparse.SUPPRESS if suppress else None,
     )
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file whose keys become the defaults")
     for f in fields(Config):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         meta, name = f.metadata, f"--{f.name}"
         kwargs: dict[str, Any] = {"default": "auto" if default is None else default, "help": meta["help"]}
+        if suppress:
+            kwargs["default"] = argparse.SUPPRESS
         if meta.get("onoff"):  # --amp [auto|on|off], --amp = on, --no-amp = off
             parser.add_argument(name, nargs="?", const="on", choices=_choices(f), **kwargs)
             parser.add_argument(
@@ -402,8 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
                 help=f"{name} off",
             )
             continue
-        if _base_type(f) == "bool":
-            # on/off switches (--tta/--no-tta); plain flags (--no_cache) where the seed style has them
+        if meta.get("words"):  # --tta, --tta flip, --tta none
+            words = meta["words"]
+            kwargs.update(nargs="?", const=True, type=lambda w, words=words: _word(w, words), metavar="|".join(words))
+        elif _base_type(f) == "bool":
+            # on/off switches (--ema); plain flags (--no_cache) where the seed style has them
             kwargs["action"] = "store_true" if meta.get("flag") else argparse.BooleanOptionalAction
         else:
             kind = {"int": int, "float": float, "str": str}[_base_type(f)]
@@ -433,7 +463,7 @@ def load_yaml_defaults(path: str) -> dict[str, Any]:
     known = {f.name: f for f in fields(Config)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise UserError(f"config file {p}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
+        raise UserError(f"config file {p}: unknown key(s) {', '.join(_with_guess(k, known) for k in unknown)}")
     for key, value in data.items():
         data[key] = _coerce(p, key, value, known[key])
         choices = _choices(known[key])
@@ -458,9 +488,19 @@ def _coerce(path: Path, key: str, value: Any, f: dataclasses.Field) -> Any:
             pass
     if isinstance(value, wanted) and not (wanted is int and isinstance(value, bool)):
         return value
-    raise UserError(
-        f"config file {path}: {key} must be {type_name}{' or auto' if f.default is None else ''}, got {value!r}"
-    )
+    where = f"config file {path}" if str(path).endswith((".yaml", ".yml")) else str(path)
+    raise UserError(f"{where}: {key} must be {type_name}{' or auto' if f.default is None else ''}, got {value!r}")
+
+
+def config_from(values: dict[str, Any], origins: dict[str, str]) -> Config:
+    """The validated Config of `values` (the rest at their defaults), each value checked against its
+    field and any error naming where it came from (`origins`: key -> a preset file, "--set")."""
+    known = {f.name: f for f in fields(Config)}
+    for key in values:
+        if key not in known:
+            raise UserError(f"{origins.get(key, 'a value')}: unknown key {_with_guess(key, known)}")
+    coerced = {k: _coerce(Path(origins.get(k, "?")), k, v, known[k]) for k, v in values.items()}
+    return validate(Config(**coerced), origins)
 
 
 def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
@@ -490,16 +530,36 @@ def parse_config(argv: list[str] | None = None, base: dict[str, Any] | None = No
     """argv -> validated Config. Bad input raises UserError (argparse errors exit with code 2).
     `base` (a resumed run's saved config) replaces the defaults; the command line still wins."""
     parser = build_parser()
-    pre, _ = parser.parse_known_args(argv)
+    pre, unknown = parser.parse_known_args(argv)
+    flags = [u.split("=")[0] for u in unknown if u.startswith("--")]
+    if flags:
+        known = [a.removeprefix("--") for a in parser._option_string_actions if a.startswith("--")]
+        raise UserError(f"unknown option(s) {', '.join(_with_guess(f, known, '--') for f in flags)}; see --help")
+    origins: dict[str, str] = {}
     if base is not None:
         if pre.config:
             raise UserError("--resume takes the run's own settings: drop --config")
-        parser.set_defaults(**upgrade_saved(base))
+        saved = upgrade_saved(base)
+        parser.set_defaults(**saved)
+        origins.update(dict.fromkeys(saved, "the resumed run's config"))
     if pre.config:
-        parser.set_defaults(**load_yaml_defaults(pre.config))
+        preset = load_yaml_defaults(pre.config)
+        parser.set_defaults(**preset)
+        origins.update(dict.fromkeys(preset, pre.config))
     args = vars(parser.parse_args(argv))
     args.pop("config")
+    for name in vars(build_parser(suppress=True).parse_args(argv)):  # on the command line: said by the user
+        origins.pop(name, None)
     for f in fields(Config):
         if f.default is None and args[f.name] == "auto":  # the parser's shown default
             args[f.name] = None
-    return validate(Config(**args))
+    return validate(Config(**args), origins)
+
+
+def _with_guess(name: str, known, prefix: str = "") -> str:
+    """`name`, with a "did you mean" when a known name is close."""
+    bare = name.removeprefix(prefix)
+    close = [k for k in known if k.startswith(bare)][:2] or difflib.get_close_matches(
+        bare, list(known), n=1, cutoff=0.6
+    )
+    return f"{name} (did you mean {' or '.join(prefix + c for c in close)}?)" if close else name

@@ -175,13 +175,11 @@ def exit_interrupted(run: Run) -> None:
     raise SystemExit(128 + run.clock.signal)
 
 
-IN_CONTAINER = os.path.exists("/.dockerenv")
-
-
 def resume_command(run_dir: Path) -> str:
-    """The command that resumes `run_dir`; in a Docker container, the one to type on the host
-    (docker/run_docker.sh mounts checkpoints/ at the same place relative to the repository)."""
-    if not IN_CONTAINER:
+    """The command that resumes `run_dir`; in a container that docker/run_docker.sh started, the one to
+    type on the host (it mounts checkpoints/ at the same place relative to the repository). Any other
+    container (RunPod, Vast, Kubernetes) resumes where it runs, like a plain machine."""
+    if os.environ.get("TIN_LAUNCHED_BY") != "run_docker":
         return f"python main.py --resume {run_dir}"
     try:
         run_dir = Path(run_dir).resolve().relative_to(Path.cwd().resolve())

@@ -134,8 +134,8 @@ class LrRecipe:
 
 
 # Model family -> group, then (group, pretrained, adaptive optimizer?) -> recipe. From scratch, the
-# rates are those the 2-epoch real-data comparison chose (bench/lr_recipes.py, README: Learning
-# rates); pretrained keeps the original project's fine-tuning rate 2e-5 (AdamW, batch 128).
+# rates are those the 2-epoch real-data comparison chose (bench/lr_recipes.py; README: Learning rates);
+# pretrained keeps the original project's fine-tuning rate 2e-5 (AdamW, batch 128).
 FAMILY_GROUPS = {
     "resnet": "cnn",
     "resnet-small": "cnn",

@@ -147,8 +147,13 @@ def log_done(run) -> None:
     final = "trained on train + val (no val metrics)"
     if b.get("val_top1") is not None:
         final = f"best val top-1 {b['val_top1']:.2f}% (top-5 {b['val_top5']:.2f}%) at epoch {b['best_epoch']}"
-    has_test = run.parts.loaders.test is not None
-    out = f"submit {run.run_dir / 'best_test_preds.csv'}" if has_test else f"weights in {run.run_dir}"
+    data, preds = run.parts.loaders.data, run.run_dir / "best_test_preds.csv"
+    out = f"weights in {run.run_dir}"
+    if data.test is not None and run.parts.ctx.is_main:  # the submission, checked before it is called one
+        import val
+
+        rows = val.check_predictions(preds, data.test.ids, data.classes)
+        out = f"submit {preds} ({rows:,} rows, checked)"
     within = f" (--time_budget {plan.budget_s:.0f}s)" if plan.budget_s else ""
     log.info("done: %s in %.0fs%s | %s", final, run.clock.elapsed(), within, out)
 

@@ -139,6 +139,20 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
+def _test_split(folder: Path) -> Split | None:
+    """The unlabelled test images; an empty folder is said loudly, now, not found out at submission
+    time (there is then no test split and no best_test_preds.csv)."""
+    images = _images_in(folder)
+    if not images:
+        log.warning(
+            "%s holds no images: this run will write no best_test_preds.csv (the submission); put the test "
+            "images there first if you need one",
+            folder,
+        )
+        return None
+    return _file_split(images, None)
+
+
 def _file_split(paths: list[Path], labels: list[int] | None) -> Split:
     return Split(ids=[p.name for p in paths], labels=labels, paths=paths)
 
@@ -148,6 +162,9 @@ def read_tiny_imagenet(root: str | Path) -> DataSplits:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist; {GET_DATA_HINT}")
+    inside = sorted(w.parent for w in root.glob("*/wnids.txt"))
+    if not (root / "wnids.txt").exists() and inside:  # --data_dir data, the dataset one level down
+        raise DatasetError(f"{root} holds no wnids.txt, but {inside[0]} does: pass --data_dir {inside[0]}")
     wnids_file = _need(root / "wnids.txt", "the class list")
     wnids = [w.strip() for w in wnids_file.read_text().splitlines() if w.strip()]
     if not wnids:
@@ -173,8 +190,13 @@ def read_tiny_imagenet(root: str | Path) -> DataSplits:
         names=_read_words(root / "words.txt", classes),
         train=_file_split(train_paths, train_labels),
         val=_read_tiny_val(root / "val", index),
-        test=_file_split(_images_in(_need(root / "test" / "images", "the unlabelled test images")), None),
+        test=_test_split(_need(root / "test" / "images", "the unlabelled test images")),
     )
+
+
+def short_name(name: str) -> str:
+    """A class's first name: words.txt's "goldfish, Carassius auratus" -> "goldfish" (never cut mid-word)."""
+    return name.split(",")[0].strip() or name
 
 
 def _read_words(words: Path, classes: list[str]) -> dict[str, str]:
@@ -307,7 +329,7 @@ def read_folder(root: Path) -> DataSplits:
 
     val = labelled(_need(root / "val", "val/<class>/ image folders (or use --val_split)"))
     test_dir = root / "test" / "images" if (root / "test" / "images").is_dir() else root / "test"
-    test = _file_split(_images_in(test_dir), None) if test_dir.is_dir() else None
+    test = _test_split(test_dir) if test_dir.is_dir() else None
     return DataSplits(root, classes, {c: c for c in classes}, labelled(train_dir), val, test)
 
 
