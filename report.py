@@ -111,7 +111,7 @@ def find_runs(path: Path) -> list[Path]:
     at any depth (a sweep's runs sit two levels down)."""
     if (path / "config.yaml").is_file() or not path.is_dir():
         return [path]
-    return sorted(p.parent for p in path.rglob("config.yaml") if p.parent != path)
+    return sorted(p.parent for p in path.rglob("config.yaml") if p.parent != path) or [path]  # none: said skipped
 
 
 if __name__ == "__main__":
