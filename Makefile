@@ -37,7 +37,7 @@ test-slow: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/shellcheck docker/*.sh bench/*.sh data/download_and_unzip.sh .ci/run
+	$(VENV)/bin/shellcheck $(wildcard docker/*.sh bench/*.sh data/*.sh) .ci/run
 	$(VENV)/bin/hadolint docker/Dockerfile
 
 format: venv

@@ -3,7 +3,9 @@ grayscale, val_annotations.txt, unlabelled test/) and one short real training ru
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -109,7 +111,9 @@ def loaders_for(
 
     prepare.setdefault("use_cache", aug_backend == "torch")  # the batch backend gathers from the cache
     if prepare["use_cache"]:
-        prepare.setdefault("cache_dir", tempfile.mkdtemp(prefix="tin-cache-"))
+        if "cache_dir" not in prepare:
+            prepare["cache_dir"] = tempfile.mkdtemp(prefix="tin-cache-")
+            atexit.register(shutil.rmtree, prepare["cache_dir"], ignore_errors=True)
     data = batch_manager.prepare_data(kind, root, img_size, workers, seed=seed, **prepare)
     return batch_manager.build_loaders(data, img_size, batch_size, workers, seed, aug_backend=aug_backend)
 
