@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import html
 import json
 import logging
 import sys
@@ -262,17 +263,79 @@ def analyze_run(
     plot_tsne(res["features"], labels, out / "tsne.png", tsne_samples, names=class_names)
     wrong = torch.nonzero(preds != labels).flatten()
     worst = wrong[probs[wrong].max(1).values.argsort(descending=True)][:24].tolist()
-    plot_misclassified(
-        [data.val.image(i) for i in worst],
-        [
-            f"{short_name(data.names[data.classes[labels[i]]])}\n→ {short_name(data.names[data.classes[preds[i]]])} "
-            f"({100 * probs[i].max():.0f}%)"
-            for i in worst
-        ],
-        out / "misclassified.png",
+    captions = [
+        f"{short_name(data.names[data.classes[labels[i]]])}\n→ {short_name(data.names[data.classes[preds[i]]])} "
+        f"({100 * probs[i].max():.0f}%)"
+        for i in worst
+    ]
+    plot_misclassified([data.val.image(i) for i in worst], captions, out / "misclassified.png")
+    pairs = [
+        (data.classes.index(r["true"]), data.classes.index(r["predicted"]))
+        for r in top_confusions(cm, data.classes, data.names, 10)
+    ]
+    examples = {(t, p): [int(i) for i in torch.nonzero((labels == t) & (preds == p)).flatten()[:4]] for t, p in pairs}
+    page = run_page(
+        run_dir,
+        out,
+        data,
+        per_class,
+        examples,
+        [(i, c.replace("\n", " ")) for i, c in zip(worst, captions, strict=True)],
     )
-    log.info("analysis written to %s", out)
+    log.info("analysis written to %s (open %s in a browser)", out, page)
     return out
+
+
+def run_page(run_dir: Path, out: Path, data, per_class: list[dict], examples: dict, mistakes: list) -> Path:
+    """out/index.html: the run on one self-contained page (tin/page.py): its figures, configuration,
+    per-class accuracy (sortable), the most confused pairs with examples, the surest mistakes."""
+    from tin import page
+
+    results = (
+        json.loads((run_dir / "best_results.json").read_text()) if (run_dir / "best_results.json").is_file() else {}
+    )
+    top1, top5 = results.get("val_top1"), results.get("val_top5")
+    facts = [
+        ("model", f"{results.get('arch', '?')} ({results.get('params', 0):,} parameters)"),
+        ("best val top-1", f"{top1:.2f} %" if top1 is not None else "none (no val)"),
+        ("top-5", f"{top5:.2f} %" if top5 is not None else "-"),
+        ("epoch", str(results.get("best_epoch", "?"))),
+        ("updates", f"{results.get('updates', 0):,}"),
+        ("wall time", f"{results.get('wall_time_seconds', 0) / 60:.1f} min"),
+        ("device", str(results.get("runtime", {}).get("device_name", "?"))),
+        ("precision", str(results.get("runtime", {}).get("precision", "?"))),
+    ]
+    name = lambda k: short_name(data.names[data.classes[k]])  # noqa: E731
+    pair_rows = []
+    for (t, p), idx in examples.items():
+        shown = page.thumbnails([(data.val.image(i), f"{name(t)} → {name(p)}") for i in idx])
+        pair_rows.append(f"<h3>{html.escape(name(t))} taken for {html.escape(name(p))} ({len(idx)} shown)</h3>{shown}")
+    config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    sections = [
+        ("", page.facts(facts)),
+        ("Training curves", page.figure(out / "curves.png", "training curves")),
+        (
+            "Per-class accuracy (click a column to sort)",
+            page.table(per_class, ["wnid", "name", "accuracy", "count"], "per-class"),
+        ),
+        ("Most confused pairs, with examples", "".join(pair_rows) or "<p>no confusions</p>"),
+        (
+            "The surest mistakes (true → predicted, confidence)",
+            page.thumbnails([(data.val.image(i), c) for i, c in mistakes]),
+        ),
+        (
+            "Confusion matrix",
+            page.figure(out / "confusion_matrix.png", "confusion matrix")
+            + page.figure(out / "confusion_top.png", "most confused classes"),
+        ),
+        ("t-SNE of the penultimate features", page.figure(out / "tsne.png", "t-SNE")),
+        (
+            "Configuration (config.yaml: the flags, then what auto became here)",
+            f"<pre>{html.escape(config_text)}</pre>",
+        ),
+    ]
+    title = f"{run_dir.name}: {top1:.2f} % val top-1" if top1 is not None else run_dir.name
+    return page.write_page(out / "index.html", title, sections)
 
 
 # --------------------------------------------------------------------------- a dataset

@@ -80,7 +80,22 @@ def write_report(runs: list[dict], out_dir: Path, skipped: list[str]) -> Path:
         plt.close(fig)
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
+    write_page(runs, out_dir, skipped)
     return report
+
+
+def write_page(runs: list[dict], out_dir: Path, skipped: list[str]) -> Path:
+    """out_dir/index.html: the table (sortable) and the overlaid curves on one self-contained page."""
+    from tin import page
+
+    sections = [
+        ("Runs (click a column to sort)", page.table(runs, COLUMNS, "runs")),
+        ("val top-1 per epoch", page.figure(out_dir / "report_val_top1.png", "val top-1")),
+        ("val loss per epoch", page.figure(out_dir / "report_val_loss.png", "val loss")),
+    ]
+    if skipped:
+        sections.append(("Skipped (not finished runs)", f"<p>{', '.join(skipped)}</p>"))
+    return page.write_page(out_dir / "index.html", f"{len(runs)} runs compared", sections)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,3 +212,47 @@ def test_eval_size_evaluates_val_and_test_at_its_resolution(tiny_data, tmp_path)
     assert again["val_top1"] == pytest.approx(best["val_top1"])
     with pytest.raises(UserError, match="--eval_size 40: vit_tiny is built for 32x32"):
         main.main([*FAST_RUN, *common, "--arch", "vit_tiny", "--eval_size", "40"])
+
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+def render(page: Path, tmp_path: Path) -> str:
+    """The page's DOM after it loaded in headless Chromium (skipped without one; CI installs it)."""
+    if CHROMIUM is None:
+        pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium)")
+    proc = subprocess.run(
+        [
+            CHROMIUM,
+            *"--headless --no-sandbox --disable-gpu --no-first-run --disable-background-networking".split(),
+            *"--disable-component-update --disable-sync --virtual-time-budget=10000 --dump-dom".split(),
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_the_run_page_opens_in_a_browser_with_every_image_and_table_row(analysed_run, tmp_path):
+    dom = render(analysed_run / "index.html", tmp_path)
+    images = int(re.search(r'data-images="(\d+)"', dom).group(1))
+    loaded = int(re.search(r'data-loaded="(\d+)"', dom).group(1))
+    assert images >= 3 and loaded == images  # the figures (and any mistakes shown), all embedded and loaded
+    per_class = dom.split('id="per-class"')[1].split("</table>")[0]
+    assert per_class.count("<tr>") == 1 + 4  # the header and the four classes
+    assert "goldfish" in per_class and "Most confused pairs" in dom and "config.yaml" in dom
+    assert "http" not in re.sub(r'xmlns="[^"]*"', "", dom.split("<body")[1])  # nothing fetched from anywhere
+
+
+def test_the_report_page_shows_every_run(trained_run, analysed_run, tmp_path):
+    import report
+
+    assert report.main([str(trained_run), str(analysed_run), "--output_dir", str(tmp_path / "r")]) == 0
+    dom = render(tmp_path / "r" / "index.html", tmp_path)
+    runs = dom.split('id="runs"')[1].split("</table>")[0]
+    assert runs.count("<tr>") == 1 + 2 and trained_run.name in runs
+    assert int(re.search(r'data-loaded="(\d+)"', dom).group(1)) == 2  # both curves
