@@ -2,12 +2,13 @@
 
     python predict.py RUN_OR_CHECKPOINT [MORE_CHECKPOINTS ...] IMAGES ... [--topk 5] [--tta flip]
                       [--out predictions.csv] [--batch_size N] [--device auto|cpu|cuda] [--ensemble mean|max_conf]
-    python predict.py --checkpoint A/best.pth.tar [B/best.pth.tar ...] -- IMAGES ...   (as val.py takes them)
+    python predict.py --checkpoint A/best.pth.tar [B/best.pth.tar ...] IMAGES ...   (as val.py takes them)
 
 Which argument is which: a run folder (one holding best.pth.tar; its best.pth.tar is used) or a
 file named *.pth.tar is a checkpoint; every other argument is an image source: a file (any name), a
 folder (searched recursively for .jpg .jpeg .png .bmp .webp .tif .tiff .gif files) or a quoted glob
-('photos/**/*.png'). With --checkpoint, every positional argument is an image source.
+('photos/**/*.png'). With --checkpoint, its first value is a checkpoint whatever its name, and so
+are the values after it up to the first one that is not a checkpoint by the rule above.
 
 Images of any size and mode are decoded as training decodes them (tin.readers.decode_rgb: grayscale,
 palette, CMYK and 16-bit files become RGB; an alpha channel is dropped), then sized as the run's
@@ -88,8 +89,10 @@ def is_checkpoint(arg: str) -> bool:
 
 def split_inputs(args: argparse.Namespace) -> tuple[list[Path], list[str]]:
     """(checkpoint files, image sources) from the command line."""
-    if args.checkpoint:
-        checkpoints, sources = args.checkpoint, args.inputs
+    if args.checkpoint:  # argparse gives --checkpoint every word up to the next flag: the images may be among them
+        first, rest = args.checkpoint[0], args.checkpoint[1:]
+        n = next((i for i, a in enumerate(rest) if not is_checkpoint(a)), len(rest))
+        checkpoints, sources = [first, *rest[:n]], rest[n:] + args.inputs
     else:
         checkpoints = [a for a in args.inputs if is_checkpoint(a)]
         sources = [a for a in args.inputs if not is_checkpoint(a)]
@@ -157,8 +160,12 @@ def batches(
             keep = [(start + j, image) for j, (image, _) in enumerate(loaded) if image is not None]
             bad.update((str(p), why) for p, (_, why) in zip(chunk, loaded, strict=True) if why)
             if keep:
-                images = np.ascontiguousarray(np.stack([image for _, image in keep]).transpose(0, 3, 1, 2))
-                yield torch.from_numpy(images), torch.tensor([i for i, _ in keep])
+                images = torch.from_numpy(np.stack([image for _, image in keep])).permute(0, 3, 1, 2)
+                # the memory layout the run's evaluation loader gives (AugmentedDataset.__getitems__): its
+                # NHWC cache viewed as NCHW at the cached size, contiguous NCHW where it resized. The same
+                # layout gives the same sums in the model: the run's own predictions, image for image
+                images = images if store == size else images.contiguous()
+                yield images, torch.tensor([i for i, _ in keep])
 
 
 def store_of(cfg) -> int | None:
@@ -195,7 +202,9 @@ def class_names(models: list[val.Loaded]) -> dict[str, str]:
 
 def top_rows(probs: torch.Tensor, index: torch.Tensor, paths, classes, names, k: int) -> list[dict]:
     """One CSV row per image: path, then wnid_j, name_j, prob_j for j = 1..k."""
-    values, ids = probs.topk(min(k, probs.shape[1]), dim=1)
+    # a stable sort: exact ties (frequent in bf16) go to the lower class index, as argmax and the run's own
+    # predictions break them (topk's order among equal values is unspecified)
+    values, ids = (t[:, :k] for t in probs.sort(dim=1, descending=True, stable=True))
     rows = []
     for i, vs, cs in zip(index.tolist(), values.tolist(), ids.tolist(), strict=True):
         row = {"path": str(paths[i])}
