@@ -2,6 +2,7 @@
 #   make demo   create .venv, install the pinned requirements, build the built-in demo dataset
 #               (scikit-learn's digits in the Tiny-ImageNet layout) and train on it (~2 CPU minutes)
 #   make test   the test suite (what CI runs)
+#   make extras the optional packages: ONNX export (export.py); CI installs them
 # and, with data/tiny-imagenet-200 in place:
 #   make train ARGS="--arch resnet18 --batch_size 128 --lr_base 1e-3 --epochs 100"
 
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 DEMO_DATA ?= data/demo-digits
 ARGS ?=
 
-.PHONY: venv demo train test test-slow lint format clean-demo docker-smoke
+.PHONY: venv extras demo train test test-slow lint format clean-demo docker-smoke
 
 venv: $(VENV)/.installed
 
@@ -19,6 +20,12 @@ $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+extras: $(VENV)/.extras
+
+$(VENV)/.extras: $(VENV)/.installed requirements-extra.txt
+	$(PY) -m pip install -r requirements-extra.txt
 	touch $@
 
 demo: venv

@@ -50,9 +50,7 @@ def prepare_data(
     """Read the dataset (or take `listing`, read already), check or cache every image file
     (unreadable files are listed before training starts), then apply --val_split / --trainval."""
     data = listing if listing is not None else read_dataset(kind, data_dir)
-    # Tiny-ImageNet is stored at its native 64x64 (odd-sized files are resized to it); other
-    # image folders at the training resolution.
-    store = 64 if kind == "tiny-imagenet" else img_size
+    store = store_size(kind, img_size)
     cache = (Path(cache_dir) if cache_dir else data.root / ".cache") if use_cache else None
     splits = {}
     for name in ("train", "val", "test"):
@@ -70,7 +68,20 @@ def prepare_data(
     return data
 
 
+def store_size(kind: str, img_size: int) -> int:
+    """The size image files are decoded to and cached at: Tiny-ImageNet at its native 64x64 (odd-sized
+    files are resized to it), other image folders at the training resolution."""
+    return 64 if kind == "tiny-imagenet" else img_size
+
+
 # --------------------------------------------------------------------------- dataset
+def resize_to(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3): the evaluation resize (cv2 bilinear), only where needed."""
+    if image.shape[:2] == (size, size):
+        return image
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
 class AugmentedDataset(Dataset):
     """(uint8 image (3, H, W), label) pairs of a Split; label -1 for unlabelled images.
 
@@ -108,8 +119,7 @@ class AugmentedDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image = self.split.image(i)
         if self.make_pipeline is None:
-            if self.size and image.shape[:2] != (self.size, self.size):
-                image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
+            image = resize_to(image, self.size) if self.size else image
         else:
             strength, epoch, size = self.state.tolist()
             pipeline = self._pipeline(strength, int(size))

@@ -4,7 +4,8 @@
 -> class index per image; ``infer(...)`` -> logits, labels and penultimate features (optionally
 flip-TTA); ``combine(...)`` -> an ensemble's probabilities; ``write_predictions(...)`` -> the
 submission CSV (``image,label``: file name, predicted class id, one row per test image, sorted by
-file name).
+file name); ``load_model(...)`` / ``load_models(...)`` -> checkpoints built as their runs evaluated
+(val.py, predict.py and export.py load them through it).
 
 Also a CLI to evaluate saved checkpoints, alone or as an ensemble::
 
@@ -19,7 +20,9 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -225,28 +228,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _load_models(args, device):
+@dataclass
+class Loaded:
+    """A checkpoint ready to evaluate: its model in eval mode on the device, in the memory format and
+    with the autocast dtype the run decided for that device, and what the checkpoint says about it."""
+
+    path: Path
+    model: torch.nn.Module
+    cfg: Any  # tin.config.Config, overrides applied
+    saved: dict  # the config as the run saved it
+    classes: list[str]  # index = the model's output
+    names: dict[str, str] | None  # wnid -> human name; None in checkpoints written before they held names
+    amp_dtype: torch.dtype | None
+    best: dict  # the run's best so far: val_top1, best_epoch, ...
+    epoch: int
+
+
+def load_model(path: str | Path, device: torch.device, like: Loaded | None = None, **overrides) -> Loaded:
+    """One checkpoint, built as the run built it (`overrides`: config fields to replace, e.g.
+    data_dir). With `like`, a checkpoint for other classes is refused before anything is built: in an
+    ensemble the same output index must mean the same class."""
     import arch
     from tin.checkpoint import load_checkpoint
     from tin.config import from_saved
 
-    models = []
-    for path in args.checkpoint:
-        ckpt = load_checkpoint(checkpoint_file(path))
-        overrides = {"data_dir": args.data_dir} if args.data_dir else {}
-        overrides.update({"workers": args.workers} if args.workers is not None else {})
-        cfg = from_saved(ckpt["config"], **overrides, trainval=False, resume="")
-        if ckpt["config"].get("trainval"):
-            log.warning("%s was trained on train + val: its val metrics are not a fair estimate", path)
-        if models and list(ckpt["classes"]) != models[0][2]:
-            raise UserError(f"{path} was trained on other classes than {args.checkpoint[0]}; cannot ensemble them")
-        model = arch.build_model(cfg.arch, len(ckpt["classes"]), cfg.img_size).to(device)
-        model.load_state_dict(ckpt["state_dict"])
-        # as the run evaluated: its precision and memory format decided for this device
-        runtime = hardware.decide_runtime(device, cfg.amp, cfg.amp_dtype, cfg.channels_last)
-        if runtime.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        models.append((model, cfg, list(ckpt["classes"]), runtime.amp_dtype))
+    path = checkpoint_file(path)  # a run folder stands for its best.pth.tar
+    ckpt = load_checkpoint(path)
+    classes = list(ckpt["classes"])
+    if like is not None and classes != like.classes:
+        raise UserError(
+            f"{path} was trained on other classes ({len(classes)}) than {like.path} ({len(like.classes)}); "
+            "cannot ensemble them: pass checkpoints of runs on the same dataset"
+        )
+    cfg = from_saved(ckpt["config"], **overrides, trainval=False, resume="")
+    model = arch.build_model(cfg.arch, len(classes), cfg.img_size).to(device)
+    model.load_state_dict(ckpt["state_dict"])
+    # as the run evaluated: its precision and memory format decided for this device
+    runtime = hardware.decide_runtime(device, cfg.amp, cfg.amp_dtype, cfg.channels_last)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    best, epoch = ckpt.get("best") or {}, ckpt.get("epoch", 0)
+    return Loaded(
+        Path(path), model.eval(), cfg, ckpt["config"], classes, ckpt.get("names"), runtime.amp_dtype, best, epoch
+    )
+
+
+def load_models(paths: list[str | Path], device: torch.device, **overrides) -> list[Loaded]:
+    """load_model for each of an ensemble's checkpoints (all for the same classes)."""
+    models: list[Loaded] = []
+    for path in paths:
+        models.append(load_model(path, device, models[0] if models else None, **overrides))
     return models
 
 
@@ -257,8 +288,13 @@ def run(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     setup_logging()
     device = hardware.resolve_device(args.device)
-    models = _load_models(args, device)
-    cfg0, classes = models[0][1], models[0][2]
+    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+    overrides.update({"workers": args.workers} if args.workers is not None else {})
+    models = load_models(args.checkpoint, device, **overrides)
+    for m in models:
+        if m.saved.get("trainval"):
+            log.warning("%s was trained on train + val: its val metrics are not a fair estimate", m.path)
+    cfg0, classes = models[0].cfg, models[0].classes
     data = batch_manager.prepare_data(**cfg0.data_kwargs())
     if data.classes != classes:
         raise UserError(
@@ -267,7 +303,8 @@ def run(argv: list[str] | None = None) -> dict[str, float]:
         )
     normalize = Normalize().to(device)
     val_probs, test_probs, labels = [], [], None
-    for model, cfg, _, dtype in models:  # each model at its own resolution, from the same decoded data
+    for m in models:  # each model at its own resolution, from the same decoded data
+        model, cfg, dtype = m.model, m.cfg, m.amp_dtype
         batch = args.batch_size or 2 * cfg.batch_size
         val_loader, test_loader = batch_manager.eval_loaders(data, cfg.eval_px, batch, cfg.workers)
         tta = args.tta == "flip"

@@ -51,6 +51,33 @@ def make_layout(root: Path, n_train: int = 16, n_val: int = 5, n_test: int = 9, 
     return write_tiny_imagenet_layout(root, dict(zip(WNIDS, NAMES, strict=True)), train, val, test)
 
 
+def odd_images(folder: Path, seed: int = 0) -> dict[str, Path]:
+    """The image files users bring, of every mode and size, plus one that cannot be read and one
+    that is not an image: name -> path. The unreadable one sits in a subfolder (found recursively)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = toy_image(0, rng).convert("RGB")
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (64, 1))))
+    images = {
+        "gray.jpg": toy_image(1, rng).convert("L"),
+        "cmyk.jpg": toy_image(2, rng).convert("CMYK"),
+        "alpha.png": rgba,
+        "deep.png": Image.fromarray(np.asarray(toy_image(3, rng).convert("L"), np.uint16) * 257),  # 16-bit
+        "palette.gif": rgb.convert("P"),
+        "large.jpg": toy_image(1, rng, size=256).convert("RGB").resize((320, 200)),
+    }
+    paths = {}
+    for name, image in images.items():
+        image.save(folder / name)
+        paths[name] = folder / name
+    (folder / "sub").mkdir(exist_ok=True)
+    paths["corrupt.jpg"] = folder / "sub" / "corrupt.jpg"
+    paths["corrupt.jpg"].write_bytes(b"\xff\xd8\xff\xe0 a JPEG header, then nothing")
+    (folder / "notes.txt").write_text("not an image: folders are searched for image files only")
+    return paths
+
+
 def bench_module(name: str):
     """A script of bench/ imported as a module (bench/ is not a package)."""
     import importlib.util

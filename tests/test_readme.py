@@ -12,6 +12,8 @@ import sys
 import pytest
 
 import analyze
+import export
+import predict
 import sweep
 import val
 from conftest import ROOT
@@ -35,6 +37,8 @@ def known_flags() -> set[str]:
     for command in (
         [py, "main.py", "--help"],
         [py, "val.py", "--help"],
+        [py, "predict.py", "--help"],
+        [py, "export.py", "--help"],
         [py, "analyze.py", "run", "--help"],
         [py, "analyze.py", "dataset", "--help"],
         [py, "sweep.py", "--help"],
@@ -86,17 +90,17 @@ SCRIPTS = {
 }
 
 
-def _commands() -> list[tuple[str, list[str]]]:
-    """(script, its arguments) of every README command line that runs one of SCRIPTS."""
+def _commands(text: str = README, scripts: dict = SCRIPTS) -> list[tuple[str, list[str]]]:
+    """(script, its arguments) of every command line in `text` that runs one of `scripts`."""
     found = []
-    for line in _code_lines(README):
+    for line in _code_lines(text):
         try:
             words = shlex.split(line)
         except ValueError:
             continue
         for i, word in enumerate(words):
             script = word.split("/")[-1]
-            if script in SCRIPTS and (i == 0 or words[i - 1] in ("python", "python3") or "torchrun" in words[:i]):
+            if script in scripts and (i == 0 or words[i - 1] in ("python", "python3") or "torchrun" in words[:i]):
                 args = words[i + 1 :]
                 found.append((script, args))
                 break
@@ -110,11 +114,27 @@ def test_the_readme_shows_commands_for_each_script():
     assert {script for script, _ in COMMANDS} == set(SCRIPTS)
 
 
-@pytest.mark.parametrize("script, args", COMMANDS, ids=[f"{s} {' '.join(a)}"[:80] for s, a in COMMANDS])
-def test_every_readme_command_parses(script, args):
+def _without_placeholders(args: list[str]) -> list[str]:
     if "..." in args or any(a.startswith("[") or a.startswith("<") for a in args):
         args = [a for a in args if a != "..." and not a.startswith(("[", "<")) and not a.endswith("]")]
-    SCRIPTS[script](args)  # argparse exits, config raises UserError, on anything wrong
+    return args
+
+
+@pytest.mark.parametrize("script, args", COMMANDS, ids=[f"{s} {' '.join(a)}"[:80] for s, a in COMMANDS])
+def test_every_readme_command_parses(script, args):
+    SCRIPTS[script](_without_placeholders(args))  # argparse exits, config raises UserError, on anything wrong
+
+
+TOOLS = {"predict.py": lambda argv: predict.parse_args(argv), "export.py": lambda argv: export.parse_args(argv)}
+
+
+def test_using_md_commands_parse_and_its_flags_exist(known_flags):
+    commands = _commands(DOCS["USING.md"], TOOLS)
+    assert {script for script, _ in commands} == set(TOOLS)
+    for script, args in commands:
+        TOOLS[script](_without_placeholders(args))
+    unknown = sorted(set(FLAG.findall(DOCS["USING.md"])) - known_flags)
+    assert not unknown, f"docs/USING.md mentions flags no command has: {unknown}"
 
 
 def test_no_figure_is_left_as_a_placeholder():

@@ -164,6 +164,7 @@ def make_checkpoint(parts, scheduler, cfg_dict: dict, state: TrainState, plan) -
         "top5": last.get("val_top5"),
         "config": cfg_dict,
         "classes": parts.loaders.data.classes,
+        "names": parts.loaders.data.names,  # wnid -> human name: predict.py and export.py need no dataset
     }
 
 
