@@ -80,7 +80,9 @@ def build(cfg: Config, ctx: distributed.Context, ckpt: dict | None, started: flo
         sinks.append(outputs.CsvSink(run_dir / "metrics.csv", outputs.METRIC_ORDER, rows=state.history))
         if wandb_mode != "disabled":
             sinks.append(
-                outputs.WandbSink(run_dir, wandb_mode, cfg.wandb_project, cfg.to_dict(), run_id=state.wandb_id)
+                outputs.WandbSink(
+                    run_dir, wandb_mode, cfg.wandb_project, cfg.to_dict(), run_id=state.wandb_id, tags=cfg.tag_list()
+                )
             )
             state.wandb_id = sinks[-1].run.id
     clock = time_budget.Timekeeper(plan, cfg, state, started, ctx, parts.device, parts.sync_every)
@@ -280,7 +282,7 @@ def _open_run_dir(cfg: Config, model: torch.nn.Module, run_dir: Path | None, res
     """A new run folder (or the resumed one), created only once data and model are known good.
     config.yaml: the configuration (usable as --config), then what the auto settings became here."""
     new_run = run_dir is None
-    run_dir = run_dir or outputs.make_run_dir(cfg.output_dir, cfg.arch)
+    run_dir = run_dir or outputs.make_run_dir(cfg.output_dir, cfg.name or cfg.arch)
     try:
         checkpoint.check_disk(run_dir, model, extra_copies=cfg.keep_last + (1 if cfg.ema else 0))
     except UserError:
