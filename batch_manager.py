@@ -49,7 +49,7 @@ def prepare_data(
 ) -> DataSplits:
     """Read the dataset (or take `listing`, read already), check or cache every image file
     (unreadable files are listed before training starts), then apply --val_split / --trainval."""
-    data = listing if listing is not None else read_dataset(kind, data_dir)
+    data = listing if listing is not None else read_dataset(kind, data_dir, val=not val_split)
     # Tiny-ImageNet is stored at its native 64x64 (odd-sized files are resized to it); other
     # image folders at the training resolution.
     store = 64 if kind == "tiny-imagenet" else img_size

@@ -112,7 +112,8 @@ def build_parts(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None)
             f"--eval_size {cfg.eval_size}: {cfg.arch} is built for {cfg.img_size}x{cfg.img_size} inputs "
             "(a transformer's position grid); evaluate it at --img_size (--eval_size 0)"
         )
-    listing = readers.read_dataset(cfg.dataset, cfg.data_dir)  # file names only: fast
+    # file names only: fast. A held-out val (--val_split) never touches the dataset's own val images.
+    listing = readers.read_dataset(cfg.dataset, cfg.data_dir, val=not cfg.val_split)
     _check_params(cfg, len(listing.classes))  # before the decoding, not after
     data = _prepare_data_once(cfg, ctx, listing)
     if ckpt is not None and list(ckpt["classes"]) != data.classes:
