@@ -449,7 +449,7 @@ def group_rows(rows: list[dict]) -> list[dict]:
             {
                 "configuration": group,
                 "runs": f"{len(ok)}/{len(members)}",
-                "seeds": ",".join(str(r.get("seed")) for r in ok),
+                "seeds": ",".join(str(seed) for seed in sorted(r.get("seed") for r in ok)),
                 "val_top1": mean_std([r["val_top1"] for r in ok]),
                 "val_top5": mean_std([r.get("val_top5") for r in ok]),
                 "wall_time_seconds": round(statistics.fmean(times)) if times else "",
