@@ -220,7 +220,7 @@ def _checked(values: dict, origins: dict, preset: str) -> Config:
 def _pruner(kind: str, n_trials: int):
     import optuna
 
-    if kind == "median":  # a trial below the median of the others at the same epoch stops
+    if kind == "median":  # a trial below the median of the finished trials at the same epoch stops
         return optuna.pruners.MedianPruner(n_startup_trials=max(1, min(5, n_trials // 4)), n_warmup_steps=0)
     if kind == "halving":  # rungs at epochs 1, 3, 9...: the best third go on
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
@@ -231,8 +231,9 @@ PRUNERS = ("median", "halving", "none")  # sweep.py --pruner; built by _pruner
 
 
 def open_study(plan: Plan, sweep_dir: Path, pruner: str):
-    """The study in SWEEP/study.db: new, or the one this command made before (its settings must be
-    the same: a changed preset or space is a new search, in another folder)."""
+    """The study in SWEEP/study.db: new, or the one this command made before (what it computes must
+    be the same: a changed preset or space is a new search, in another folder; where it runs, such
+    as --data_dir or --workers, may change)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # sweep.py prints a line per trial itself
@@ -264,7 +265,8 @@ def _setup(plan: Plan) -> dict:
         k: ({k2: v2 for k2, v2 in asdict(d).items() if v2 is not None} if isinstance(d, Dim) else d)
         for k, d in plan.space.items()
     }
-    return {"preset": plan.preset, "base": plan.base, "space": space, "val_split": plan.holdout}
+    computed = {k: v for k, v in plan.base.items() if k not in may_change_on_resume()}  # where it runs may change
+    return {"preset": plan.preset, "base": computed, "space": space, "val_split": plan.holdout}
 
 
 def recover(study) -> None:
@@ -273,7 +275,7 @@ def recover(study) -> None:
     values, to continue its run where it stopped (or start again when it never saved)."""
     from optuna.trial import TrialState
 
-    storage = study._storage  # noqa: SLF001 - Optuna's documented way to end a trial nobody runs
+    storage = study._storage  # noqa: SLF001 - no public call ends a trial another process left; Optuna's fail_stale_trials does it so
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_user_attr(t._trial_id, "interrupted", True)  # noqa: SLF001
         storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)  # noqa: SLF001
