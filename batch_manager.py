@@ -49,7 +49,7 @@ def prepare_data(
 ) -> DataSplits:
     """Read the dataset (or take `listing`, read already), check or cache every image file
     (unreadable files are listed before training starts), then apply --val_split / --trainval."""
-    data = listing if listing is not None else read_dataset(kind, data_dir)
+    data = listing if listing is not None else read_dataset(kind, data_dir, val=not val_split)
     store = store_size(kind, img_size)
     cache = (Path(cache_dir) if cache_dir else data.root / ".cache") if use_cache else None
     splits = {}

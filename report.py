@@ -1,11 +1,14 @@
-"""Compare training runs: one table row per run and their val curves overlaid.
+"""Compare training runs: one table row per run (its --name too), the seeds of one configuration
+grouped (mean ± std), and their val curves overlaid.
 
     python report.py checkpoints/ [more folders...] [--output_dir DIR]
 
 Each folder given is a run folder, or is searched for run folders (a sweep's folder, checkpoints/).
 Reads each run's best_results.json, config.yaml and metrics.csv; folders that are not finished runs
-are skipped with a note. Writes report.md (sorted by val top-1) and report_val_top1.png /
-report_val_loss.png into --output_dir (default: reports/<timestamp>/, never the repository root).
+are skipped with a note. Runs whose configurations differ only in --seed (and in where they ran:
+the options that may change on resume, --name and --tags among them) are one configuration.
+Writes report.md (sorted by val top-1) and report_val_top1.png / report_val_loss.png into
+--output_dir (default: reports/<timestamp>/, never the repository root).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +27,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
-COLUMNS = ["run", "arch", "params", "gflops", "epochs", "val_top1", "val_top5", "wall_time_s", "images_per_s"]
+from tin import experiments  # noqa: E402
+from tin.config import RESOLVED_KEY, may_change_on_resume  # noqa: E402
+
+COLUMNS = [
+    "run",
+    "name",
+    "seed",
+    "arch",
+    "params",
+    "gflops",
+    "epochs",
+    "val_top1",
+    "val_top5",
+    "wall_time_s",
+    "images_per_s",
+]
 
 
 def load_run(run: Path) -> dict | None:
@@ -36,6 +55,10 @@ def load_run(run: Path) -> dict | None:
     speeds = [float(r["images_per_second"]) for r in rows if r.get("images_per_second")]
     return {
         "run": run.name,
+        "name": best.get("name") or cfg.get("name") or cfg.get("arch"),
+        "seed": cfg.get("seed"),
+        "evaluated_on": evaluated_on(cfg),
+        "_config": configuration(cfg),
         "arch": best.get("arch", cfg.get("arch")),
         "params": best.get("params"),
         "gflops": best.get("gflops"),
@@ -46,6 +69,47 @@ def load_run(run: Path) -> dict | None:
         "images_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
         "_rows": rows,
     }
+
+
+def evaluated_on(cfg: dict) -> str:
+    """Where a run's val figures come from: val, a held-out part of train (a search's trials), none."""
+    if cfg.get("trainval"):
+        return "none (train + val)"
+    return f"held-out {cfg['val_split']:.0%} of train" if cfg.get("val_split") else "val"
+
+
+def configuration(cfg: dict) -> str:
+    """What a run computed, less its seed: the options that may not change on resume."""
+    free = may_change_on_resume() | {"seed", RESOLVED_KEY}
+    return json.dumps({k: v for k, v in cfg.items() if k not in free}, sort_keys=True, default=str)
+
+
+def seed_groups(runs: list[dict]) -> list[dict]:
+    """Per configuration with more than one run: its runs' mean ± std (experiments.group_rows), named
+    after its runs (a sweep's _s<seed> suffix dropped)."""
+    by_config: dict[str, list[dict]] = {}
+    for r in runs:
+        by_config.setdefault(r["_config"], []).append(r)
+    rows, labels = [], set()
+    for members in by_config.values():
+        if len(members) < 2:
+            continue
+        label = sorted(re.sub(r"_s\d+$", "", str(m["name"])) for m in members)[0]
+        while label in labels:
+            label += "'"
+        labels.add(label)
+        for m in members:
+            rows.append(
+                {
+                    "group": label,
+                    "status": "ok",
+                    "seed": m["seed"],
+                    "val_top1": m["val_top1"],
+                    "val_top5": m["val_top5"],
+                    "wall_time_seconds": m["wall_time_s"],
+                }
+            )
+    return experiments.group_rows(rows)
 
 
 def _cell(value) -> str:
@@ -63,6 +127,10 @@ def write_report(runs: list[dict], out_dir: Path, skipped: list[str]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# Runs compared", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in runs]
+    groups = seed_groups(runs)
+    if groups:
+        lines += ["", "## Configurations run with several seeds (val top-1 and top-5: mean ± std)", ""]
+        lines += experiments.markdown_table(groups, experiments.GROUP_COLUMNS)
     lines += ["", "![val top-1](report_val_top1.png)", "", "![val loss](report_val_loss.png)"]
     if skipped:
         lines += ["", "Skipped (not finished runs): " + ", ".join(skipped)]
@@ -71,7 +139,7 @@ def write_report(runs: list[dict], out_dir: Path, skipped: list[str]) -> Path:
         for r in runs:
             xs = [float(row["epoch"]) for row in r["_rows"] if row.get(key)]
             ys = [float(row[key]) for row in r["_rows"] if row.get(key)]
-            ax.plot(xs, ys, label=f"{r['run']} ({r['arch']})")
+            ax.plot(xs, ys, label=f"{r['run']} ({r['arch']})" if r["name"] in r["run"] else f"{r['run']} ({r['name']})")
         ax.set(xlabel="epoch", ylabel=key.replace("_", " "), title=f"{key.replace('_', ' ')} per epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -40,34 +40,10 @@ SEED_RATE = 4e-5  # the original project's 2e-5 at its batch of 128, per 256 ima
 
 
 def subset(root: Path, classes: int, out: Path) -> Path:
-    """A Tiny-ImageNet layout of every k-th class (symbolic links to the real files)."""
-    wnids = sorted(w.strip() for w in (root / "wnids.txt").read_text().split() if w.strip())
-    keep = wnids[:: max(1, len(wnids) // classes)][:classes]
-    dest = out / f"tiny-imagenet-{classes}"
-    if (dest / "wnids.txt").is_file():
-        return dest
-    (dest / "train").mkdir(parents=True, exist_ok=True)
-    (dest / "val" / "images").mkdir(parents=True, exist_ok=True)
-    (dest / "test").mkdir(parents=True, exist_ok=True)
-    for w in keep:
-        link = dest / "train" / w
-        if not link.exists():
-            link.symlink_to((root / "train" / w).resolve())
-    lines = [ln for ln in (root / "val" / "val_annotations.txt").read_text().splitlines() if ln.split("\t")[1] in keep]
-    for ln in lines:
-        name = ln.split("\t")[0]
-        link = dest / "val" / "images" / name
-        if not link.exists():
-            link.symlink_to((root / "val" / "images" / name).resolve())
-    (dest / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
-    test_images = dest / "test" / "images"
-    if not test_images.exists():
-        test_images.symlink_to((root / "test" / "images").resolve())
-    words = root / "words.txt"
-    if words.is_file():
-        (dest / "words.txt").write_text(words.read_text())
-    (dest / "wnids.txt").write_text("\n".join(keep) + "\n")
-    return dest
+    """A Tiny-ImageNet layout of every k-th class (symbolic links to the real files): bench/subset.py's."""
+    from bench.subset import make_subset
+
+    return make_subset(root, classes, out / f"tiny-imagenet-{classes}")
 
 
 def arch_family(name: str) -> str:

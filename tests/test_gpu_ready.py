@@ -16,7 +16,6 @@ from timm.layers import convert_sync_batchnorm
 
 import arch
 import main
-import sweep
 from conftest import (
     FAST_RUN,
     HostTraffic,
@@ -27,7 +26,7 @@ from conftest import (
     tiny_parts,
     train_epoch,
 )
-from tin import checkpoint, distributed, time_budget
+from tin import checkpoint, distributed, experiments, time_budget
 from tin.build import build_parts, build_scheduler
 from tin.checkpoint import TrainState
 from tin.config import parse_config
@@ -173,13 +172,13 @@ def test_each_process_finds_its_gpu_whether_it_sees_one_or_all(monkeypatch):
 def test_sweeps_spread_parallel_runs_over_the_gpus(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert sweep.gpu_slots(4) == ["0", "1", "0", "1"]
-    assert sweep.gpu_slots(3, "2,5") == ["2", "5", "2"]
+    assert experiments.gpu_slots(4) == ["0", "1", "0", "1"]
+    assert experiments.gpu_slots(3, "2,5") == ["2", "5", "2"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    assert sweep.gpu_slots(2) == ["3", "3"]
+    assert experiments.gpu_slots(2) == ["3", "3"]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert sweep.gpu_slots(2) == []
+    assert experiments.gpu_slots(2) == []
 
 
 def test_the_resumed_runs_device_chooses_the_process_group(tiny_data, tmp_path, monkeypatch):

@@ -66,7 +66,7 @@ def test_sweep_runs_in_parallel_with_overrides_and_tabulates(tiny_data, tmp_path
     assert all(r["status"] == "ok" and r["epochs_run"] == "2" for r in rows)  # --set epochs won over the file
     assert float(rows[0]["val_top1"]) >= float(rows[1]["val_top1"])  # sorted by accuracy
     assert int(next(r for r in rows if r["arch"] == "budget_cnn")["params"]) < 1_000_000
-    assert "| name | status |" in (tmp_path / "sw" / "summary.md").read_text()
+    assert "| name | group | seed | status |" in (tmp_path / "sw" / "summary.md").read_text()
 
 
 def test_sweep_reports_failures(tiny_data, tmp_path):

@@ -80,7 +80,9 @@ def build(cfg: Config, ctx: distributed.Context, ckpt: dict | None, started: flo
         sinks.append(outputs.CsvSink(run_dir / "metrics.csv", outputs.METRIC_ORDER, rows=state.history))
         if wandb_mode != "disabled":
             sinks.append(
-                outputs.WandbSink(run_dir, wandb_mode, cfg.wandb_project, cfg.to_dict(), run_id=state.wandb_id)
+                outputs.WandbSink(
+                    run_dir, wandb_mode, cfg.wandb_project, cfg.to_dict(), run_id=state.wandb_id, tags=cfg.tag_list()
+                )
             )
             state.wandb_id = sinks[-1].run.id
     clock = time_budget.Timekeeper(plan, cfg, state, started, ctx, parts.device, parts.sync_every)
@@ -110,7 +112,8 @@ def build_parts(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None)
             f"--eval_size {cfg.eval_size}: {cfg.arch} is built for {cfg.img_size}x{cfg.img_size} inputs "
             "(a transformer's position grid); evaluate it at --img_size (--eval_size 0)"
         )
-    listing = readers.read_dataset(cfg.dataset, cfg.data_dir)  # file names only: fast
+    # file names only: fast. A held-out val (--val_split) never touches the dataset's own val images.
+    listing = readers.read_dataset(cfg.dataset, cfg.data_dir, val=not cfg.val_split)
     _check_params(cfg, len(listing.classes))  # before the decoding, not after
     data = _prepare_data_once(cfg, ctx, listing)
     if ckpt is not None and list(ckpt["classes"]) != data.classes:
@@ -280,7 +283,7 @@ def _open_run_dir(cfg: Config, model: torch.nn.Module, run_dir: Path | None, res
     """A new run folder (or the resumed one), created only once data and model are known good.
     config.yaml: the configuration (usable as --config), then what the auto settings became here."""
     new_run = run_dir is None
-    run_dir = run_dir or outputs.make_run_dir(cfg.output_dir, cfg.arch)
+    run_dir = run_dir or outputs.make_run_dir(cfg.output_dir, cfg.name or cfg.arch)
     try:
         checkpoint.check_disk(run_dir, model, extra_copies=cfg.keep_last + (1 if cfg.ema else 0))
     except UserError:

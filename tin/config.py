@@ -97,6 +97,19 @@ class Config:
         "final fit on train + val: no val metrics, predictions still written", default=False, flag=True
     )
     output_dir: str = _opt("where timestamped run folders are created", default="checkpoints", resume=True)
+    name: str = _opt(
+        "the run's name: its folder is OUTPUT_DIR/<timestamp>_<name> (default: the arch); kept in config.yaml, "
+        "best_results.json and wandb",
+        default="",
+        resume=True,
+        before="",
+    )
+    tags: str = _opt(
+        "comma-separated labels, e.g. baseline,lr-search: kept in config.yaml, best_results.json and wandb",
+        default="",
+        resume=True,
+        before="",
+    )
     img_size: int = _opt("training resolution; 64 is native, 224 resizes", default=64)
     min_img_size: int = _opt(
         "progressive resizing: train at this resolution first, growing to --img_size (0 = off)", default=0
@@ -266,6 +279,10 @@ class Config:
         """The augmentation recipe table with --randaugment and --aug_ops applied (transforms.RECIPE)."""
         return transforms.build_recipe(self.aug_ops, self.randaugment, self.randaugment_n, self.randaugment_m)
 
+    def tag_list(self) -> list[str]:
+        """--tags 'a, b' -> ['a', 'b']."""
+        return [t.strip() for t in self.tags.split(",") if t.strip()]
+
     def data_kwargs(self) -> dict[str, Any]:
         """Arguments of batch_manager.prepare_data for this run."""
         return {
@@ -342,6 +359,18 @@ def _validate(cfg: Config) -> Config:
             "use --sched cosine or linear with it",
         ),
     ]
+    checks.append(
+        (
+            all(len(t) <= 64 for t in cfg.tag_list()),
+            f"--tags: each tag may have at most 64 characters, as wandb allows (got {cfg.tags!r})",
+        )
+    )
+    checks.append(
+        (
+            len(cfg.name) <= 100 and "/" not in cfg.name and cfg.name not in (".", ".."),
+            f"--name {cfg.name!r}: a run name is a folder name: no '/', at most 100 characters",
+        )
+    )
     for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
         value = getattr(cfg, name)
         checks.append((0 <= value < 1, f"--{name} must lie in [0, 1) (got {value})"))

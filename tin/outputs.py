@@ -117,6 +117,8 @@ def write_results(run, row: dict) -> None:
     """best_results.json: the best epoch's figures, the run's length and time, where it ran."""
     plan, state = run.clock.plan, run.state
     results = {
+        "name": run.cfg.name or run.cfg.arch,
+        "tags": run.cfg.tag_list(),
         "arch": run.cfg.arch,
         "params": run.params,
         "gflops": round(run.gflops, 4),
@@ -159,8 +161,9 @@ def log_done(run) -> None:
 
 
 # --------------------------------------------------------------------------- run folder and logging
-def make_run_dir(output_dir: str | Path, arch: str) -> Path:
-    """checkpoints/<YYYY-MM-DD_HH-MM-SS>_<arch>/ ; a second run in the same second gets a suffix."""
+def make_run_dir(output_dir: str | Path, name: str) -> Path:
+    """checkpoints/<YYYY-MM-DD_HH-MM-SS>_<name>/ (the run's --name, else its arch); a second run in the
+    same second gets a suffix."""
     root = Path(output_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -172,9 +175,9 @@ def make_run_dir(output_dir: str | Path, arch: str) -> Path:
             f"cannot write run folders in {root} ({exc.strerror or exc}); pass a writable --output_dir"
         ) from None
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    safe_arch = "".join(c if c.isalnum() or c in "-_." else "-" for c in arch)
+    safe_name = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
     for n in range(1000):
-        run = root / (f"{stamp}_{safe_arch}" + (f"_{n}" if n else ""))
+        run = root / (f"{stamp}_{safe_name}" + (f"_{n}" if n else ""))
         try:
             run.mkdir()  # atomic: two processes never get the same folder
             return run
@@ -273,7 +276,13 @@ class WandbSink:
     online or offline (resolve_wandb_mode)."""
 
     def __init__(
-        self, run_dir: Path, mode: str, project: str, config: dict[str, Any], run_id: str | None = None
+        self,
+        run_dir: Path,
+        mode: str,
+        project: str,
+        config: dict[str, Any],
+        run_id: str | None = None,
+        tags: list[str] | None = None,
     ) -> None:
         import wandb
 
@@ -284,6 +293,7 @@ class WandbSink:
             dir=str(run_dir),
             mode=mode,
             config=config,
+            tags=tags or None,
             id=run_id,  # a resumed run continues its wandb run
             resume="allow" if run_id else None,
             settings=wandb.Settings(silent=True, console="off"),

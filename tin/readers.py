@@ -22,6 +22,7 @@ Images from files are decoded to RGB uint8 (grayscale, palette, CMYK and 16-bit 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import pickle
 import shutil
@@ -120,13 +121,21 @@ def load_rgb(path: Path) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- dispatch
-def read_dataset(kind: str, root: str | Path) -> DataSplits:
+def read_dataset(kind: str, root: str | Path, val: bool = True) -> DataSplits:
+    """The dataset's file lists (or arrays). val=False (a run holding out part of train as val): the
+    dataset's val split is left unread, not a file of it opened or listed, so a search that picks
+    on the held-out part provably never saw val (its `val` is None)."""
     root = Path(root)
     if not root.exists():
         raise DatasetError(f"dataset folder {root} does not exist; {GET_DATA_HINT}")
     if kind not in READERS:
         raise DatasetError(f"unknown --dataset {kind!r}; choose one of {', '.join(READERS)}")
-    return READERS[kind](root)
+    reader = READERS[kind]
+    if val:
+        return reader(root)
+    if "val" in inspect.signature(reader).parameters:
+        return reader(root, val=False)
+    return replace(reader(root), val=None)  # a reader that always reads val: read, then dropped
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -158,7 +167,7 @@ def _file_split(paths: list[Path], labels: list[int] | None) -> Split:
 
 
 # --------------------------------------------------------------------------- Tiny-ImageNet-200
-def read_tiny_imagenet(root: str | Path) -> DataSplits:
+def read_tiny_imagenet(root: str | Path, val: bool = True) -> DataSplits:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist; {GET_DATA_HINT}")
@@ -189,7 +198,7 @@ def read_tiny_imagenet(root: str | Path) -> DataSplits:
         classes=classes,
         names=_read_words(root / "words.txt", classes),
         train=_file_split(train_paths, train_labels),
-        val=_read_tiny_val(root / "val", index),
+        val=_read_tiny_val(root / "val", index) if val else None,
         test=_test_split(_need(root / "test" / "images", "the unlabelled test images")),
     )
 
@@ -278,7 +287,7 @@ def _cifar_images(batch: dict, path: Path) -> np.ndarray:
     return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.uint8))
 
 
-def read_cifar(root: Path, num_classes: int) -> DataSplits:
+def read_cifar(root: Path, num_classes: int, val: bool = True) -> DataSplits:
     sub = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
     folder = root / sub if (root / sub).is_dir() else root
     if num_classes == 10:
@@ -290,14 +299,16 @@ def read_cifar(root: Path, num_classes: int) -> DataSplits:
     batches = [(_unpickle(f), f) for f in train_files]
     x_train = np.concatenate([_cifar_images(b, f) for b, f in batches])
     y_train = [int(v) for b, _ in batches for v in b[key]]
-    test = _unpickle(test_file)
+    test = _unpickle(test_file) if val else None  # CIFAR's test batch is our val
     classes = list(_unpickle(meta)[names_key])
     return DataSplits(
         root=folder,
         classes=classes,
         names={c: c for c in classes},
         train=Split([f"train_{i:05d}" for i in range(len(x_train))], y_train, array=x_train),
-        val=Split(
+        val=None
+        if test is None
+        else Split(
             [f"test_{i:05d}" for i in range(len(test[key]))],
             [int(v) for v in test[key]],
             array=_cifar_images(test, test_file),
@@ -307,7 +318,7 @@ def read_cifar(root: Path, num_classes: int) -> DataSplits:
 
 
 # --------------------------------------------------------------------------- image folders
-def read_folder(root: Path) -> DataSplits:
+def read_folder(root: Path, val: bool = True) -> DataSplits:
     train_dir = _need(root / "train", "train/<class>/ image folders")
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if not classes:
@@ -327,10 +338,10 @@ def read_folder(root: Path) -> DataSplits:
             raise DatasetError(f"{split_dir} has class folders that train/ lacks: {', '.join(extra[:5])}")
         return Split(ids=[f"{p.parent.name}/{p.name}" for p in paths], labels=labels, paths=paths)
 
-    val = labelled(_need(root / "val", "val/<class>/ image folders (or use --val_split)"))
+    held = labelled(_need(root / "val", "val/<class>/ image folders (or use --val_split)")) if val else None
     test_dir = root / "test" / "images" if (root / "test" / "images").is_dir() else root / "test"
     test = _test_split(test_dir) if test_dir.is_dir() else None
-    return DataSplits(root, classes, {c: c for c in classes}, labelled(train_dir), val, test)
+    return DataSplits(root, classes, {c: c for c in classes}, labelled(train_dir), held, test)
 
 
 # --------------------------------------------------------------------------- .npy arrays
@@ -351,14 +362,15 @@ def _load_array(path: Path, kind: str) -> np.ndarray:
     return a
 
 
-def read_npy(root: Path) -> DataSplits:
-    x = {s: _load_array(root / f"x_{s}.npy", "x") for s in ("train", "val")}
-    y = {s: _load_array(root / f"y_{s}.npy", "y") for s in ("train", "val")}
-    for s in ("train", "val"):
+def read_npy(root: Path, val: bool = True) -> DataSplits:
+    names = ("train", "val") if val else ("train",)
+    x = {s: _load_array(root / f"x_{s}.npy", "x") for s in names}
+    y = {s: _load_array(root / f"y_{s}.npy", "y") for s in names}
+    for s in names:
         if len(x[s]) != len(y[s]):
             raise DatasetError(f"{root}/x_{s}.npy has {len(x[s])} images but y_{s}.npy {len(y[s])} labels")
-    num_classes = int(max(y["train"].max(), y["val"].max())) + 1
-    if min(y["train"].min(), y["val"].min()) < 0:
+    num_classes = int(max(y[s].max() for s in names)) + 1
+    if min(y[s].min() for s in names) < 0:
         raise DatasetError(f"{root}: labels must be 0..K-1, found a negative label")
     classes = [str(i) for i in range(num_classes)]
 
@@ -369,14 +381,15 @@ def read_npy(root: Path) -> DataSplits:
     if (root / "x_test.npy").is_file():
         xt = _load_array(root / "x_test.npy", "x")
         test = Split([f"test_{i:06d}" for i in range(len(xt))], None, array=xt)
-    return DataSplits(root, classes, {c: c for c in classes}, split("train"), split("val"), test)
+    return DataSplits(root, classes, {c: c for c in classes}, split("train"), split("val") if val else None, test)
 
 
-# --dataset NAME -> reader(root) -> DataSplits; config.py takes its choices from here.
+# --dataset NAME -> reader(root) -> DataSplits; config.py takes its choices from here. A reader that also
+# takes `val` (False: leave the dataset's val unread, as --val_split runs ask) keeps val out of a search.
 READERS = {
     "tiny-imagenet": read_tiny_imagenet,
-    "cifar10": lambda root: read_cifar(root, 10),
-    "cifar100": lambda root: read_cifar(root, 100),
+    "cifar10": lambda root, val=True: read_cifar(root, 10, val),
+    "cifar100": lambda root, val=True: read_cifar(root, 100, val),
     "folder": read_folder,
     "npy": read_npy,
 }
