@@ -111,6 +111,7 @@ def build_parts(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None)
             "(a transformer's position grid); evaluate it at --img_size (--eval_size 0)"
         )
     listing = readers.read_dataset(cfg.dataset, cfg.data_dir)  # file names only: fast
+    cfg = _fit_params(cfg, len(listing.classes))
     _check_params(cfg, len(listing.classes))  # before the decoding, not after
     data = _prepare_data_once(cfg, ctx, listing)
     if ckpt is not None and list(ckpt["classes"]) != data.classes:
@@ -208,6 +209,24 @@ def _model(cfg: Config, num_classes: int, runtime: hardware.Runtime, fresh: bool
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, params, gflops
+
+
+def _fit_params(cfg: Config, num_classes: int) -> Config:
+    """--fit_params N: --arch becomes the widest of its family with at most N parameters (a name like
+    resnet9_w24, which config.yaml, the checkpoints and val.py then use as any other)."""
+    if not cfg.fit_params:
+        return cfg
+    name, params = arch.fit_width(cfg.arch, cfg.fit_params, num_classes, cfg.img_size)
+    if name != cfg.arch:
+        log.info(
+            "--fit_params %s: --arch %s becomes %s, %s parameters with %d classes",
+            f"{cfg.fit_params:,}",
+            cfg.arch,
+            name,
+            f"{params:,}",
+            num_classes,
+        )
+    return dataclasses.replace(cfg, arch=name)
 
 
 def _check_params(cfg: Config, num_classes: int) -> None:

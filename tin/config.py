@@ -76,6 +76,11 @@ class Config:
         "start from these weights (.safetensors or .pth); works offline", default="", resume=True
     )
     max_params: int = _opt("refuse models with more parameters than this (0 = no limit)", default=0, resume=True)
+    fit_params: int = _opt(
+        "size --arch's family to this many parameters: the widest resnet9_wN or budget_cnn_wN that fits (the "
+        "name it resolves to is what config.yaml records; 0 = --arch as named; README: Models)",
+        default=0,
+    )
     list_archs: bool = _opt(
         "print the model catalogue (params, GFLOPs at --img_size) and exit", default=False, flag=True, resume=True
     )
@@ -342,6 +347,7 @@ def _validate(cfg: Config) -> Config:
             "use --sched cosine or linear with it",
         ),
     ]
+    checks.append((cfg.fit_params >= 0, f"--fit_params must be >= 0 (got {cfg.fit_params})"))
     for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
         value = getattr(cfg, name)
         checks.append((0 <= value < 1, f"--{name} must lie in [0, 1) (got {value})"))
