@@ -164,6 +164,7 @@ def make_checkpoint(parts, scheduler, cfg_dict: dict, state: TrainState, plan) -
         "top5": last.get("val_top5"),
         "config": cfg_dict,
         "classes": parts.loaders.data.classes,
+        "teachers": parts.teacher.summary() if parts.teacher is not None else [],  # a resume checks they are the same
     }
 
 
