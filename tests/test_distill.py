@@ -232,3 +232,10 @@ def test_the_run_that_makes_the_cache_plans_with_the_minutes_left(teacher, tiny_
     second = _run(tiny_data, tmp_path / "second", *args, "--kd_views", "2")
     planned = [_best(run)["planned_updates"] for run in (first, second)]
     assert planned == [int((180 * (1 - time_budget.MARGIN) - 120) / 2), int(180 * (1 - time_budget.MARGIN) / 2)]
+
+
+def test_cached_soft_labels_need_the_batch_augmentation_and_the_decode_cache():
+    for flags in (["--aug_backend", "albumentations"], ["--no_cache"]):
+        with pytest.raises(UserError, match=r"^--kd_views 4 .* or pass --kd_views 0|, or --kd_views 0"):
+            parse_config(["--teacher", "RUN", *flags])
+        assert parse_config(["--teacher", "RUN", *flags, "--kd_views", "0"]).kd_views == 0  # a live teacher

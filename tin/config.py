@@ -382,6 +382,16 @@ def _validate(cfg: Config) -> Config:
         (cfg.kd_temperature > 0, f"--kd_temperature must be > 0 (got {cfg.kd_temperature})"),
         (cfg.kd_views >= 0, f"--kd_views must be >= 0 (got {cfg.kd_views}; 0 = the teacher in every step)"),
         (
+            not (cfg.teacher and cfg.kd_views and cfg.aug_backend != "torch"),
+            f"--kd_views {cfg.kd_views} replays cached crops in the batch augmentation, which --aug_backend "
+            f"{cfg.aug_backend} does not do: pass --aug_backend torch, or --kd_views 0 (the teacher in every step)",
+        ),
+        (
+            not (cfg.teacher and cfg.kd_views and cfg.no_cache),
+            f"--kd_views {cfg.kd_views} stores soft labels beside the decode cache: drop --no_cache, or pass "
+            "--kd_views 0 (the teacher in every step)",
+        ),
+        (
             len(timm_teachers) <= 1,
             f"--teacher: one timm:NAME teacher at most ({len(timm_teachers)} given), as --teacher_pretrained_path "
             "holds one file; train the others with main.py and pass their run folders",

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import arch
 import transforms
@@ -300,15 +301,6 @@ def soft_labels(
 ) -> SoftLabels:
     """The cached soft labels of `teacher` for the training `split`: read from `cache_dir`, or made
     (one pass of the teachers over --kd_views views of every image) and written there."""
-    if split.array is None:
-        raise UserError(
-            "--kd_views caches soft labels beside the decoded images: drop --no_cache (or pass --kd_views 0)"
-        )
-    if cfg.aug_backend != "torch":
-        raise UserError(
-            f"--kd_views replays cached crops in the batch augmentation: pass --aug_backend torch (or --kd_views 0 "
-            f"with --aug_backend {cfg.aug_backend})"
-        )
     recipe = transforms.at_strength(cfg.recipe(), cfg.aug_strength)
     key = _cache_key(teacher, split, cfg, {op: recipe[op] for op in VIEW_OPS})
     path = cache_dir / f"soft_labels_{key}.npz"
@@ -382,8 +374,10 @@ def _teach(
     topk = min(TOPK, num_classes)
     logp, classes = np.zeros((k, n, topk), np.float32), np.zeros((k, n, topk), np.int16)
     normalize = transforms.Normalize().to(runtime.device)
+    bar = tqdm(total=k * n, desc="soft labels", unit="img", leave=False, dynamic_ncols=True, disable=None)
     for v in range(k):
         for lo in range(0, n, CHUNK):
+            bar.update(min(CHUNK, n - lo))
             rows = np.arange(lo, min(lo + CHUNK, n))
             stored = split.array[rows if split.rows is None else split.rows[rows]]
             x = torch.from_numpy(np.ascontiguousarray(stored)).permute(0, 3, 1, 2).to(runtime.device).float()
@@ -395,4 +389,5 @@ def _teach(
             top = probs.clamp_min(1e-12).log().topk(topk, dim=1)
             logp[v, rows] = top.values.cpu().numpy()
             classes[v, rows] = top.indices.cpu().numpy().astype(np.int16)
+    bar.close()
     return logp, classes
