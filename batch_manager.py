@@ -185,7 +185,11 @@ class ResumableSampler(DistributedSampler):
         self.skip = skip
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.skip :])
+        return iter(self.order()[self.skip :])
+
+    def order(self) -> list[int]:
+        """The whole epoch's order, whatever the skip (a function of seed and epoch only)."""
+        return list(super().__iter__())
 
     def __len__(self) -> int:
         return max(self.num_samples - self.skip, 0)
@@ -291,16 +295,27 @@ class Loaders:
     data: DataSplits
     augment: transforms.BatchAugment | None = None  # --aug_backend torch: applied by the trainer
     img_size: int = 64
+    epoch: int = 0
+    _order: np.ndarray | None = None  # the epoch's order, made when batch_indices first asks
 
     def set_epoch(self, epoch: int, strength: float, start_batch: int = 0, size: int | None = None) -> None:
         """Call before iterating the epoch: shuffle order, augmentation strength, training size
         (None = the loaders' img_size) and where in the epoch to start (a resumed epoch skips the
         batches already trained on)."""
+        self.epoch, self._order = epoch, None
         self.train.sampler.set_epoch(epoch, skip=start_batch * self.train.batch_size)
         if self.augment is None:
             self.train.dataset.set_epoch(epoch, strength, size or self.img_size)
         else:
             self.augment.set_epoch(epoch, strength, size or self.img_size)
+
+    def batch_indices(self, b: int) -> np.ndarray:
+        """Which training images (positions in the train split) batch `b` of this epoch holds: the
+        sampler's order, cut into batches as the loaders cut it (both drop the last partial batch)."""
+        if self._order is None:
+            self._order = np.asarray(self.train.sampler.order(), dtype=np.int64)
+        size = self.train.batch_size
+        return self._order[b * size : (b + 1) * size]
 
 
 def _loader(dataset: Dataset, batch_size: int, workers: int, pin: bool, **kw) -> DataLoader:

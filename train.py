@@ -2,7 +2,8 @@
 
 Per batch: to the device (non-blocking), augmented on the device (BatchAugment) or already in the
 loader, normalised, channels-last, mixed (CutMix/MixUp) with soft targets, forward under autocast,
-loss, backward; every ``accum_steps`` batches one optimizer update: unscale, clip, step, schedule,
+loss (with ``--teacher``: mixed with the distillation term, the teacher seeing this very batch;
+tin/distill.py), backward; every ``accum_steps`` batches one optimizer update: unscale, clip, step, schedule,
 EMA. One code path whether AMP is on or off (a disabled autocast and grad scaler are no-ops);
 exactly one optimizer step per update. The host reads the device only every ``sync_every``
 updates (progress bar, finiteness of the loss, the stop decision under torchrun), so on a GPU the
@@ -45,6 +46,7 @@ class Parts:
     loaders: Any  # batch_manager.Loaders
     runtime: hardware.Runtime  # device, autocast dtype, memory format
     ctx: distributed.Context = field(default_factory=distributed.Context)
+    teacher: Any = None  # tin.distill.Teacher (--teacher), or None
     num_classes: int = 0
     label_smoothing: float = 0.0
     accum_steps: int = 1
@@ -94,13 +96,15 @@ def train_one_epoch(
         if b >= end_batch:
             b -= 1
             break
-        inputs, targets, labels = device_batch(parts, images, labels, b)
+        inputs, targets, labels, taught = device_batch(parts, images, labels, b)
         group = b - b % parts.accum_steps  # the first batch of this update; the epoch's last group may be short
         group_size = min(parts.accum_steps, end_batch - group)
         updates = b + 1 - group == group_size
         with parts.autocast(), _no_sync(parts.net, not updates):
             logits = parts.net(inputs)
             loss = loss_fn(logits.float(), targets)
+            if parts.teacher is not None:  # its forward pass (or replay) is in the step: the time budget measures it
+                loss = parts.teacher.loss(loss, logits, inputs, cached=taught)
         parts.scaler.scale(loss / group_size).backward()
         meters.add(loss, logits, labels, step)
         if updates:  # the optimizer update
@@ -139,16 +143,23 @@ def train_one_epoch(
 
 
 def device_batch(parts: Parts, images: torch.Tensor, labels: torch.Tensor, b: int):
-    """uint8 batch -> (inputs: augmented, normalised, channels-last, mixed, on the device; soft targets
-    (B, num_classes); the unmixed labels)."""
+    """uint8 batch `b` -> (inputs: augmented, normalised, channels-last, mixed, on the device; soft
+    targets (B, num_classes); the unmixed labels; the cached teacher's probabilities, mixed as the
+    images were, or None). With cached soft labels the batch shows the crops and flips they were
+    computed on."""
     images = images.to(parts.device, non_blocking=True)
     labels = labels.to(parts.device, non_blocking=True)
+    replay = parts.teacher.replay(parts.loaders, b) if parts.teacher is not None else None
     augment = parts.loaders.augment
-    images = parts.normalize(augment(images, b) if augment is not None else images)
+    if augment is not None:
+        images = augment(images, b, views=replay.views if replay is not None else None)
+    images = parts.normalize(images)
     if parts.runtime.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     inputs, targets = soft_targets(images, labels, parts.mixer, parts.num_classes, parts.label_smoothing)
-    return inputs, targets, labels
+    lam = parts.mixer.lam if parts.mixer is not None else 1.0
+    taught = replay.probs(parts.device, parts.num_classes, lam) if replay is not None else None
+    return inputs, targets, labels, taught
 
 
 class EpochMeters:

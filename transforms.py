@@ -538,11 +538,20 @@ class BatchAugment:
     def set_epoch(self, epoch: int, strength: float, size: int) -> None:
         self.epoch, self.strength, self.size = int(epoch), float(strength), int(size)
 
-    def draw(self, n: int, batch_index: int) -> tuple[list[tuple[BatchOp, dict]], torch.Tensor]:
-        """(the active ops with their host parameters, the composed (n, 2, 3) warp) for this batch."""
+    def draw(
+        self, n: int, batch_index: int, views: dict[str, dict] | None = None
+    ) -> tuple[list[tuple[BatchOp, dict]], torch.Tensor]:
+        """(the active ops with their host parameters, the composed (n, 2, 3) warp) for this batch.
+        `views`: given parameters of some ops (op name -> its draw), used instead of drawing them
+        (the crops and flips cached soft labels were computed on)."""
         drawn, theta = [], torch.eye(3).expand(n, 3, 3)
         for name, params in at_strength(self.recipe, self.strength).items():
             op = OPS[name]
+            if views is not None and name in views:
+                d = views[name]
+                theta = theta @ op.matrix(d)
+                drawn.append((op, d))
+                continue
             if not op.active(params):
                 continue
             key = [self.seed, self.epoch, batch_index, self.rank, zlib.crc32(name.encode())]
@@ -555,13 +564,13 @@ class BatchAugment:
             drawn.append((op, d))
         return drawn, theta[:, :2, :]
 
-    def __call__(self, images: torch.Tensor, batch_index: int) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, batch_index: int, views: dict[str, dict] | None = None) -> torch.Tensor:
         x = images.float()
-        if self.strength == 0 and x.shape[-1] == self.size and x.shape[-2] == self.size:
+        if self.strength == 0 and views is None and x.shape[-1] == self.size and x.shape[-2] == self.size:
             return x  # the identity: nothing to draw or resample
-        drawn, theta = self.draw(x.shape[0], batch_index)
+        drawn, theta = self.draw(x.shape[0], batch_index, views)
         dev = _to_device({"theta": theta, **{op.name: op.device_params(d) for op, d in drawn}}, x.device)
-        x = _warp(x, dev["theta"], self.size)
+        x = warp(x, dev["theta"], self.size)
         for op, d in drawn:
             x = op.pixels(x, dev[op.name], d)
         return x.clamp_(0, 255)
@@ -595,7 +604,7 @@ def _to_device(tree: dict, device: torch.device) -> dict:
     return rebuild(tree)
 
 
-def _warp(x: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+def warp(x: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
     """Resample (n, 3, H, W) through per-image affine maps theta (n, 2, 3) (output -> input, in
     [-1, 1] coordinates) to (n, 3, size, size), bilinear, zeros outside. (On a GPU with TF32 on,
     affine_grid's batched product rounds the coordinates by ~0.01 px: harmless in training.)"""
@@ -638,6 +647,7 @@ class StrengthMixer:
             num_classes=num_classes,
         )
         self.set_strength(0.0)
+        self.lam = 1.0
 
     def set_strength(self, s: float) -> None:
         self.strength = float(s)
@@ -646,7 +656,10 @@ class StrengthMixer:
         self.mixup.mix_prob = self.base["mix_prob"] * s if s > 0 else 0.0
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mixup(x, target)
+        """timm's Mixup in mode "batch": x mixed in place, image i with image B-1-i, weight `lam` for
+        its own (1: not mixed); `lam` is kept, so cached soft labels can be mixed the same way."""
+        self.lam = self.mixup._mix_batch(x)
+        return x, mixup_target(target, self.mixup.num_classes, self.lam, self.mixup.label_smoothing)
 
 
 def build_mixer(

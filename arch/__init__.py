@@ -12,6 +12,9 @@ img_size) float images to (B, num_classes) logits. Models know nothing about con
   ``resnetNN_s2`` (one stride-2 3x3 conv). ``budget_cnn`` (arch/budget.py): under 1 M parameters.
 - ``resnet9`` / ``resnet9_slim`` (arch/resnet9.py): Myrtle's ResNet-9 with a 2x2 patch stem, the
   CPU speed-run's model (widths from 64 / 48).
+- Any width of the two small families by name: ``resnet9_wN`` (first stage N channels) and
+  ``budget_cnn_wN`` (budget_cnn's stage widths scaled by N/96); ``fit_width(name, max_params, ...)``
+  gives the widest that stays within a parameter budget (``--fit_params``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,6 +84,65 @@ def _specs() -> list[ArchSpec]:
 
 REGISTRY: dict[str, ArchSpec] = {s.name: s for s in _specs()}
 
+# Families with a width knob: name -> (the family's name with any width, its registry default width,
+# that width's builder). A budget sizes them by width alone: their depth is their design.
+WIDTHS: dict[str, tuple[str, int, Callable[[int], Callable[..., torch.nn.Module]]]] = {
+    "resnet9": ("resnet9_w{}", 64, lambda w: partial(ResNet9, width=w)),
+    "budget_cnn": ("budget_cnn_w{}", 96, lambda w: partial(BudgetNet, widths=scaled_budget_widths(w))),
+}
+_WIDTH_NAME = re.compile(r"^(resnet9|budget_cnn)_w(\d+)$")
+WIDTH_STEP = 4  # --fit_params tries widths in steps of 4: channel counts the vector units handle well
+
+
+def scaled_budget_widths(width: int) -> tuple[int, ...]:
+    """budget_cnn's stage widths (96, 192, 288, 368) scaled to a first stage of `width`, each a
+    multiple of 4 (a bottleneck's middle is a quarter of its width)."""
+    return tuple(max(4, 4 * round(w * width / 96 / 4)) for w in (96, 192, 288, 368))
+
+
+def _width_spec(name: str) -> ArchSpec | None:
+    """`resnet9_w24`, `budget_cnn_w80`: a registry family at that width (None: no such name)."""
+    m = _WIDTH_NAME.match(name)
+    if m is None or not 4 <= int(m.group(2)) <= 1024:
+        return None
+    base = REGISTRY[m.group(1)]
+    return ArchSpec(name, "", base.family, base.knobs, local=WIDTHS[m.group(1)][2](int(m.group(2))))
+
+
+def width_family(name: str) -> str | None:
+    """The width family of `name` (resnet9_slim and resnet9_w24 are resnet9's), or None."""
+    m = _WIDTH_NAME.match(name)
+    if m:
+        return m.group(1)
+    return {"resnet9": "resnet9", "resnet9_slim": "resnet9", "budget_cnn": "budget_cnn"}.get(name)
+
+
+def fit_width(name: str, max_params: int, num_classes: int, img_size: int = 64) -> tuple[str, int]:
+    """(the widest `name`-family model with at most `max_params` parameters, its parameters): widths
+    in steps of WIDTH_STEP, counted on the meta device (instant). UserError when the family has no
+    width knob or not even its narrowest fits."""
+    family = width_family(name)
+    if family is None:
+        raise UserError(
+            f"--fit_params sizes a family by its width: {', '.join(WIDTHS)} (and their _wN forms) have one, "
+            f"--arch {name} does not; pass --arch resnet9 (or set --max_params to check {name} as it is)"
+        )
+    pattern = WIDTHS[family][0]
+    widths = range(WIDTH_STEP, 1025, WIDTH_STEP)
+    lo, hi = -1, len(widths)  # bisection: parameters grow with the width
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        fits = count_params(pattern.format(widths[mid]), num_classes, img_size) <= max_params
+        lo, hi = (mid, hi) if fits else (lo, mid)
+    if lo < 0:
+        smallest = count_params(pattern.format(WIDTH_STEP), num_classes, img_size)
+        raise UserError(
+            f"--fit_params {max_params:,}: even {pattern.format(WIDTH_STEP)} has {smallest:,} parameters with "
+            f"{num_classes} classes; raise --fit_params"
+        )
+    best = pattern.format(widths[lo])
+    return best, count_params(best, num_classes, img_size)
+
 
 def list_archs() -> list[str]:
     return list(REGISTRY)
@@ -94,12 +157,13 @@ def resolve(name: str) -> ArchSpec:
             hint = f" (similar: {', '.join(close)})" if close else ""
             raise UserError(f"--arch {name}: timm has no model {timm_name!r}{hint}; see timm.list_models()")
         return ArchSpec(name, timm_name, "timm", DROP_KNOBS)  # what it really takes shows when building
-    spec = REGISTRY.get(name)
+    spec = REGISTRY.get(name) or _width_spec(name)
     if spec is None:
         close = difflib.get_close_matches(name, list(REGISTRY), n=2, cutoff=0.6)
         guess = f"did you mean {' or '.join(close)}? " if close else ""
         raise UserError(
-            f"unknown --arch {name!r}; {guess}the catalogue: python main.py --list_archs (any timm model: timm:NAME)"
+            f"unknown --arch {name!r}; {guess}the catalogue: python main.py --list_archs (any timm model: timm:NAME; "
+            "any width: resnet9_wN, budget_cnn_wN)"
         )
     return spec
 
@@ -285,3 +349,4 @@ def print_catalogue(img_size: int, fmt: str) -> None:
         drop_path = "yes" if r["drop_path"] else "no"
         print(f"{r['name']:<18}{r['family']:<14}{r['params']:>14,}{r['gflops']:>14.3f}  {drop_path}")
     print("any other timm model: --arch timm:NAME   (GFLOPs: torch's flop counter, a multiply-add = 2 FLOPs)")
+    print("any width: --arch resnet9_wN / budget_cnn_wN; the widest under a budget: --arch resnet9 --fit_params N")

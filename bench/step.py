@@ -8,6 +8,9 @@ trainer: train.train_one_epoch, i.e. what `main.py` runs per epoch: the loader (
          in the workers or on the device at full strength), copy, normalisation, CutMix/MixUp,
          loss, accuracy, LR schedule, EMA if asked, progress accounting.
 
+With ``--teacher PATH`` (distillation) the trainer runs with the teacher, and a third loop, the
+trainer without it, gives what teaching costs: the student's step with the teacher ÷ without.
+
 Both use the same model, optimizer, autocast and memory format, built from main.py's own flags
 (config.py; `--config FILE` works too). They alternate `--reps` times, `--steps` updates each,
 after `--warmup` updates of each (the first bf16 steps on a CPU are erratic; the warm-up also
@@ -118,6 +121,15 @@ def trainer_steps(p, scheduler, cfg, epoch: int, strength: float, updates: int) 
     return state.batch * cfg.batch_size / (time.perf_counter() - start), tr["data_wait_fraction"]
 
 
+def untaught(p, run):
+    """`run()` with the trainer's teacher taken out (the student's step alone), then put back."""
+    teacher, p.teacher = p.teacher, None
+    try:
+        return run()
+    finally:
+        p.teacher = teacher
+
+
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -133,13 +145,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     bare_steps(p, images, targets, args.warmup)
     trainer_steps(p, scheduler, cfg, 0, args.strength, args.warmup)  # also starts the persistent workers
+    teacher, alone = p.teacher, []
+    if teacher is not None:
+        untaught(p, lambda: trainer_steps(p, scheduler, cfg, 0, args.strength, args.warmup))
     bare, trainer, wait = [], [], []
     for rep in range(args.reps):
         bare.append(bare_steps(p, images, targets, args.steps))
         ips, w = trainer_steps(p, scheduler, cfg, rep + 1, args.strength, args.steps)
         trainer.append(ips)
         wait.append(w)
+        if teacher is not None:
+            alone.append(
+                untaught(p, lambda r=rep: trainer_steps(p, scheduler, cfg, r + 1, args.strength, args.steps))[0]
+            )
     ratios = [t / b for t, b in zip(trainer, bare, strict=True)]
+    taught = [t / a for t, a in zip(trainer, alone, strict=True)] if alone else []
     aug_ms = augment_ms(p, raw, args.steps)
     result = {
         "arch": cfg.arch,
@@ -162,6 +182,11 @@ def main(argv: list[str] | None = None) -> dict:
         "data_wait_median": statistics.median(wait),
         "augment_ms": aug_ms,
         "data_on_device": isinstance(p.loaders.train, batch_manager.DeviceBatches),
+        "teachers": teacher.summary() if teacher is not None else [],
+        "untaught_ips": statistics.median(alone) if alone else None,
+        "taught_ratio_median": statistics.median(taught) if taught else None,
+        "taught_ratios": taught,
+        "untaught_all": alone,
         "bare_all": bare,
         "trainer_all": trainer,
         "ratios": ratios,
@@ -184,6 +209,15 @@ def main(argv: list[str] | None = None) -> dict:
         f"| {r['bare_ips']:,.0f} | {r['trainer_ips']:,.0f} | {r['ratio_median']:.3f} "
         f"({r['ratio_min']:.3f}-{r['ratio_max']:.3f}) | {100 * r['data_wait_median']:.1f} % | {aug} |"
     )
+    if teacher is not None:
+        names = " + ".join(f"{t['arch']} at {t['img_size']} px" for t in r["teachers"])
+        print(f"\nwith the teacher ({names}) against the same trainer without it:\n")
+        print("| trainer img/s without the teacher | with it | with ÷ without (median, range) |")
+        print("|---|---|---|")
+        print(
+            f"| {r['untaught_ips']:,.0f} | {r['trainer_ips']:,.0f} | {r['taught_ratio_median']:.3f} "
+            f"({min(taught):.3f}-{max(taught):.3f}) |"
+        )
     print(f"\nwritten: {write_json(result, args.out)}")
     return result
 

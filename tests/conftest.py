@@ -196,6 +196,7 @@ def device_tensors(parts) -> list:
     """Every tensor a training run keeps on its device: weights, buffers, optimizer state, EMA,
     normalisation constants, resident data."""
     modules = [parts.model, parts.normalize] + ([parts.ema.module] if parts.ema is not None else [])
+    modules += parts.teacher.models if parts.teacher is not None else []
     found = [t for m in modules for t in (*m.parameters(), *m.buffers())]
     found += [t for state in parts.optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
     train = parts.loaders.train
@@ -212,6 +213,10 @@ def parts_on_meta(parts):
     if parts.ema is not None:
         parts.ema.module.to(meta)
     parts.normalize.to(meta)
+    for teacher in parts.teacher.models if parts.teacher is not None else []:
+        teacher.to(meta)
+    if parts.teacher is not None:
+        parts.teacher.channels_last = True
     train = parts.loaders.train
     if hasattr(train, "images"):  # resident data (--data_on_device)
         train.images, train.labels = train.images.to(meta), train.labels.to(meta)

@@ -10,6 +10,7 @@ import time
 import pytest
 import timm
 import torch
+import yaml
 from safetensors.torch import save_file
 
 import arch
@@ -88,6 +89,26 @@ def test_budget_model_is_under_one_million_and_the_budget_is_enforced(tiny_data,
 
     results = json.loads((run / "best_results.json").read_text())
     assert results["params"] < 1_000_000 and results["gflops"] > 0
+
+
+def test_fit_params_trains_the_widest_of_a_family_that_fits_and_val_py_reads_it_back(tiny_data, tmp_path):
+    import json
+
+    import val
+
+    assert arch.fit_width("resnet9", 1_000_000, 200) == ("resnet9_w24", 963_320)  # resnet9_w28: 1,303,264
+    assert arch.fit_width("budget_cnn", 1_000_000, 200)[0] == "budget_cnn_w96"  # budget_cnn itself
+    assert arch.count_params("budget_cnn_w96", 200) == arch.count_params("budget_cnn", 200) == 951_176
+    args = [*FAST_RUN, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--wandb", "disabled"]
+    run = main.main([*args, *"--arch resnet9 --fit_params 200000 --epochs 1 --steps_per_epoch 2".split()])
+    results = json.loads((run / "best_results.json").read_text())
+    assert (results["arch"], results["params"]) == ("resnet9_w8", 103_444)  # 4 classes; resnet9_w12: 232,060
+    assert yaml.safe_load((run / "config.yaml").read_text())["arch"] == "resnet9_w8"
+    assert val.run(["--checkpoint", str(run), "--output_dir", str(tmp_path / "eval")])["val_top1"] >= 0
+    with pytest.raises(UserError, match="--fit_params sizes a family by its width.*--arch resnet18 does not"):
+        main.main([*args, "--fit_params", "50000"])
+    with pytest.raises(UserError, match="even resnet9_w4 has"):
+        main.main([*args, "--arch", "resnet9", "--fit_params", "1000"])
 
 
 def test_pretrained_file_loads_the_body_and_reinitialises_the_head(tmp_path):

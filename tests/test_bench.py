@@ -62,6 +62,16 @@ def test_step_bench_compares_the_trainer_with_a_bare_loop(tiny_data, tmp_path):
     assert (r["amp"], r["channels_last"], r["strength"]) == (default.precision, default.channels_last, 1.0)
 
 
+def test_step_bench_with_a_teacher_compares_the_step_with_and_without_it(trained_run, tiny_data, tmp_path):
+    out = tmp_path / "step.json"
+    args = ["--data_dir", str(tiny_data), *"--arch resnet9_slim --img_size 32 --batch_size 8 --workers 0".split()]
+    args += ["--teacher", str(trained_run), "--kd_views", "0", *"--steps 2 --reps 2 --warmup 1 --out".split(), str(out)]
+    text = _bench("step.py", *args)
+    assert "| trainer img/s without the teacher | with it | with ÷ without" in text
+    r = json.loads(out.read_text())
+    assert r["untaught_ips"] > 0 and len(r["taught_ratios"]) == 2 and r["teachers"][0]["arch"] == "resnet18"
+
+
 def test_precision_bench_prints_one_row_per_arch(tmp_path):
     out = tmp_path / "precision.json"
     text = _bench(

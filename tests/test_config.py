@@ -91,7 +91,10 @@ def test_config_is_frozen_and_plain():
     cfg = parse_config([])
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.arch = "x"  # type: ignore[misc]
-    assert all(v is None or isinstance(v, (int, float, str, bool)) for v in cfg.to_dict().values())
+    cfg = parse_config(["--teacher", "a", "b"])
+    plain = (int, float, str, bool)
+    assert all(v is None or isinstance(v, plain) or {type(x) for x in v} <= {str} for v in cfg.to_dict().values())
+    assert cfg.teacher == ("a", "b") and cfg.to_dict()["teacher"] == ["a", "b"]  # frozen, saved as a list
     assert Config(**cfg.to_dict()) == cfg
 
 

@@ -33,24 +33,40 @@ from tin.config import parse_config
 from utils import UserError
 
 
-@pytest.mark.parametrize("resident", [True, False], ids=["data on the device", "data from the loader"])
-def test_the_training_step_copies_without_blocking_and_reads_only_every_few_updates(tiny_data, tmp_path, resident):
+@pytest.mark.parametrize(
+    "resident, taught",
+    [(True, None), (False, "0"), (True, "2")],
+    ids=[
+        "data on the device",
+        "data from the loader, a teacher at another resolution",
+        "data on the device, cached soft labels",
+    ],
+)
+def test_the_training_step_copies_without_blocking_and_reads_only_every_few_updates(
+    tiny_data, tmp_path, resident, taught, trained_run
+):
     """The real step (batch to device, RandAugment and the rest of BatchAugment at full strength,
-    CutMix/MixUp, forward, backward, AdamW, schedule, EMA, meters), its host traffic recorded as a GPU
-    would see it: one non-blocking copy of each batch's augmentation parameters (and of the batch
-    itself from the loader), one of the epoch's order, and host reads only at the sync points."""
+    CutMix/MixUp, forward, backward, AdamW, schedule, EMA, meters; a teacher's forward pass on the
+    batch resized to its 32 px, or its cached soft labels), its host traffic recorded as a GPU would
+    see it: one non-blocking copy of each batch's augmentation parameters (and of the batch itself
+    from the loader, and of its cached soft labels), one of the epoch's order, and host reads only at
+    the sync points."""
     args = [*FAST_RUN, "--data_dir", str(tiny_data), "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"]
     args += ["--data_on_device", "on" if resident else "off", "--randaugment", "--ema", "--wandb", "disabled"]
+    args += ["--teacher", str(trained_run), "--kd_views", taught] if taught else []
     cfg, parts, *_ = build_parts(parse_config(args), distributed.Context())
     parts = parts_on_meta(parts)
     parts.sync_every = 4
     scheduler = build_scheduler(cfg, parts.optimizer, time_budget.epochs_plan(1, 8, 1))
+    seen = []  # the sizes the teacher was called at
+    for teacher in parts.teacher.models if taught else []:
+        teacher.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].shape[-1]))
     with HostTraffic(known=device_tensors(parts)) as traffic:  # full strength: every augmentation op and the mixer
-        _, state = train_epoch(parts, 8, scheduler, strength=1.0)
-    assert state.step == 8
+        _, state = train_epoch(parts, 8, scheduler, strength=1.0, size=24 if taught else None)
+    assert state.step == 8 and seen == ([32] * 8 if taught == "0" else [])  # cached: no forward pass
     blocking = [c for c in traffic.copies if not c[1]]
     assert not blocking, blocking  # each would make the host wait for the GPU
-    per_batch = 1 if resident else 3  # augmentation parameters (+ images and labels)
+    per_batch = (1 if resident else 3) + (taught == "2")  # augmentation parameters (+ images and labels, soft labels)
     assert len(traffic.copies) <= 8 * per_batch + 1, traffic.copies  # + the epoch's order, once
     assert len(traffic.reads) <= 8 // 4 + 3, traffic.reads  # sync points and the epoch's end
 

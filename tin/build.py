@@ -26,7 +26,7 @@ import arch
 import batch_manager
 import train
 import transforms
-from tin import checkpoint, distributed, hardware, optim, outputs, readers, time_budget
+from tin import checkpoint, distill, distributed, hardware, optim, outputs, readers, time_budget
 from tin.checkpoint import TrainState
 from tin.config import RESOLVED_KEY, Config
 from utils import UserError, seed_everything
@@ -66,12 +66,15 @@ def build(cfg: Config, ctx: distributed.Context, ckpt: dict | None, started: flo
         cfg = _fit_warmup_to_plan(cfg, plan, recipe if "warmup_epochs" in auto else None)
     scheduler = build_scheduler(cfg, parts.optimizer, plan)
     state = checkpoint.restore(parts, scheduler, ckpt) if ckpt is not None else TrainState()
+    if ckpt is not None:
+        distill.check_same_teachers(ckpt.get("teachers"), parts.teacher, cfg.resume)
     resolved = {
         "runtime": {
             **parts.runtime.to_dict(),
             "data_on_device": isinstance(parts.loaders.train, batch_manager.DeviceBatches),
         },
         "plan": plan.to_dict(),
+        **({"teachers": parts.teacher.summary()} if parts.teacher is not None else {}),
         **({"recipe": {"why": recipe.why, **{k: getattr(cfg, k) for k in auto}}} if recipe else {}),
     }
     run_dir = distributed.broadcast(_open_run_dir(cfg, parts.model, run_dir, resolved) if ctx.is_main else None)
@@ -114,6 +117,7 @@ def build_parts(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None)
         )
     # file names only: fast. A held-out val (--val_split) never touches the dataset's own val images.
     listing = readers.read_dataset(cfg.dataset, cfg.data_dir, val=not cfg.val_split)
+    cfg = _fit_params(cfg, len(listing.classes))
     _check_params(cfg, len(listing.classes))  # before the decoding, not after
     data = _prepare_data_once(cfg, ctx, listing)
     if ckpt is not None and list(ckpt["classes"]) != data.classes:
@@ -157,6 +161,7 @@ def build_parts(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None)
         ),
         scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16),
         ema=ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None,  # warms up: short runs too
+        teacher=_teachers_once(cfg, ctx, data, runtime),
         mixer=transforms.build_mixer(
             cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.label_smoothing, num_classes=len(data.classes)
         ),
@@ -213,6 +218,24 @@ def _model(cfg: Config, num_classes: int, runtime: hardware.Runtime, fresh: bool
     return model, params, gflops
 
 
+def _fit_params(cfg: Config, num_classes: int) -> Config:
+    """--fit_params N: --arch becomes the widest of its family with at most N parameters (a name like
+    resnet9_w24, which config.yaml, the checkpoints and val.py then use as any other)."""
+    if not cfg.fit_params:
+        return cfg
+    name, params = arch.fit_width(cfg.arch, cfg.fit_params, num_classes, cfg.img_size)
+    if name != cfg.arch:
+        log.info(
+            "--fit_params %s: --arch %s becomes %s, %s parameters with %d classes",
+            f"{cfg.fit_params:,}",
+            cfg.arch,
+            name,
+            f"{params:,}",
+            num_classes,
+        )
+    return dataclasses.replace(cfg, arch=name)
+
+
 def _check_params(cfg: Config, num_classes: int) -> None:
     """--max_params: the model's parameters counted on the meta device (no memory, no time)."""
     if not cfg.max_params:
@@ -236,6 +259,17 @@ def _prepare_data_once(cfg: Config, ctx: distributed.Context, listing):
     if ctx.local_rank == 0:
         distributed.barrier_long()
     return data
+
+
+def _teachers_once(cfg: Config, ctx: distributed.Context, data, runtime: hardware.Runtime):
+    """The teachers; their cached soft labels made by one process per node (local rank 0), as the
+    decode cache is, the others then finding them ready."""
+    if ctx.local_rank != 0 and cfg.teacher and cfg.kd_views:
+        distributed.barrier_long()
+    teacher = distill.load_teachers(cfg, data, runtime)
+    if ctx.local_rank == 0 and cfg.teacher and cfg.kd_views:
+        distributed.barrier_long()
+    return teacher
 
 
 def _resolve_recipe(cfg: Config, ctx: distributed.Context) -> tuple[Config, optim.LrRecipe | None, list[str]]:

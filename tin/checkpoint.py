@@ -165,6 +165,7 @@ def make_checkpoint(parts, scheduler, cfg_dict: dict, state: TrainState, plan) -
         "config": cfg_dict,
         "classes": parts.loaders.data.classes,
         "names": parts.loaders.data.names,  # wnid -> human name: predict.py and export.py need no dataset
+        "teachers": parts.teacher.summary() if parts.teacher is not None else [],  # a resume checks they are the same
     }
 
 

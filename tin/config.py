@@ -30,6 +30,7 @@ from tin.readers import READERS
 from utils import UserError
 
 ON_OFF = ("auto", "on", "off")
+PATHS = "tuple[str, ...]"  # the type of a field that takes several paths (--teacher A B)
 
 
 def _opt(help_text: str, *, default: Any, resume: bool = False, before: Any = None, **extra: Any) -> Any:
@@ -76,10 +77,38 @@ class Config:
         "start from these weights (.safetensors or .pth); works offline", default="", resume=True
     )
     max_params: int = _opt("refuse models with more parameters than this (0 = no limit)", default=0, resume=True)
+    fit_params: int = _opt(
+        "size --arch's family to this many parameters: the widest resnet9_wN or budget_cnn_wN that fits (the "
+        "name it resolves to is what config.yaml records; 0 = --arch as named; README: Models)",
+        default=0,
+    )
     list_archs: bool = _opt(
         "print the model catalogue (params, GFLOPs at --img_size) and exit", default=False, flag=True, resume=True
     )
     format: str = _opt("--list_archs output", default="table", choices=("table", "csv"), resume=True)
+    # --- knowledge distillation (README: Distillation) ---
+    teacher: tuple[str, ...] = _opt(
+        "distil from these models: run folders (their best.pth.tar) or .pth.tar files of this toolkit, or "
+        "timm:NAME with --teacher_pretrained_path; several: the mean of their probabilities",
+        default=(),
+        metavar="PATH",
+    )
+    teacher_pretrained_path: str = _opt(
+        "the weights of a timm:NAME teacher (.safetensors or .pth), trained on the data's classes", default=""
+    )
+    kd_alpha: float = _opt(
+        "weight of the distillation term (KL to the teacher) against the label loss (1 = the teacher alone)",
+        default=0.5,
+    )
+    kd_temperature: float = _opt(
+        "softmax temperature of teacher and student in the distillation term (scaled by T^2)", default=1.0
+    )
+    kd_views: int = _opt(
+        "cached soft labels: the teachers' predictions on K crops-and-flips of every training image, made once "
+        "beside the decode cache and replayed (epoch e shows view e mod K), so teaching costs the step nothing; "
+        "0 = the teacher runs in every step, on exactly the student's batch (README: Distillation)",
+        default=4,
+    )
     # --- data and outputs ---
     dataset: str = _opt(
         "dataset format (see README: Other datasets)", default="tiny-imagenet", choices=lambda: tuple(READERS)
@@ -258,6 +287,9 @@ class Config:
         "wandb project name (default: $WANDB_PROJECT, else tiny-imagenet-200)", default="", resume=True
     )
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "teacher", tuple(self.teacher))  # a list from argparse or YAML: frozen too
+
     @property
     def eval_px(self) -> int:
         """The resolution val and test images are evaluated at."""
@@ -299,8 +331,9 @@ class Config:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain types only, so checkpoints load with ``torch.load(weights_only=True)``."""
-        return dataclasses.asdict(self)
+        """Plain types only (scalars, lists of paths), so checkpoints load with
+        ``torch.load(weights_only=True)`` and config.yaml with yaml.safe_load."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
@@ -371,6 +404,37 @@ def _validate(cfg: Config) -> Config:
             f"--name {cfg.name!r}: a run name is a folder name: no '/', at most 100 characters",
         )
     )
+    timm_teachers = [t for t in cfg.teacher if t.startswith("timm:")]
+    checks += [
+        (cfg.fit_params >= 0, f"--fit_params must be >= 0 (got {cfg.fit_params})"),
+        (0 <= cfg.kd_alpha <= 1, f"--kd_alpha must lie in [0, 1] (got {cfg.kd_alpha})"),
+        (cfg.kd_temperature > 0, f"--kd_temperature must be > 0 (got {cfg.kd_temperature})"),
+        (cfg.kd_views >= 0, f"--kd_views must be >= 0 (got {cfg.kd_views}; 0 = the teacher in every step)"),
+        (
+            not (cfg.teacher and cfg.kd_views and cfg.aug_backend != "torch"),
+            f"--kd_views {cfg.kd_views} replays cached crops in the batch augmentation, which --aug_backend "
+            f"{cfg.aug_backend} does not do: pass --aug_backend torch, or --kd_views 0 (the teacher in every step)",
+        ),
+        (
+            not (cfg.teacher and cfg.kd_views and cfg.no_cache),
+            f"--kd_views {cfg.kd_views} stores soft labels beside the decode cache: drop --no_cache, or pass "
+            "--kd_views 0 (the teacher in every step)",
+        ),
+        (
+            len(timm_teachers) <= 1,
+            f"--teacher: one timm:NAME teacher at most ({len(timm_teachers)} given), as --teacher_pretrained_path "
+            "holds one file; train the others with main.py and pass their run folders",
+        ),
+        (
+            not timm_teachers or cfg.teacher_pretrained_path,
+            f"--teacher {timm_teachers[0] if timm_teachers else ''} needs --teacher_pretrained_path FILE: weights "
+            "trained on the data's classes (timm's ImageNet heads know other classes)",
+        ),
+        (
+            not cfg.teacher_pretrained_path or timm_teachers,
+            "--teacher_pretrained_path is the weights of a --teacher timm:NAME; pass one (or drop the path)",
+        ),
+    ]
     for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
         value = getattr(cfg, name)
         checks.append((0 <= value < 1, f"--{name} must lie in [0, 1) (got {value})"))
@@ -461,6 +525,8 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
         if meta.get("words"):  # --tta, --tta flip, --tta none
             words = meta["words"]
             kwargs.update(nargs="?", const=True, type=lambda w, words=words: _word(w, words), metavar="|".join(words))
+        elif _base_type(f) == PATHS:  # --teacher A B
+            kwargs.update(nargs="+", metavar=meta.get("metavar"))
         elif _base_type(f) == "bool":
             # on/off switches (--ema); plain flags (--no_cache) where the seed style has them
             kwargs["action"] = "store_true" if meta.get("flag") else argparse.BooleanOptionalAction
@@ -503,11 +569,15 @@ def load_yaml_defaults(path: str) -> dict[str, Any]:
 
 def _coerce(path: Path, key: str, value: Any, f: dataclasses.Field) -> Any:
     type_name = _base_type(f)
+    if type_name == PATHS:  # teacher: PATH, or a list of them
+        values = [value] if isinstance(value, str) else value
+        if isinstance(values, list) and all(isinstance(v, str) for v in values):
+            return [v for v in values if v]
     if f.metadata.get("onoff") and isinstance(value, bool):  # older files: amp: true
         return "on" if value else "off"
     if f.default is None and (value is None or str(value).strip().lower() == "auto"):
         return None
-    wanted = {"int": int, "float": float, "str": str, "bool": bool}[type_name]
+    wanted = {"int": int, "float": float, "str": str, "bool": bool}.get(type_name, list)
     if wanted is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if wanted is float and isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
@@ -515,10 +585,11 @@ def _coerce(path: Path, key: str, value: Any, f: dataclasses.Field) -> Any:
             return float(value)
         except ValueError:
             pass
-    if isinstance(value, wanted) and not (wanted is int and isinstance(value, bool)):
+    if wanted is not list and isinstance(value, wanted) and not (wanted is int and isinstance(value, bool)):
         return value
     where = f"config file {path}" if str(path).endswith((".yaml", ".yml")) else str(path)
-    raise UserError(f"{where}: {key} must be {type_name}{' or auto' if f.default is None else ''}, got {value!r}")
+    kind = "a path or a list of paths" if type_name == PATHS else type_name
+    raise UserError(f"{where}: {key} must be {kind}{' or auto' if f.default is None else ''}, got {value!r}")
 
 
 def config_from(values: dict[str, Any], origins: dict[str, str]) -> Config:

@@ -139,6 +139,10 @@ def write_results(run, row: dict) -> None:
         ),
         "runtime": run.parts.runtime.to_dict(),
     }
+    if run.parts.teacher is not None:
+        results["teachers"] = [
+            {k: t[k] for k in ("source", "arch", "params", "val_top1")} for t in run.parts.teacher.info
+        ]
     tmp = run.run_dir / "best_results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(run.run_dir / "best_results.json")
