@@ -178,9 +178,11 @@ def test_report_compares_runs_and_skips_unfinished_folders(trained_run, analysed
     )
     assert proc.returncode == 0, proc.stderr
     report = (tmp_path / "r" / "report.md").read_text()
-    assert report.count("| resnet18 |") == 2 and "Skipped (not finished runs): half" in report
-    header = report.splitlines()[2]
-    assert header.startswith("| run | arch | params | gflops | epochs | val_top1")
+    lines = report.splitlines()
+    header, rows = lines[2], [line for line in lines[4:] if line.startswith("| ")][:2]
+    assert header.startswith("| run | name | seed | arch | params | gflops | epochs | val_top1")
+    assert all(r.split(" | ")[3] == "resnet18" for r in rows) and lines[4 + len(rows)] == ""  # one row per run
+    assert "Skipped (not finished runs): half" in report
     _png(tmp_path / "r" / "report_val_top1.png")
 
 

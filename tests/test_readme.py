@@ -45,6 +45,8 @@ def known_flags() -> set[str]:
         [py, "report.py", "--help"],
         [py, "data/download.py", "--help"],
         [py, "-m", "bench.gpu_check", "--help"],
+        [py, "-m", "bench.precision", "--help"],
+        [py, "-m", "bench.step", "--help"],
         ["bash", "docker/run_docker.sh", "--help"],
         ["bash", "docker/build_docker.sh", "--help"],
     ):
@@ -87,6 +89,8 @@ SCRIPTS = {
     "val.py": lambda argv: val.parse_args(argv),
     "analyze.py": lambda argv: analyze.build_parser().parse_args(argv),
     "sweep.py": lambda argv: sweep.build_parser().parse_args(argv),
+    "predict.py": lambda argv: predict.parse_args(argv),
+    "export.py": lambda argv: export.parse_args(argv),
 }
 
 

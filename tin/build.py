@@ -119,9 +119,9 @@ def build_parts(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None)
     listing = readers.read_dataset(cfg.dataset, cfg.data_dir, val=not cfg.val_split)
     cfg = _fit_params(cfg, len(listing.classes))
     _check_params(cfg, len(listing.classes))  # before the decoding, not after
+    if ckpt is not None and list(ckpt["classes"]) != listing.classes:  # likewise
+        raise UserError(f"--resume {cfg.resume}: the run was trained on other classes than those in {listing.root}")
     data = _prepare_data_once(cfg, ctx, listing)
-    if ckpt is not None and list(ckpt["classes"]) != data.classes:
-        raise UserError(f"--resume {cfg.resume}: the run was trained on other classes than those in {data.root}")
     cfg, recipe, auto = _resolve_recipe(cfg, ctx) if ckpt is None else (cfg, None, [])
     resident, why = hardware.decide_data_on_device(
         cfg.data_on_device, runtime.device, batch_manager.resident_bytes(data), cfg.aug_backend
