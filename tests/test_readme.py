@@ -47,6 +47,7 @@ def known_flags() -> set[str]:
         [py, "-m", "bench.gpu_check", "--help"],
         [py, "-m", "bench.precision", "--help"],
         [py, "-m", "bench.step", "--help"],
+        [py, "-m", "bench.subset", "--help"],
         ["bash", "docker/run_docker.sh", "--help"],
         ["bash", "docker/build_docker.sh", "--help"],
     ):
