@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -119,18 +118,40 @@ def _rows(run: Path) -> list[dict]:
     return list(csv.DictReader(open(run / "metrics.csv")))
 
 
+# Loaded by every Python process started with its folder on PYTHONPATH: the sweep's second run, after
+# its first epoch (the first update of epoch 2), sends the sweep a SIGINT (a user's Ctrl-C), then waits
+# for the sweep to pass it on, so the moment does not depend on the machine's speed (a poll from the
+# test was too late on a fast, idle machine: the run had finished).
+CTRL_C_IN_THE_SECOND_RUN = """
+import os, signal, sys, time
+if "tiny_s43" in " ".join(sys.argv):
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    steps = []
+    def _hook(optimizer, args, kwargs):
+        steps.append(1)
+        if len(steps) == int(os.environ["TIN_TEST_CTRL_C_AT"]):
+            os.kill(os.getppid(), signal.SIGINT)
+            time.sleep(3)  # the sweep's SIGINT to this run arrives meanwhile; it stops at the next update
+    register_optimizer_step_post_hook(_hook)
+"""
+
+
 def test_an_interrupted_sweep_run_again_finishes_without_repeating_work(tmp_path):
     data = make_layout(tmp_path / "data")
     preset = _preset(tmp_path, data, epochs=4)
     command = [sys.executable, "sweep.py", str(preset), "--seeds", "2", "--sweep_dir", str(tmp_path / "sw")]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(CTRL_C_IN_THE_SECOND_RUN)
+    per_epoch = len(read_dataset("tiny-imagenet", data).train) // TINY["batch_size"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
+    env["TIN_TEST_CTRL_C_AT"] = str(per_epoch + 2)  # inside epoch 2
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     second = tmp_path / "sw" / "tiny_s43"
-    deadline = time.monotonic() + 400
-    while not any(len(_rows(r)) >= 1 for r in experiments.run_folders(second) if (r / "metrics.csv").is_file()):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C: the sweep stops its run, which saves
-    out = proc.communicate(timeout=300)[0]
+    out = proc.communicate(timeout=400)[0]
     assert proc.returncode == 130, out
     first = experiments.run_folders(tmp_path / "sw" / "tiny_s42")
     assert len(first) == 1 and experiments.is_finished(first[0])
