@@ -284,6 +284,9 @@ class Runner:
         """work(item) for each item, `parallel` at a time, in order of the results' items. Ctrl-C (or
         SIGTERM): the runs are stopped cleanly, then KeyboardInterrupt is raised."""
         old = signal.signal(signal.SIGTERM, _raise_interrupt)
+        # Ctrl-C as KeyboardInterrupt even where the sweep was started with SIGINT ignored (a background
+        # job of a script), as main.py's own handler does: else its runs would go on unstoppable
+        old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
         pool = ThreadPoolExecutor(max_workers=self.parallel)
         futures = [pool.submit(work, item) for item in items]
         try:
@@ -299,6 +302,7 @@ class Runner:
             raise
         finally:
             signal.signal(signal.SIGTERM, old)
+            signal.signal(signal.SIGINT, old_int)
         pool.shutdown(wait=True)
         return [f.result() for f in futures]
 
