@@ -1,18 +1,26 @@
-"""A short visit to a GPU machine: prove the GPU path and run the GPU speed-run in one sequence of
-calls that each carry the repository and one part of the dataset (docs/GPU_VISIT.md).
+"""A short visit to a GPU machine: prove the GPU path and run a short GPU speed-run in one sequence
+of calls that each carry the repository and one part of the dataset (docs/GPU_VISIT.md).
 
-    python -m bench.gpu_visit split                 # here, once: the dataset's parts re-split to <= 56 MiB
-    python -m bench.gpu_visit plan                  # here: the calls to make, and the time they take
-    python -m bench.gpu_visit start                 # call 1 (carries part 0 and SHA256SUMS): gpu_check starts
-    python -m bench.gpu_visit status                # each middle call (carries the next part)
-    python -m bench.gpu_visit finish --out DIR      # the last call (carries the last part): data, speed-run
+    python -m bench.gpu_visit split                          # here, once: the parts re-cut to <= 56 MiB
+    python -m bench.gpu_visit plan                           # here: the calls to make, and their time
+    python -m bench.gpu_visit start --out $OUT               # call 1 (part 0 + SHA256SUMS): gpu_check starts
+    python -m bench.gpu_visit status --out $OUT              # each middle call (the next part)
+    python -m bench.gpu_visit finish --out $OUT --call_s S   # the last call (the last part): data, speed-run
 
 `start` leaves bench/gpu_check.py running in its own process session, so it goes on while the
-other parts arrive; `finish` waits for it, checks and assembles the parts, installs the dataset,
-runs configs/gpu_speedrun.yaml with the minutes left in the call, and copies what a person needs
-to read back into DIR: 8 files at most (gpu_check.md, gpu_check.json, gpu_check.log, metrics.csv,
-log.txt, best_results.json, speedrun.log, visit.md). `--dry-run` does everything but the GPU
-work (the commands are printed instead): CI runs it on a CPU.
+other parts arrive; every call copies what exists so far into its --out (gpu_check writes each row
+the moment its check ends), so a machine lost between calls still returned the rows done. `finish`
+checks the parts and installs and decodes the dataset while gpu_check finishes, then runs
+configs/gpu_speedrun.yaml with the minutes the call has left (--call_s: the call's limit, as the
+device granted it). Everything goes into --out as it is produced (the speed-run's console streamed,
+its files copied every few seconds), and whatever ends the call — its own deadline, SIGTERM, an
+error — leaves a visit.md that says where it stopped. 8 files at most come back: gpu_check.md,
+gpu_check.json, gpu_check.log, visit.md and the speed-run's console, metrics.csv, log.txt and
+best_results.json, each named with its budget (speedrun_4.2min_metrics.csv): the visit's
+speed-run is shorter than the preset's 9.5 minutes, and its figures are not the preset's.
+
+`--dry-run` runs the same sequence on this machine's CPU: gpu_check --device cpu, the data
+installed for real, and a small CPU run in place of the speed-run. CI runs it on a tiny archive.
 
 Only the standard library and this repository: it runs on the GPU machine's own Python.
 """
@@ -37,12 +45,16 @@ VISIT = ROOT / ".visit"  # ignored by git; what the calls carry
 ARCHIVE = "tiny-imagenet-200.tar.gz"
 MIB = 1 << 20
 PART_MIB = 56  # a call carries at most 64 MiB: the repository and one part
-CALL_S = 600  # one call's limit on the device
+CALL_S = 600  # one call's limit on the device (less when little device time is left: --call_s)
 START_S = 120  # a fresh machine's start
-GPU_CHECK_S = 180  # bench/gpu_check.py on one H100 or H200 (its target)
-INSTALL_S = 60  # checking and assembling the parts, extracting, decoding into the cache
+# bench/gpu_check.py on one H100 or H200, estimated (no GPU has run it yet): check 1's three demo
+# runs ~90 s, 2a-2c ~90 s, 3 and 4a ~15 s, the cold compiles of 4b and 5 ~120 s
+GPU_CHECK_S = 330
+TRANSFER_S = 30  # a middle call: the part's transfer and Python's start
 MARGIN_S = 45  # collecting the files, Python's start-up, what the estimates miss
+RUN_MIN_S = 180  # gpu_check is waited for while a speed-run of at least this still fits
 RUN_MAX_MIN = 6.0  # the speed-run's budget when the call leaves room for it
+POLL_S = 3.0  # how often the files are copied into --out while something runs
 
 
 def sha256(paths: list[Path]) -> str:
@@ -102,65 +114,128 @@ def _next_part(current, into: Path, parts: list[Path]):
     return open(parts[-1], "wb")
 
 
-def plan(visit: Path) -> str:
-    """The calls to make and their time, as Markdown (also the schedule `finish` budgets with)."""
+def plan(visit: Path, call_s: float = CALL_S) -> str:
+    """The calls to make and their time, as Markdown (with the schedule `finish` budgets with)."""
     parts = sorted(visit.glob(f"{ARCHIVE}.part*"))
     n = len(parts) or 3
-    run_min = speedrun_minutes(0.0, INSTALL_S)
+    waited = max(0.0, GPU_CHECK_S - TRANSFER_S * (n - 1))  # gpu_check's time left when the last call starts
+    run_min = speedrun_minutes(call_s - waited - MARGIN_S)
     rel = visit.relative_to(ROOT) if visit.is_relative_to(ROOT) else visit
     lines = [
         f"GPU visit: {n} calls back to back (each carries the repository and one part; a pause over 30 s loses the machine)",
         "",
         "| call | carry | command | what runs |",
         "|---|---|---|---|",
-        f"| 1 | `{rel}/SHA256SUMS`, `{rel}/{ARCHIVE}.part0` | `python3 -m bench.gpu_visit start` | gpu_check starts "
-        f"in the background (~{GPU_CHECK_S // 60} min) |",
+        f"| 1 | `{rel}/SHA256SUMS`, `{rel}/{ARCHIVE}.part0` | `python3 -m bench.gpu_visit start --out $OUT` | gpu_check "
+        f"starts in the background (~{GPU_CHECK_S / 60:.1f} min) |",
     ]
     for k in range(1, n - 1):
         lines.append(
-            f"| {k + 1} | `{rel}/{ARCHIVE}.part{k}` | `python3 -m bench.gpu_visit status` | the part arrives |"
+            f"| {k + 1} | `{rel}/{ARCHIVE}.part{k}` | `python3 -m bench.gpu_visit status --out $OUT` | the part "
+            "arrives; gpu_check's rows so far come back |"
         )
     lines.append(
-        f"| {n} | `{rel}/{ARCHIVE}.part{n - 1}` | `python3 -m bench.gpu_visit finish --out $OUT` | waits for gpu_check, "
-        f"installs the data (~{INSTALL_S} s), speed-run of {run_min:.1f} min, 8 files back |"
+        f"| {n} | `{rel}/{ARCHIVE}.part{n - 1}` | `python3 -m bench.gpu_visit finish --out $OUT --call_s {call_s:.0f}` "
+        f"| the data installed while gpu_check finishes (~{waited:.0f} s), then a speed-run of {run_min:.1f} min "
+        "(not the 9.5-minute preset), 8 files back |"
     )
-    total = START_S + 30 * (n - 1) + max(0, GPU_CHECK_S - 30 * (n - 1)) + INSTALL_S + 60 * run_min + MARGIN_S
-    lines += ["", f"device time: about {total / 60:.1f} min of the 15 (a start ~{START_S // 60} min included)"]
+    total = START_S + TRANSFER_S * (n - 1) + call_s
+    lines += [
+        "",
+        f"device time: about {total / 60:.1f} min of the 15 (a start ~{START_S // 60} min included); give each call "
+        f"timeout_s {call_s:.0f} and the last one --call_s equal to the limit the device grants it",
+    ]
     return "\n".join(lines)
 
 
-def speedrun_minutes(elapsed_s: float, install_s: float) -> float:
-    """The speed-run's --time_budget: what the call has left after `elapsed_s` and an install still
-    to come (`install_s`), less the margin; at most RUN_MAX_MIN, never below one minute, in tenths."""
-    left = CALL_S - elapsed_s - install_s - MARGIN_S
-    return max(1.0, min(RUN_MAX_MIN, math.floor(left / 6) / 10))
+def speedrun_minutes(left_s: float) -> float:
+    """The speed-run's --time_budget for `left_s` seconds left before the call's deadline (its
+    margin already taken off): at most RUN_MAX_MIN, in tenths of a minute; 0 when under a minute."""
+    minutes = min(RUN_MAX_MIN, math.floor(left_s / 6) / 10)
+    return minutes if minutes >= 1.0 else 0.0
 
 
 # --------------------------------------------------------------------------- on the GPU machine
+class Stopped(BaseException):
+    """SIGTERM reached the visit (the call's limit, as `timeout` enforces it)."""
+
+
+class Visit:
+    """One call's record: its stage, notes and deadline; `report()` (re)writes visit.md and copies
+    what exists into the call's --out, and is called whenever something changes."""
+
+    def __init__(self, visit: Path, out_dir: Path, call_s: float, margin_s: float, dry_run: bool, step: str) -> None:
+        self.visit, self.out_dir, self.dry_run, self.step = visit, out_dir, dry_run, step
+        self.t0 = time.time()
+        self.call_s, self.deadline = call_s, self.t0 + call_s - margin_s
+        self.stage, self.notes, self.budget, self.run_dir = "starting", [], None, None
+        self.cut: list[str] = []  # the stages the call's deadline cut short
+        self.children: list[subprocess.Popen] = []  # stopped (SIGTERM: a run saves) if the visit is
+        self.card = "none (--dry-run, on the CPU)" if dry_run else _card()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (visit / "out").mkdir(parents=True, exist_ok=True)
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def note(self, text: str) -> None:
+        self.notes.append(f"{time.time() - self.t0:.0f} s: {text}")
+        print(f"gpu_visit: {text}", flush=True)
+        self.report()
+
+    def at(self, stage: str) -> None:
+        self.stage = stage
+        self.report()
+
+    def speedrun_name(self, what: str) -> str:
+        return f"speedrun_{self.budget:g}min_{what}" if what != "log" else f"speedrun_{self.budget:g}min.log"
+
+    def report(self, final: str = "") -> None:
+        for name in ("gpu_check.md", "gpu_check.json", "gpu_check.log"):
+            _copy(self.visit / "out" / name, self.out_dir / name)
+        if self.run_dir is not None:
+            for name in ("metrics.csv", "log.txt", "best_results.json"):
+                _copy(self.run_dir / name, self.out_dir / self.speedrun_name(name))
+        lines = [
+            f"# GPU visit: {self.step}",
+            "",
+            f"card: {_card() if not self.dry_run else 'none (--dry-run, on the CPU)'}",
+        ]
+        lines += [f"call: {time.time() - self.t0:.0f} s of {self.call_s:.0f} s", f"stage: {final or self.stage}"]
+        lines += ["", *[f"- {n}" for n in self.notes]]
+        if self.run_dir is not None and (self.run_dir / "metrics.csv").is_file():
+            lines += ["", _curve(self.run_dir, self.budget)]
+        tmp = self.out_dir / ".visit.md.tmp"
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, self.out_dir / "visit.md")
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """src over dst when it exists, atomically (a kill mid-copy leaves the previous copy)."""
+    if src.is_file():
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+
 def _python() -> str:
     return sys.executable
 
 
-def start(visit: Path, dry_run: bool) -> int:
-    out = visit / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    command = [
-        _python(),
-        "-m",
-        "bench.gpu_check",
-        "--work_dir",
-        str(visit / "work"),
-        "--out",
-        str(out / "gpu_check.json"),
-    ]
-    (visit / "started").write_text(f"{time.time()}\n")
-    if dry_run:
-        print("would run in the background:", " ".join(command))
-        return 0
-    with open(out / "gpu_check.md", "w") as table, open(out / "gpu_check.log", "w") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=table, stderr=log, start_new_session=True)
-    (visit / "gpu_check.pid").write_text(f"{proc.pid}\n")
-    print(f"gpu_check running (pid {proc.pid}); its table goes to {out / 'gpu_check.md'}")
+def _on_sigterm(signum, frame) -> None:
+    raise Stopped(signum)
+
+
+def start(v: Visit, only: str) -> int:
+    command = [_python(), "-m", "bench.gpu_check", "--work_dir", str(v.visit / "work"), "--out", str(v.visit / "out")]
+    command += ["--device", "cpu"] if v.dry_run else []
+    command += ["--only", only] if only else []
+    (v.visit / "started").write_text(f"{time.time()}\n")
+    with open(v.visit / "out" / "gpu_check.log", "w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    (v.visit / "gpu_check.pid").write_text(f"{proc.pid}\n")
+    v.note(f"gpu_check started (pid {proc.pid}{', on the CPU' if v.dry_run else ''}): {' '.join(command[1:])}")
+    v.at("call 1 done: gpu_check runs on; its rows so far come back with every call")
     return 0
 
 
@@ -173,17 +248,18 @@ def _running(visit: Path) -> int | None:
         os.kill(pid, 0)
     except OSError:
         return None
-    return pid
+    try:  # a container without an init process may leave it a zombie: exited, never reaped
+        with open(f"/proc/{pid}/stat") as fh:
+            return None if fh.read().rsplit(") ", 1)[1].startswith("Z") else pid
+    except OSError:
+        return pid
 
 
-def status(visit: Path) -> int:
-    parts = sorted(p.name for p in visit.glob(f"{ARCHIVE}.part*"))
-    pid = _running(visit)
-    log = visit / "out" / "gpu_check.log"
-    last = log.read_text().strip().splitlines()[-1:] if log.is_file() else []
-    print(f"parts here: {', '.join(parts) or 'none'}; gpu_check {'running' if pid else 'not running'}")
-    for line in last:
-        print(f"  gpu_check: {line[:160]}")
+def status(v: Visit) -> int:
+    parts = sorted(p.name for p in v.visit.glob(f"{ARCHIVE}.part*"))
+    pid = _running(v.visit)
+    v.note(f"parts here: {', '.join(parts) or 'none'}; gpu_check {'running' if pid else 'not running'}")
+    v.at("a middle call done")
     return 0
 
 
@@ -209,67 +285,117 @@ def check_parts(visit: Path) -> list[Path]:
     return parts
 
 
-def finish(visit: Path, out_dir: Path, minutes: float | None, dry_run: bool, t0: float, expect: str = "") -> int:
-    out, notes = visit / "out", []
-    out.mkdir(parents=True, exist_ok=True)
-    _wait_for_gpu_check(visit, t0, notes)
-    parts = check_parts(visit)
-    data = visit / "data" / "tiny-imagenet-200"
-    install = [_python(), "data/download.py", "--dest", str(data), "--archive", *map(str, parts)]
-    install += ["--expect", expect] if expect else []
-    t_install = time.time()
-    if subprocess.run(install, cwd=ROOT, stdout=subprocess.DEVNULL).returncode:
-        raise SystemExit("error: the dataset could not be installed from the parts (data/download.py said why)")
-    notes.append(f"parts checked and the dataset installed in {time.time() - t_install:.0f} s")
-    budget = minutes or speedrun_minutes(time.time() - t0, 0.0)
-    notes.append(f"speed-run budget: {budget:.1f} min ({time.time() - t0:.0f} s into the call)")
-    run = [_python(), "main.py", "--config", "configs/gpu_speedrun.yaml", "--time_budget", f"{budget:g}"]
-    run += ["--data_dir", str(data), "--output_dir", str(visit / "runs"), "--wandb", "disabled"]
-    if dry_run:
-        print("would run:", " ".join(run))
-    else:
-        with open(out / "speedrun.log", "w") as log:
-            code = subprocess.call(run, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        notes.append(f"speed-run exit status {code}")
-    collect(visit, out_dir, notes, t0)
+def finish(v: Visit, minutes: float | None, expect: str = "") -> int:
+    """The last call: the data installed and decoded while gpu_check finishes, then the speed-run
+    with what the call has left; the record kept current in --out throughout."""
+    v.at("checking the parts")
+    parts = check_parts(v.visit)
+    data = v.visit / "data" / "tiny-imagenet-200"
+    install = _install(v, parts, data, expect)
+    _wait_for_gpu_check(v, install)
+    v.at("installing the data")
+    code = _wait(v, install, until=v.deadline)
+    if code != 0:
+        raise SystemExit(f"error: the dataset could not be installed from the parts (see {v.visit / 'install.log'})")
+    v.note(f"data installed and decoded ({time.time() - v.t0:.0f} s into the call)")
+    v.budget = minutes or speedrun_minutes(v.left())
+    if not v.budget:
+        v.note(f"no speed-run: {max(v.left(), 0):.0f} s left before the call's deadline, under a minute")
+        return 0
+    _speedrun(v, data)
     return 0
 
 
-def _wait_for_gpu_check(visit: Path, t0: float, notes: list[str]) -> None:
-    """Wait for the background gpu_check while the call can afford it (leaving a speed-run of at
-    least 3 minutes); stop it beyond that, saying so."""
-    start = time.time()
-    pid = _running(visit)
-    while pid is not None and speedrun_minutes(time.time() - t0, INSTALL_S) > 3.0:
-        time.sleep(2)
-        pid = _running(visit)
-    if pid is not None:
+def _install(v: Visit, parts: list[Path], data: Path, expect: str) -> subprocess.Popen:
+    """data/download.py from the parts, then every split decoded into the cache main.py reads (64 px,
+    every core), in the background: CPU work that overlaps gpu_check's GPU work."""
+    download = [_python(), "data/download.py", "--dest", str(data), "--archive", *map(str, parts)]
+    download += ["--expect", expect] if expect else []
+    decode = f"import batch_manager, os; batch_manager.prepare_data('tiny-imagenet', {str(data)!r}, 64, os.cpu_count())"
+    script = f"{_quote(download)} && {_quote([_python(), '-c', decode])}"
+    log = open(v.visit / "install.log", "w")
+    v.note("parts checked against SHA256SUMS; installing and decoding the data in the background")
+    proc = subprocess.Popen(["/bin/sh", "-c", script], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    v.children.append(proc)
+    return proc
+
+
+def _quote(command: list[str]) -> str:
+    import shlex
+
+    return " ".join(shlex.quote(c) for c in command)
+
+
+def _wait_for_gpu_check(v: Visit, install: subprocess.Popen) -> None:
+    """gpu_check is waited for while a speed-run of RUN_MIN_S still fits; beyond that it is stopped
+    (SIGTERM: its rows so far stay in its table), saying so."""
+    v.at("waiting for gpu_check")
+    started = float((v.visit / "started").read_text()) if (v.visit / "started").is_file() else None
+    waited = time.time()
+    while (pid := _running(v.visit)) is not None and v.left() > RUN_MIN_S and not _checks_done(v.visit):
+        time.sleep(POLL_S)
+        v.report()
+    stopped = pid is not None and not _checks_done(v.visit)
+    if stopped:  # SIGTERM, once: its rows so far stay in its table
         os.killpg(pid, signal.SIGTERM)
-        notes.append("gpu_check was stopped unfinished, to leave the speed-run its time")
-    waited = time.time() - start
-    started = float((visit / "started").read_text()) if (visit / "started").is_file() else None
-    if started is not None:
-        notes.append(f"gpu_check: started {t0 - started:.0f} s before this call; waited {waited:.0f} s for it here")
+    for _ in range(20):  # its last lines (done), or its report of where it stopped
+        if _running(v.visit) is None:
+            break
+        time.sleep(0.5)
+    if not _checks_done(v.visit):
+        v.cut.append("gpu_check")
+        what = "stopped unfinished" if stopped else "ended unfinished (see gpu_check.log)"
+        v.note(f"gpu_check {what} ({v.left():.0f} s left in the call): its finished rows are in gpu_check.md")
+    since = f"started {v.t0 - started:.0f} s before this call; " if started is not None else ""
+    v.note(f"gpu_check: {since}waited {time.time() - waited:.0f} s for it here")
 
 
-def collect(visit: Path, out_dir: Path, notes: list[str], t0: float) -> None:
-    """At most 8 files into out_dir: gpu_check's table, JSON and log, the run's metrics.csv, log.txt
-    and best_results.json, the speed-run's console, and visit.md (timings, card, curve)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = [visit / "out" / n for n in ("gpu_check.md", "gpu_check.json", "gpu_check.log", "speedrun.log")]
-    runs = sorted((visit / "runs").glob("*/best_results.json"))
-    run = runs[-1].parent if runs else None
-    if run is not None:
-        files += [run / "metrics.csv", run / "log.txt", run / "best_results.json"]
-    for f in files:
-        if f.is_file():
-            shutil.copyfile(f, out_dir / f.name)
-    lines = ["# GPU visit", "", f"card: {_card()}", f"call time: {time.time() - t0:.0f} s", ""]
-    lines += [f"- {n}" for n in notes]
-    if run is not None:
-        lines += ["", _curve(run)]
-    (out_dir / "visit.md").write_text("\n".join(lines) + "\n")
-    print((out_dir / "visit.md").read_text())
+def _checks_done(visit: Path) -> bool:
+    """gpu_check wrote its last row (its report's status says so)."""
+    try:
+        return json.loads((visit / "out" / "gpu_check.json").read_text())["status"].startswith("finished")
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _wait(v: Visit, proc: subprocess.Popen, until: float) -> int | None:
+    """proc's exit status, copying the files into --out every POLL_S seconds; at `until` it is
+    sent SIGTERM (a training run then saves) and given 30 s; None if it had to be killed."""
+    while proc.poll() is None and time.time() < until:
+        time.sleep(POLL_S)
+        v.report()
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return None
+        v.cut.append(v.stage)
+        v.note(f"{v.stage}: stopped by the call's deadline (exit status {proc.returncode})")
+    return proc.returncode
+
+
+def _speedrun(v: Visit, data: Path) -> None:
+    run = [_python(), "main.py", "--config", "configs/gpu_speedrun.yaml", "--time_budget", f"{v.budget:g}"]
+    run += ["--data_dir", str(data), "--output_dir", str(v.visit / "runs"), "--wandb", "disabled"]
+    if v.dry_run:  # the same path on the CPU, small
+        run += "--device cpu --arch resnet9_slim --img_size 32 --min_img_size 16 --batch_size 16 --workers 1".split()
+    v.at(f"the speed-run of {v.budget:g} min (the visit's budget, not the 9.5-minute preset)")
+    before = set((v.visit / "runs").glob("*")) if (v.visit / "runs").is_dir() else set()
+    with open(v.out_dir / v.speedrun_name("log"), "w") as log:  # streamed straight into --out
+        proc = subprocess.Popen(run, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        v.children.append(proc)
+        while proc.poll() is None and v.run_dir is None:
+            new = set((v.visit / "runs").glob("*")) - before if (v.visit / "runs").is_dir() else set()
+            v.run_dir = next(iter(new), None)
+            time.sleep(0.5)
+        code = _wait(v, proc, until=v.deadline)
+    if v.run_dir is None:
+        new = set((v.visit / "runs").glob("*")) - before if (v.visit / "runs").is_dir() else set()
+        v.run_dir = next(iter(new), None)
+    v.note(f"speed-run ({v.budget:g} min) exit status {code}")
 
 
 def _card() -> str:
@@ -285,24 +411,33 @@ def _card() -> str:
         return "no GPU (no nvidia-smi)"
 
 
-def _curve(run: Path) -> str:
-    best = json.loads((run / "best_results.json").read_text())
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
+def _curve(run: Path, budget: float | None) -> str:
+    """The speed-run's epochs as a table, every line naming its budget (it is not the preset's)."""
+    tag = f"{budget:g}-min visit run"
     text = [
-        f"best val top-1 {best.get('val_top1')} % (top-5 {best.get('val_top5')} %), {best.get('wall_time_seconds')} s",
+        f"## the speed-run: --time_budget {budget:g} (the visit's; the 9.5-minute preset is not measured by it)",
         "",
-        "| epoch | train px | s | lr | train loss | val top-1 | epoch s | img/s | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        cells = [r.get(k, "") for k in ("epoch", "train_size", "aug_strength", "lr", "train_loss", "val_top1")]
-        cells += [r.get(k, "") for k in ("epoch_seconds", "images_per_second", "wall_seconds")]
-        text.append("| " + " | ".join(cells) + " |")
+    if (run / "best_results.json").is_file():
+        best = json.loads((run / "best_results.json").read_text())
+        text += [
+            f"{tag}: best val top-1 {best.get('val_top1')} % (top-5 {best.get('val_top5')} %), "
+            f"{best.get('wall_time_seconds')} s",
+            "",
+        ]
+    text += [
+        "| run | epoch | train px | s | lr | train loss | val top-1 | epoch s | img/s | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    with open(run / "metrics.csv") as fh:
+        for r in csv.DictReader(fh):
+            cells = [r.get(k, "") for k in ("epoch", "train_size", "aug_strength", "lr", "train_loss", "val_top1")]
+            cells += [r.get(k, "") for k in ("epoch_seconds", "images_per_second", "wall_seconds")]
+            text.append(f"| {tag} | " + " | ".join(cells) + " |")
     return "\n".join(text)
 
 
 def main(argv: list[str] | None = None) -> int:
-    t0 = time.time()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="step", required=True)
     s = sub.add_parser("split", help="here: re-cut the dataset's parts to fit a call")
@@ -310,15 +445,19 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--size", type=float, default=PART_MIB, help="MiB per part")
     pl = sub.add_parser("plan", help="here: the calls and their time")
     st = sub.add_parser("start", help="call 1: gpu_check in the background")
-    st.add_argument("--dry-run", action="store_true")
-    su = sub.add_parser("status", help="a middle call: what has arrived")
+    st.add_argument("--only", default="", help="gpu_check --only: some checks only")
+    su = sub.add_parser("status", help="a middle call: what has arrived, gpu_check's rows so far")
     f = sub.add_parser("finish", help="the last call: data, speed-run, files back")
-    f.add_argument("--out", required=True, help="where the files to read back go ($OUT on the device)")
     f.add_argument("--minutes", type=float, default=None, help="the speed-run's budget (default: what the call leaves)")
-    f.add_argument("--dry-run", action="store_true")
     f.add_argument("--expect", default="", help="data/download.py --expect, for a subset (tests)")
     for q in (s, pl, st, su, f):
         q.add_argument("--visit", default=str(VISIT), help="the folder the parts travel in")
+    for q in (pl, st, su, f):
+        q.add_argument("--call_s", type=float, default=CALL_S, help="this call's time limit in seconds")
+    for q in (st, su, f):
+        q.add_argument("--out", required=True, help="where the files to read back go ($OUT on the device)")
+        q.add_argument("--margin_s", type=float, default=MARGIN_S, help="kept free before the call's limit")
+        q.add_argument("--dry-run", action="store_true", help="the same sequence on this CPU, small")
     args = p.parse_args(argv)
     visit = Path(args.visit)
     if args.step == "split":
@@ -327,13 +466,51 @@ def main(argv: list[str] | None = None) -> int:
         print(plan(visit))
         return 0
     if args.step == "plan":
-        print(plan(visit))
+        print(plan(visit, args.call_s))
         return 0
-    if args.step == "start":
-        return start(visit, args.dry_run)
-    if args.step == "status":
-        return status(visit)
-    return finish(visit, Path(args.out), args.minutes, args.dry_run, t0, args.expect)
+    visit.mkdir(parents=True, exist_ok=True)
+    v = Visit(visit, Path(args.out), args.call_s, args.margin_s, args.dry_run, args.step)
+    return run_step(v, args)
+
+
+def run_step(v: Visit, args) -> int:
+    """The step, its record in --out whatever ends it: done, an error, SIGTERM."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    final = ""
+    try:
+        if args.step == "start":
+            return start(v, args.only)
+        if args.step == "status":
+            return status(v)
+        return finish(v, args.minutes, args.expect)
+    except Stopped:
+        final = f"stopped by SIGTERM during: {v.stage}"
+        _stop_children(v)
+        return 128 + signal.SIGTERM
+    except SystemExit as exc:
+        final = f"stopped during: {v.stage}: {exc}"
+        raise
+    except Exception as exc:
+        final = f"stopped during: {v.stage}: {type(exc).__name__}: {exc}"
+        raise
+    finally:
+        if not final:
+            final = f"done; the call's deadline cut short: {', '.join(v.cut)}" if v.cut else "done"
+        v.report(final)
+        print((v.out_dir / "visit.md").read_text())
+
+
+def _stop_children(v: Visit) -> None:
+    """SIGTERM to what the call started (the speed-run saves its position), 10 s to end."""
+    for proc in v.children:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    end = time.time() + 10
+    for proc in v.children:
+        try:
+            proc.wait(max(0.1, end - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 if __name__ == "__main__":
