@@ -15,14 +15,24 @@ import os
 import runpy
 import signal
 import sys
+from pathlib import Path
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
+
+if __package__ in (None, ""):  # run as a file (python bench/X.py): the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+USAGE = "usage: python -m bench.interrupt_at K [--signal NAME] SCRIPT [ARGS...]"
 
 
 def main() -> None:
     args = sys.argv[1:]
+    if args[:1] in (["-h"], ["--help"]):
+        print(f"{USAGE}\n\n{__doc__}")
+        return
     if len(args) < 2 or not args[0].isdigit():
-        sys.exit("usage: python -m bench.interrupt_at K [--signal NAME] SCRIPT [ARGS...]")
+        sys.exit(USAGE)
     at, args = int(args[0]), args[1:]
     signum = signal.SIGINT
     if args[0] == "--signal":

@@ -22,12 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-import main as toolkit  # main.py; this file has its own main
-from tin import (
+if __package__ in (None, ""):  # run as a file (python bench/X.py): the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import main as toolkit  # noqa: E402 - main.py; this file has its own main
+from tin import (  # noqa: E402
     hardware,
     optim,
 )
-from utils import write_json
+from utils import write_json  # noqa: E402
 
 FAMILIES = {  # family group -> (representative --arch, AdamW rates per 256 images to compare)
     "cnn": ("resnet18", [4e-5, 1e-3, 2e-3, 4e-3, 8e-3]),

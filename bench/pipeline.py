@@ -22,16 +22,21 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import batch_manager
-import transforms
-from tin.readers import load_rgb, read_dataset
-from utils import write_json
+if __package__ in (None, ""):  # run as a file (python bench/X.py): the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import batch_manager  # noqa: E402
+import transforms  # noqa: E402
+from tin.readers import load_rgb, read_dataset  # noqa: E402
+from utils import write_json  # noqa: E402
 
 MEAN = np.array(transforms.IMAGENET_MEAN, np.float32)
 STD = np.array(transforms.IMAGENET_STD, np.float32)

@@ -24,14 +24,18 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import arch
-from tin import hardware
-from tin.hardware import resolve_device
-from utils import write_json
+if __package__ in (None, ""):  # run as a file (python bench/X.py): the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import arch  # noqa: E402
+from tin import hardware  # noqa: E402
+from tin.hardware import resolve_device  # noqa: E402
+from utils import write_json  # noqa: E402
 
 VARIANTS = {  # name -> (autocast dtype, channels_last, compile)
     "fp32": (None, False, False),

@@ -239,3 +239,25 @@ def test_cached_soft_labels_need_the_batch_augmentation_and_the_decode_cache():
         with pytest.raises(UserError, match=r"^--kd_views 4 .* or pass --kd_views 0|, or --kd_views 0"):
             parse_config(["--teacher", "RUN", *flags])
         assert parse_config(["--teacher", "RUN", *flags, "--kd_views", "0"]).kd_views == 0  # a live teacher
+
+
+def test_cached_views_are_warped_in_fp32_under_the_runs_autocast():
+    """The soft labels are made under the run's autocast; the views the teacher sees must still be
+    the student's (transforms.warp in fp32, outside autocast): under bf16, affine_grid's batched
+    product would shift them by up to 0.15 px (tens of grey levels at an edge)."""
+    seen = []
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 4)).eval()
+    model.register_forward_hook(lambda m, inputs, out: seen.append((inputs[0], out.dtype)))
+    teacher = distill.Teacher([model], [24])
+    normalize = transforms.Normalize()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (6, 3, 32, 32), generator=g).float()
+    u = torch.rand(6, 5, generator=g)
+    crop = {"w": 0.5 + 0.5 * u[:, 0], "h": 0.5 + 0.5 * u[:, 1], "cx": u[:, 2] - 0.5, "cy": u[:, 3] - 0.5}
+    theta = transforms.OPS["crop"].matrix(crop) @ transforms.OPS["flip"].matrix({"on": u[:, 4] > 0.5})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        teacher.probs_of_views(x, theta[:, :2], normalize)
+    (view, out_dtype), std = seen[0], normalize.std
+    shown = transforms.warp(x, theta[:, :2], 24).clamp_(0, 255)  # fp32: no autocast here
+    assert out_dtype == torch.bfloat16  # the teacher itself runs in the run's precision
+    assert view.dtype == torch.float32 and ((view * std + normalize.mean) - shown).abs().max() < 1e-4  # grey levels

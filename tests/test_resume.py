@@ -155,3 +155,45 @@ def test_sigkill_mid_epoch_with_data_on_the_device_resumes_to_the_loader_paths_r
     assert _rows(run) == _rows(reference)
     assert same_weights(run / "last.pth.tar", reference / "last.pth.tar")
     assert (run / "best_test_preds.csv").read_text() == (reference / "best_test_preds.csv").read_text()
+
+
+def _scaled_parts(tiny_data, fp16: bool):
+    """A CPU run's parts whose grad scaler is enabled as it is for fp16 (`fp16`) or disabled (bf16,
+    fp32), with its learning-rate schedule."""
+    from conftest import TinyNet, loaders_for, tiny_parts
+
+    parts = tiny_parts(TinyNet(), loaders_for(tiny_data))
+    parts.scaler = torch.amp.GradScaler("cpu", enabled=fp16)
+    return parts, torch.optim.lr_scheduler.ConstantLR(parts.optimizer, factor=1.0)
+
+
+def _saved(parts, scheduler, path: Path) -> dict:
+    from tin import checkpoint, time_budget
+
+    ckpt = checkpoint.make_checkpoint(parts, scheduler, {}, checkpoint.TrainState(), time_budget.Plan(3, 8, 8))
+    checkpoint.write_checkpoint(ckpt, path)
+    return checkpoint.load_checkpoint(path)
+
+
+def test_a_run_saved_without_fp16_resumes_where_fp16_is_chosen(tiny_data, tmp_path, tin_log):
+    """A bf16 or fp32 run saves an empty state for its disabled grad scaler; resumed where fp16 is
+    chosen (--amp_dtype fp16, a GPU without bf16) the run goes on, its scaler at its initial scale.
+    The other way round, the saved scale is dropped; fp16 to fp16 keeps it."""
+    from tin import checkpoint
+
+    ckpt = _saved(*_scaled_parts(tiny_data, fp16=False), tmp_path / "fp32.pth.tar")
+    assert ckpt["scaler"] == {}
+    parts, scheduler = _scaled_parts(tiny_data, fp16=True)
+    checkpoint.restore(parts, scheduler, ckpt)
+    assert parts.scaler.is_enabled() and parts.scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
+    assert "saved without fp16 and resumes with it" in tin_log.text
+
+    fp16, scheduler = _scaled_parts(tiny_data, fp16=True)
+    fp16.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # as if the run had found that scale
+    ckpt = _saved(fp16, scheduler, tmp_path / "fp16.pth.tar")
+    parts, scheduler = _scaled_parts(tiny_data, fp16=False)
+    checkpoint.restore(parts, scheduler, ckpt)
+    assert not parts.scaler.is_enabled() and parts.scaler.state_dict() == {}
+    parts, scheduler = _scaled_parts(tiny_data, fp16=True)
+    checkpoint.restore(parts, scheduler, ckpt)
+    assert parts.scaler.get_scale() == 1024.0

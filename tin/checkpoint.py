@@ -175,7 +175,7 @@ def restore(parts, scheduler, ckpt: dict[str, Any]) -> TrainState:
     parts.model.load_state_dict(ckpt["state_dict"])
     parts.optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    parts.scaler.load_state_dict(ckpt["scaler"])
+    restore_scaler(parts.scaler, ckpt["scaler"])
     if parts.ema is not None and ckpt.get("ema") is not None:
         parts.ema.load_state_dict(ckpt["ema"])
     history = list(ckpt["history"])
@@ -194,6 +194,24 @@ def restore(parts, scheduler, ckpt: dict[str, Any]) -> TrainState:
         finished=ckpt.get("finished", False),
         epoch_lr=ckpt.get("epoch_lr", (meters or {}).get("lr")),
     )
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
+    """The grad scaler's `saved` state into `scaler`, also when the precision changed on resume
+    (--amp_dtype, another GPU: hardware.warn_if_changed promises the run goes on). A run without
+    fp16 saved {} for its disabled scaler, which an enabled one refuses: it starts at its initial
+    scale, as a new fp16 run does, and finds its level in the first updates. A disabled scaler
+    (no fp16 now) has no use for a saved scale."""
+    if not scaler.is_enabled():
+        return
+    if not saved:
+        log.info(
+            "grad scaler: the run was saved without fp16 and resumes with it; the scaler starts at its initial "
+            "scale %g (it adjusts within the first updates)",
+            scaler.get_scale(),
+        )
+        return
+    scaler.load_state_dict(saved)
 
 
 def restore_rng(ckpt: dict[str, Any], ctx: distributed.Context) -> None:

@@ -30,6 +30,7 @@ checkpoint): the same run needs the same teacher.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -126,11 +127,21 @@ class Teacher:
         with torch.no_grad():
             total = None
             for model, size in zip(self.models, self.sizes, strict=True):
-                view = normalize(transforms.warp(x, theta, size).clamp_(0, 255))
-                view = view.contiguous(memory_format=torch.channels_last) if self.channels_last else view
-                p = (model(view).float() / self.temperature).softmax(1)
+                p = (model(self.view(x, theta, size, normalize)).float() / self.temperature).softmax(1)
                 total = p if total is None else total + p
             return total / len(self.models)
+
+    def view(self, x: torch.Tensor, theta: torch.Tensor, size: int, normalize) -> torch.Tensor:
+        """The normalised (n, 3, size, size) view of `x` through `theta`, in fp32 under any autocast:
+        the student is shown transforms.warp's fp32 views (BatchAugment runs outside autocast), and
+        under bf16 affine_grid's batched product would round the sampling coordinates by up to
+        0.15 px, so the soft labels would belong to slightly other crops. The teacher itself still
+        runs in the caller's autocast."""
+        kind = x.device.type
+        fp32 = torch.autocast(kind, enabled=False) if torch.is_autocast_enabled(kind) else contextlib.nullcontext()
+        with fp32:
+            view = normalize(transforms.warp(x.float(), theta.float(), size).clamp_(0, 255))
+        return view.contiguous(memory_format=torch.channels_last) if self.channels_last else view
 
     def resized(self, x: torch.Tensor, size: int) -> torch.Tensor:
         """`x` at `size` x `size`, on its device (bilinear; antialiased when shrinking)."""
