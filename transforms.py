@@ -19,12 +19,13 @@ import functools
 import math
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
-from timm.data.mixup import mixup_target
+from timm.data.mixup import cutmix_bbox_and_lam, mixup_target
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -134,7 +135,8 @@ class BatchOp:
         return 1
 
     def draw(self, u: torch.Tensor, p: dict) -> dict[str, torch.Tensor]:
-        """Per-image parameters (host tensors) from `u` (n, columns) uniforms in [0, 1)."""
+        """Per-image parameters (host tensors, the image first: BatchAugment draws many batches at
+        once and slices them) from `u` (n, columns) uniforms in [0, 1)."""
         return {"on": u[:, 0] < p["p"]}
 
     def matrix(self, d: dict) -> torch.Tensor | None:
@@ -227,6 +229,21 @@ class Affine(BatchOp):
         return [A.Affine(rotate=rotate, shear=shear, border_mode=0, p=p["p"])]
 
 
+def _jitter_basis() -> torch.Tensor:
+    """(6, 3, 3): Jitter's colour matrix, YIQ2RGB @ hue turn @ RGB2YIQ @ saturation blend, is linear
+    in (1, cos h, sin h) x (sat, 1 - sat); these are the six constant matrices it weights per image.
+    Weighted element-wise instead of three batched 3x3 products, the op's draw takes 40 % of the
+    host time (2.7 against 7.0 ms for 16k images, one thread of an AMD EPYC): it counts now that
+    BatchAugment draws a whole chunk of batches at once."""
+    f64 = torch.float64
+    to_rgb, to_yiq = torch.tensor(_YIQ2RGB, dtype=f64), torch.tensor(_RGB2YIQ, dtype=f64)
+    # the turn of the I/Q plane [[1, 0, 0], [0, c, -s], [0, s, c]] = turn[0] + c turn[1] + s turn[2]
+    turn = [[[1, 0, 0], [0, 0, 0], [0, 0, 0]], [[0, 0, 0], [0, 1, 0], [0, 0, 1]], [[0, 0, 0], [0, 0, -1], [0, 1, 0]]]
+    hue = to_rgb @ torch.tensor(turn, dtype=f64) @ to_yiq
+    grey = torch.tensor(_GRAY, dtype=f64).expand(3, 3)  # each row the luma weights: the blend's target
+    return torch.cat([hue, hue @ grey]).float()
+
+
 class Jitter(BatchOp):
     """ColorJitter: brightness, saturation and hue compose into one 3x3 colour matrix per image
     (saturation blends with grey, hue rotates the YIQ chroma plane), then contrast blends towards
@@ -249,12 +266,13 @@ class Jitter(BatchOp):
 
         bright, contrast, sat = factor(1, p["brightness"]), factor(2, p["contrast"]), factor(3, p["saturation"])
         hue = torch.where(on, (2 * u[:, 4] - 1) * p["hue"], 0.0) * (2 * math.pi)
-        n, gray = u.shape[0], torch.tensor(_GRAY)
-        m_sat = sat.view(n, 1, 1) * torch.eye(3) + (1 - sat).view(n, 1, 1) * gray.view(1, 1, 3)
-        zero, one = torch.zeros_like(hue), torch.ones_like(hue)
-        rot = torch.stack([one, zero, zero, zero, hue.cos(), -hue.sin(), zero, hue.sin(), hue.cos()], 1).view(n, 3, 3)
-        m_hue = torch.tensor(_YIQ2RGB) @ rot @ torch.tensor(_RGB2YIQ)
-        return {"on": on, "colour": m_hue @ m_sat * bright.view(n, 1, 1), "contrast": contrast}
+        # weights of _JITTER_BASIS: (1, cos, sin) of the hue times (sat, 1 - sat), times brightness
+        turn = torch.stack([torch.ones_like(hue), hue.cos(), hue.sin()], 1)
+        w = torch.cat([turn * sat.view(-1, 1), turn * (1 - sat).view(-1, 1)], 1) * bright.view(-1, 1)
+        colour = w[:, 0, None, None] * _JITTER_BASIS[0]
+        for k in range(1, len(_JITTER_BASIS)):  # element-wise, in a fixed order: exact for any n
+            colour = colour + w[:, k, None, None] * _JITTER_BASIS[k]
+        return {"on": on, "colour": colour, "contrast": contrast}
 
     def device_params(self, d: dict) -> dict:
         return {"colour": d["colour"], "contrast": d["contrast"], "gray": torch.tensor(_GRAY)}
@@ -270,6 +288,9 @@ class Jitter(BatchOp):
     def albumentations(self, A, p: dict, size: int) -> list:
         keys = ("brightness", "contrast", "saturation", "hue")
         return [A.ColorJitter(**{k: p[k] for k in keys}, p=p["p"])]
+
+
+_JITTER_BASIS = _jitter_basis()
 
 
 class Gray(BatchOp):
@@ -517,63 +538,171 @@ def _randaugment_op(A):
 
 
 # --------------------------------------------------------------------------- the batched backend
+# Batches whose parameters are drawn together: per op one generator and one vectorised draw, and
+# one copy to the device, for this many batches. A constant, never a setting: which chunk a batch
+# falls in decides its draws, so a run and its resumption must cut epochs into the same chunks.
+# 16: the host's draw per batch falls from ~1.1 ms (one at a time) to ~0.3-0.4 ms (batches of
+# 256-512, one core of a 2-core AMD EPYC, bench/augment.py), while the batch that draws its chunk
+# takes ~5-6 ms, about what a GPU's launch queue holds of 3-ms steps; at 32 it took 9-15 ms, long
+# enough to drain the queue once a chunk, for ~0.05 ms per batch more saved
+CHUNK_BATCHES = 16
+
+Drawn = list[tuple[BatchOp, dict]]  # the active ops of a batch, each with its host parameters
+
+
+@dataclass
+class _Chunk:
+    """Every active op's host parameters for CHUNK_BATCHES consecutive batches of `rows` images
+    (batch j of the chunk holds rows j * rows .. (j + 1) * rows), sliced per batch, and their device
+    copy, made on the first call that needs it."""
+
+    key: tuple  # (epoch, strength, chunk index)
+    rows: int
+    matrices: dict[str, torch.Tensor]  # geometric op -> (CHUNK_BATCHES * rows, 3, 3)
+    batches: list[tuple[Drawn, torch.Tensor]]  # per batch: its ops' parameters, its warp (rows, 2, 3)
+    device: torch.device | None = None
+    on_device: dict | None = None  # batch j of the chunk -> its theta and device parameters there
+
+
 class BatchAugment:
     """The recipe on a whole uint8 batch (B, 3, H, W) on its device, in torch.
 
-    Every op's random parameters are drawn on the host, per batch, from a generator of the op's own
-    seeded by (seed, epoch, batch index, rank, op) — so a batch is augmented identically however
-    the run was interrupted and resumed, on any device, and adding an op changes no other op's
-    draws. The geometric ops' maps are composed on the host into one affine map per image, the
-    pixel ops' parameters packed beside it, and all of it reaches the device in one non-blocking
-    copy from pinned memory: the device then runs one grid_sample straight to the output size and
-    each pixel op that some image of the batch drew (a few elementwise kernels each), and the host
-    never waits for it. Same ranges and probabilities as the albumentations pipeline
-    (tests/test_recipe.py compares the two). Returns float images in [0, 255] (``Normalize``
-    accepts both)."""
+    Random parameters are drawn on the host, a chunk of CHUNK_BATCHES consecutive batches at a
+    time: per op one vectorised draw for all of the chunk's images, from a generator of the op's own
+    seeded by (seed, epoch, chunk index, rank, op), so adding an op changes no other op's draws.
+    The uniforms are laid out image-major (image i of every batch of the chunk before image i + 1
+    of any), so an image's parameters depend only on (seed, epoch, batch index, its place in the
+    batch, rank, op) — not on the batch size, nor on which batches this process drew before: a run
+    resumed mid-chunk, or at a smaller last batch (the first n images of a full one), augments each
+    batch exactly as the uninterrupted run did.
+    The geometric ops' maps are composed on the host into one affine map per image, the pixel ops'
+    parameters packed beside it, and the whole chunk reaches the device in one non-blocking copy
+    from pinned memory; each batch then takes its slice: the device runs one grid_sample straight
+    to the output size and each pixel op that some image of the batch drew (a few elementwise
+    kernels each), and the host never waits for it. A batch with `views` (given parameters of some
+    ops) or a smaller one gets a copy of its own. Same ranges and probabilities as the
+    albumentations pipeline (tests/test_recipe.py compares the two). Returns float images in
+    [0, 255] (``Normalize`` accepts both)."""
 
     def __init__(self, seed: int = 0, rank: int = 0, recipe: dict | None = None) -> None:
         self.seed, self.rank, self.recipe = seed, rank, recipe or RECIPE
         self.epoch, self.strength, self.size = 0, 0.0, 64
+        self._chunk: _Chunk | None = None
 
     def set_epoch(self, epoch: int, strength: float, size: int) -> None:
         self.epoch, self.strength, self.size = int(epoch), float(strength), int(size)
+        self._chunk = None  # drawn for the previous epoch and strength
 
-    def draw(
-        self, n: int, batch_index: int, views: dict[str, dict] | None = None
-    ) -> tuple[list[tuple[BatchOp, dict]], torch.Tensor]:
+    def draw(self, n: int, batch_index: int, views: dict[str, dict] | None = None) -> tuple[Drawn, torch.Tensor]:
         """(the active ops with their host parameters, the composed (n, 2, 3) warp) for this batch.
         `views`: given parameters of some ops (op name -> its draw), used instead of drawing them
         (the crops and flips cached soft labels were computed on)."""
-        drawn, theta = [], torch.eye(3).expand(n, 3, 3)
+        chunk = self._chunk_of(n, batch_index)
+        j = batch_index % CHUNK_BATCHES
+        drawn, theta = chunk.batches[j]
+        if n < chunk.rows:  # a smaller (last) batch: the first n images of a full one
+            drawn, theta = [(op, _rows(d, 0, n)) for op, d in drawn], theta[:n]
+        if views is None:
+            return drawn, theta
+        lo = j * chunk.rows
+        return self._with_views(drawn, {k: m[lo : lo + n] for k, m in chunk.matrices.items()}, views, n)
+
+    def _chunk_of(self, n: int, batch_index: int) -> _Chunk:
+        """The chunk holding batch `batch_index`, drawn now unless it is the one cached."""
+        key = (self.epoch, self.strength, batch_index // CHUNK_BATCHES)
+        if self._chunk is None or self._chunk.key != key or self._chunk.rows < n:
+            self._chunk = self._fill(key, n)  # a larger batch redraws: its first rows are the same
+        return self._chunk
+
+    def _fill(self, key: tuple, rows: int) -> _Chunk:
+        """Draw chunk `key` for batches of `rows` images: each active op once, the warps composed."""
+        ops, matrices = [], {}
         for name, params in at_strength(self.recipe, self.strength).items():
             op = OPS[name]
-            if views is not None and name in views:
-                d = views[name]
-                theta = theta @ op.matrix(d)
-                drawn.append((op, d))
-                continue
             if not op.active(params):
                 continue
-            key = [self.seed, self.epoch, batch_index, self.rank, zlib.crc32(name.encode())]
-            seed = int(np.random.SeedSequence(key).generate_state(1)[0])
-            u = torch.rand(n, op.columns(params), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-            d = op.draw(u.float(), params)
+            d = op.draw(self._uniforms(name, key[2], rows, op.columns(params)), params)
             m = op.matrix(d)
             if m is not None:
-                theta = theta @ m
-            drawn.append((op, d))
-        return drawn, theta[:, :2, :]
+                matrices[name] = m
+            ops.append((op, d))
+        theta = _compose(list(matrices.values()), CHUNK_BATCHES * rows)
+        batches = []
+        for j in range(CHUNK_BATCHES):
+            lo, hi = j * rows, (j + 1) * rows
+            batches.append(([(op, _rows(d, lo, hi)) for op, d in ops], theta[lo:hi]))
+        return _Chunk(key, rows, matrices, batches)
+
+    def _uniforms(self, name: str, chunk: int, rows: int, columns: int) -> torch.Tensor:
+        """(CHUNK_BATCHES * rows, columns) uniforms in [0, 1) for op `name`, batch after batch, from
+        the op's stream for this chunk. Drawn image-major: the first n images of each batch are the
+        same whatever `rows` is (torch's CPU generator fills a tensor in order)."""
+        key = [self.seed, self.epoch, chunk, self.rank, zlib.crc32(name.encode())]
+        seed = int(np.random.SeedSequence(key).generate_state(1)[0])
+        g = torch.Generator().manual_seed(seed)
+        u = torch.rand(rows, CHUNK_BATCHES, columns, generator=g, dtype=torch.float64)
+        return u.transpose(0, 1).reshape(-1, columns).float()
+
+    def _with_views(
+        self, drawn: Drawn, matrices: dict[str, torch.Tensor], views: dict[str, dict], n: int
+    ) -> tuple[Drawn, torch.Tensor]:
+        """The batch's draws with the given parameters of `views` in their ops' places (in RECIPE
+        order, as drawn ones), and the warp composed again from both."""
+        mine = {op.name: (op, d) for op, d in drawn}
+        out, maps = [], []
+        for name in self.recipe:
+            if name in views:
+                op, d = OPS[name], views[name]
+                m = op.matrix(d)
+            elif name in mine:
+                (op, d), m = mine[name], matrices.get(name)
+            else:
+                continue
+            if m is not None:
+                maps.append(m)
+            out.append((op, d))
+        return out, _compose(maps, n)
+
+    def _on_device(self, n: int, batch_index: int, views: dict | None, device: torch.device):
+        """(the batch's host parameters, their device copy): a slice of its chunk's one copy for a
+        full batch without views, a copy of its own otherwise (a view batch's warp is its own)."""
+        drawn, theta = self.draw(n, batch_index, views)
+        chunk = self._chunk
+        if views is not None or n != chunk.rows:
+            return drawn, _to_device(_device_tree(drawn, theta), device)
+        if chunk.device != device:
+            trees = {j: _device_tree(*batch) for j, batch in enumerate(chunk.batches)}
+            chunk.on_device, chunk.device = _to_device(trees, device), device
+        return drawn, chunk.on_device[batch_index % CHUNK_BATCHES]
 
     def __call__(self, images: torch.Tensor, batch_index: int, views: dict[str, dict] | None = None) -> torch.Tensor:
         x = images.float()
         if self.strength == 0 and views is None and x.shape[-1] == self.size and x.shape[-2] == self.size:
             return x  # the identity: nothing to draw or resample
-        drawn, theta = self.draw(x.shape[0], batch_index, views)
-        dev = _to_device({"theta": theta, **{op.name: op.device_params(d) for op, d in drawn}}, x.device)
+        drawn, dev = self._on_device(x.shape[0], batch_index, views, x.device)
         x = warp(x, dev["theta"], self.size)
         for op, d in drawn:
             x = op.pixels(x, dev[op.name], d)
         return x.clamp_(0, 255)
+
+
+def _rows(d: dict, lo: int, hi: int) -> dict:
+    """Images lo..hi of an op's parameters: its per-image tensors sliced, anything else (a scalar
+    such as RandAugment's level) kept."""
+    return {k: v[lo:hi] if isinstance(v, torch.Tensor) and v.ndim else v for k, v in d.items()}
+
+
+def _compose(matrices: list[torch.Tensor], n: int) -> torch.Tensor:
+    """The (n, 2, 3) warp of (n, 3, 3) output -> input maps applied in list order."""
+    theta = matrices[0] if matrices else torch.eye(3).expand(n, 3, 3)
+    for m in matrices[1:]:
+        theta = theta @ m
+    return theta[:, :2, :]
+
+
+def _device_tree(drawn: Drawn, theta: torch.Tensor) -> dict:
+    """What a batch needs on the device: its warp and each op's device parameters (host tensors)."""
+    return {"theta": theta, **{op.name: op.device_params(d) for op, d in drawn}}
 
 
 def _to_device(tree: dict, device: torch.device) -> dict:
@@ -637,6 +766,7 @@ class StrengthMixer:
         self, mixup_alpha: float, cutmix_alpha: float, mix_prob: float, label_smoothing: float, num_classes: int
     ) -> None:
         self.base = {"mixup_alpha": mixup_alpha, "cutmix_alpha": cutmix_alpha, "mix_prob": mix_prob}
+        # timm's Mixup holds the settings (public attributes); the batch is mixed in __call__ below
         self.mixup = Mixup(
             mixup_alpha=mixup_alpha,
             cutmix_alpha=cutmix_alpha,
@@ -657,9 +787,35 @@ class StrengthMixer:
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """timm's Mixup in mode "batch": x mixed in place, image i with image B-1-i, weight `lam` for
-        its own (1: not mixed); `lam` is kept, so cached soft labels can be mixed the same way."""
-        self.lam = self.mixup._mix_batch(x)
-        return x, mixup_target(target, self.mixup.num_classes, self.lam, self.mixup.label_smoothing)
+        its own (1: not mixed); `lam` is kept, so cached soft labels can be mixed the same way.
+
+        Written out from timm's public helpers instead of calling ``Mixup._mix_batch``: that one is
+        private (the same from timm 0.2.1 of 2020 to 1.0.31 and timm's main, but free to change in
+        any release, and the GPU images bring their own timm), and the public ``Mixup.__call__``
+        returns no `lam` and asserts an even batch (a last batch may be odd). Same draws in the same
+        order from numpy's global stream, same CutMix box and area-corrected `lam` as timm's."""
+        m = self.mixup
+        lam, cutmix = self._draw()
+        if lam != 1.0 and cutmix:
+            box, lam = cutmix_bbox_and_lam(x.shape, lam, ratio_minmax=m.cutmix_minmax, correct_lam=m.correct_lam)
+            yl, yh, xl, xh = box
+            x[:, :, yl:yh, xl:xh] = x.flip(0)[:, :, yl:yh, xl:xh]
+        elif lam != 1.0:
+            partner = x.flip(0).mul_(1.0 - lam)  # before x is scaled in place
+            x.mul_(lam).add_(partner)
+        self.lam = float(lam)
+        return x, mixup_target(target, m.num_classes, self.lam, m.label_smoothing)
+
+    def _draw(self) -> tuple[float, bool]:
+        """(lam, CutMix?) for one batch, as timm's ``Mixup._params_per_batch`` draws them: mix with
+        probability mix_prob; CutMix with probability switch_prob when both alphas are on; lam from
+        Beta(alpha, alpha) of the one chosen."""
+        m = self.mixup
+        if not (m.mixup_enabled and np.random.rand() < m.mix_prob):
+            return 1.0, False
+        cutmix = m.cutmix_alpha > 0 and (m.mixup_alpha <= 0 or np.random.rand() < m.switch_prob)
+        alpha = m.cutmix_alpha if cutmix else m.mixup_alpha
+        return float(np.random.beta(alpha, alpha)), cutmix
 
 
 def build_mixer(

@@ -360,7 +360,7 @@ def check_augment(args, work: Path, data: Path, started: float) -> None:
     devices = ["cpu"] + (["cuda"] if args.device == "cuda" else [])
     # with TF32 as training has it (hardware.configure: matmul precision "high", cuDNN TF32 on): what
     # the model is fed, rounding of affine_grid's product and RandAugment's sharpness blur included
-    timings, outputs = _time_augment(x, recipe, devices, reps=10 if args.device == "cuda" else 2)
+    timings, outputs = _time_augment(x, recipe, devices, reps=transforms.CHUNK_BATCHES if args.device == "cuda" else 2)
     if len(devices) == 1:
         row(
             "3. BatchAugment CPU vs GPU, same seed",
@@ -382,18 +382,20 @@ def check_augment(args, work: Path, data: Path, started: float) -> None:
 
 
 def _time_augment(x: torch.Tensor, recipe: dict, devices: list[str], reps: int) -> tuple[dict, dict]:
-    """ms per batch and the output of BatchAugment on each device, from the same seed."""
+    """ms per batch (a fresh chunk's batches 0..reps-1: its drawing included, shared as in training)
+    and the output of BatchAugment on each device for the same batch, from the same seed."""
     timings, outputs = {}, {}
     for dev in devices:
         aug = transforms.BatchAugment(seed=3, recipe=recipe)
-        aug.set_epoch(1, 1.0, 56)
+        aug.set_epoch(0, 1.0, 56)
         xd = x.to(dev)
-        for _ in range(3):
-            out = aug(xd, 7)
+        for b in range(3):  # warm-up, in another epoch
+            aug(xd, b)
+        aug.set_epoch(1, 1.0, 56)
         _sync(dev)
         start = time.perf_counter()
-        for _ in range(reps):
-            out = aug(xd, 7)
+        for b in range(reps):
+            out = aug(xd, b)
         _sync(dev)
         timings[dev], outputs[dev] = 1000 * (time.perf_counter() - start) / reps, out.float().cpu()
     return timings, outputs

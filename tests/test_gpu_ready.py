@@ -16,6 +16,7 @@ from timm.layers import convert_sync_batchnorm
 
 import arch
 import main
+import transforms
 from conftest import (
     FAST_RUN,
     HostTraffic,
@@ -48,9 +49,9 @@ def test_the_training_step_copies_without_blocking_and_reads_only_every_few_upda
     """The real step (batch to device, RandAugment and the rest of BatchAugment at full strength,
     CutMix/MixUp, forward, backward, AdamW, schedule, EMA, meters; a teacher's forward pass on the
     batch resized to its 32 px, or its cached soft labels), its host traffic recorded as a GPU would
-    see it: one non-blocking copy of each batch's augmentation parameters (and of the batch itself
-    from the loader, and of its cached soft labels), one of the epoch's order, and host reads only at
-    the sync points."""
+    see it: at most one non-blocking copy of each batch's augmentation parameters (one per chunk of
+    batches; one per batch with cached soft labels' views), of the batch itself from the loader and
+    of its cached soft labels, one of the epoch's order, and host reads only at the sync points."""
     args = [*FAST_RUN, "--data_dir", str(tiny_data), "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"]
     args += ["--data_on_device", "on" if resident else "off", "--randaugment", "--ema", "--wandb", "disabled"]
     args += ["--teacher", str(trained_run), "--kd_views", taught] if taught else []
@@ -223,3 +224,27 @@ def test_non_main_ranks_draw_no_progress_bars(monkeypatch, tmp_path):
     monkeypatch.setattr(dist, "is_initialized", lambda: True)  # no real group needed for this
     ctx = distributed.init("cpu")
     assert (ctx.rank, ctx.world, ctx.is_main) == (1, 2, False) and os.environ["TQDM_DISABLE"] == "1"
+
+
+def test_batch_augment_draws_and_copies_once_per_chunk_of_batches_not_per_batch(monkeypatch):
+    """The host's setup per op is paid once per chunk of batches, not per batch: over two chunks,
+    each active op builds one generator per chunk (one per batch, before), and the parameters reach
+    the device in one non-blocking copy per chunk; the device is never read."""
+    made = []
+
+    class CountedGenerator(torch.Generator):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(1)
+
+    monkeypatch.setattr(torch, "Generator", CountedGenerator)
+    aug = transforms.BatchAugment(seed=0, recipe=transforms.build_recipe(randaugment=True))
+    aug.set_epoch(1, 1.0, 32)
+    active = [k for k, p in transforms.at_strength(aug.recipe, 1.0).items() if transforms.OPS[k].active(p)]
+    x = torch.empty(16, 3, 32, 32, dtype=torch.uint8, device="meta")
+    batches = 2 * transforms.CHUNK_BATCHES
+    with HostTraffic(known=[x]) as traffic:
+        for b in range(batches):
+            assert aug(x, b).shape == (16, 3, 32, 32)
+    assert len(active) == 7 and len(made) == 2 * len(active)  # per batch: 64 x 7
+    assert [c[1] for c in traffic.copies] == [True, True] and not traffic.reads

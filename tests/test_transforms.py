@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from timm.data import Mixup
+from timm.data.mixup import mixup_target
 from torch.utils.data import DataLoader
 
 import batch_manager as bm
@@ -184,3 +186,99 @@ def test_torch_backend_loader_gives_stored_uint8_images(tiny_data, tmp_path):
     assert (fast.augment.epoch, fast.augment.strength, fast.augment.size) == (1, 0.5, 16)
     v, _ = next(iter(fast.val))
     assert v.shape[-1] == 32  # evaluation: resized in the loader to img_size
+
+
+def _augment(seed=4, rank=1, epoch=2, strength=1.0, randaugment=True):
+    aug = T.BatchAugment(seed=seed, rank=rank, recipe=T.build_recipe(randaugment=randaugment))
+    aug.set_epoch(epoch, strength, 24)
+    return aug
+
+
+def test_batch_augment_resumed_at_any_batch_draws_what_the_uninterrupted_run_drew():
+    """Parameters come in chunks of CHUNK_BATCHES batches; a run resumed in the middle of one, in a
+    later one, or at a smaller last batch augments that batch as the run that drew all before it."""
+    c = T.CHUNK_BATCHES
+    x = _batch(8, 32)
+    last = c + 6  # the epoch's last batch: 5 images
+    run = _augment()
+    whole = [run(x, b) for b in range(last)] + [run(x[:5], last)]
+    for b in (5, c + 3, last):  # mid first chunk, mid second chunk, the smaller last batch
+        assert torch.equal(_augment()(x[:5] if b == last else x, b), whole[b]), b
+    assert torch.equal(run(x, 5), whole[5])  # back to a chunk no longer cached
+    assert torch.equal(_augment().draw(5, 7)[1], run.draw(8, 7)[1][:5])  # an image's draw: not the batch size's
+    run.set_epoch(2, 0.5, 24)  # a new strength: the cached chunk is not reused
+    half = run(x, 5)
+    assert torch.equal(half, _augment(strength=0.5)(x, 5)) and not torch.equal(half, whole[5])
+
+
+def test_batch_parameters_differ_across_batches_chunks_epochs_ranks_and_seeds():
+    c = T.CHUNK_BATCHES
+
+    def theta(aug, b):
+        return aug.draw(8, b)[1]
+
+    aug = _augment(randaugment=False)
+    seen = [theta(aug, b) for b in (0, 1, c - 1, c, 2 * c + 1)]  # within a chunk and across chunks
+    assert all(not torch.equal(a, b) for i, a in enumerate(seen) for b in seen[i + 1 :])
+    for other in (_augment(epoch=3), _augment(rank=0), _augment(seed=5)):
+        other_seen = [theta(other, b) for b in (0, 1, c - 1, c, 2 * c + 1)]
+        assert all(not torch.equal(a, b) for a, b in zip(seen, other_seen, strict=True))
+
+
+def test_views_replace_their_ops_draws_and_keep_the_others():
+    """Cached soft labels' crops and flips (`views`) take those ops' places, in RECIPE order, even
+    where the op is off; every other op keeps its own draw, and the batch is the same resumed."""
+    n, x = 8, _batch(8, 32)
+    views = {
+        "crop": {"w": torch.full((n,), 0.5), "h": torch.full((n,), 0.6), "cx": torch.zeros(n), "cy": torch.zeros(n)},
+        "flip": {"on": torch.arange(n) % 2 == 0},
+    }
+    aug = _augment(randaugment=False)
+    drawn = {op.name: d for op, d in aug.draw(n, 3)[0]}
+    given, theta = aug.draw(n, 3, views)
+    assert [op.name for op, _ in given] == list(drawn) == ["crop", "flip", "affine", "jitter", "gray", "erase"]
+    given = {op.name: d for op, d in given}
+    assert given["crop"] is views["crop"] and given["flip"] is views["flip"]
+    for name in ("affine", "jitter", "gray", "erase"):
+        assert all(torch.equal(given[name][k], v) for k, v in drawn[name].items()), name
+    crop, flip, affine = (T.OPS[k].matrix(given[k]) for k in ("crop", "flip", "affine"))
+    assert torch.allclose(theta, (crop @ flip @ affine)[:, :2])
+    assert torch.equal(_augment(randaugment=False)(x, 3, views), aug(x, 3, views))
+    aug.set_epoch(0, 0.0, 24)  # strength 0: flip is off, its view still applies
+    assert [op.name for op, _ in aug.draw(n, 3, views)[0]] == ["crop", "flip"]
+
+
+def test_mixer_mixes_image_i_with_image_b_minus_1_minus_i_into_soft_targets_that_sum_to_one():
+    b = 6
+    x = torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1).expand(b, 3, 8, 8).contiguous()  # image i is all i
+    y = torch.arange(b) % 5
+    own, partner = (mixup_target(t, 5, 1.0, 0.1) for t in (y, y.flip(0)))
+    np.random.seed(0)
+    for mixup_alpha, cutmix_alpha in ((0.8, 0.0), (0.0, 1.0)):
+        mixer = T.build_mixer(mixup_alpha, cutmix_alpha, 1.0, 0.1, num_classes=5)
+        mixer.set_strength(1.0)
+        out, target = mixer(x.clone(), y)
+        lam = mixer.lam
+        assert 0 < lam < 1
+        assert torch.allclose(target, lam * own + (1 - lam) * partner) and torch.allclose(target.sum(1), torch.ones(b))
+        if mixup_alpha:
+            assert torch.allclose(out, lam * x + (1 - lam) * x.flip(0))
+        else:  # one box, pasted from the partner into every image; lam is the area outside it
+            from_partner = out == x.flip(0)
+            assert torch.all(from_partner | (out == x))
+            assert from_partner.float().mean((1, 2, 3)).tolist() == pytest.approx([1 - lam] * b)
+
+
+@pytest.mark.skipif(not hasattr(Mixup, "_mix_batch"), reason="this timm has no Mixup._mix_batch to compare with")
+def test_mixer_mixes_as_timms_private_mix_batch_does():
+    x, y = torch.randn(6, 3, 16, 16), torch.arange(6) % 5
+    for alphas in ((0.8, 1.0), (0.8, 0.0), (0.0, 1.0)):
+        mixer = T.build_mixer(*alphas, 0.7, 0.1, num_classes=5)
+        mixer.set_strength(0.9)
+        for seed in range(6):
+            np.random.seed(seed)
+            ours, _ = mixer(x.clone(), y)
+            np.random.seed(seed)
+            theirs = x.clone()
+            lam = mixer.mixup._mix_batch(theirs)
+            assert torch.equal(ours, theirs) and mixer.lam == float(lam), (alphas, seed)
