@@ -420,9 +420,10 @@ def _curve(run: Path, budget: float | None) -> str:
     ]
     if (run / "best_results.json").is_file():
         best = json.loads((run / "best_results.json").read_text())
+        tta = f", with flip TTA {best['val_top1_tta']} %" if best.get("val_top1_tta") is not None else ""
         text += [
-            f"{tag}: best val top-1 {best.get('val_top1')} % (top-5 {best.get('val_top5')} %), "
-            f"{best.get('wall_time_seconds')} s",
+            f"{tag}: best val top-1 {best.get('val_top1')} % (top-5 {best.get('val_top5')} %){tta}, "
+            f"{best.get('wall_time_seconds')} s, {best.get('update_fraction', '?')} of it in updates",
             "",
         ]
     text += [

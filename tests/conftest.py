@@ -95,7 +95,10 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 # metrics.csv columns that measure time, not what was computed: left out when runs are compared
-TIMING = ("epoch_seconds", "train_seconds", "wall_seconds", "images_per_second", "data_wait_fraction")
+TIMING = (  # metrics.csv's columns that depend on the machine's speed
+    *("epoch_seconds", "train_seconds", "wall_seconds", "images_per_second", "data_wait_fraction"),
+    *("update_seconds", "eval_seconds", "save_seconds"),
+)
 
 # fp32 and the plain memory format, pinned: the tests check training behaviour, not this machine's
 # precision default (bf16 would be emulated, 10x slower, on a CPU without native bf16).

@@ -5,12 +5,14 @@ budgeted run killed with SIGKILL."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -334,3 +336,138 @@ def test_re_plans_keep_each_sizes_observed_time_and_follow_only_a_lasting_drift(
     faster = {s: 0.7 * t for s, t in measured.items()}
     lengths, end = _epochs_on(faster, measured)
     assert lengths[2] == lengths[0] < lengths[3] and end <= 1800  # longer once it lasts two epochs
+
+
+def test_a_cadence_charges_each_epoch_its_share_of_the_checkpoints_and_tta_final_its_end_pass():
+    def size_at(e, epochs):
+        return 32
+
+    costs = time_budget.Costs(update_s={32: 1.0}, epoch_end_s=1.0, test_s=1.0, eval_s=2.0, final_s=5.0)
+    # 4 epochs of 8 + 2 s; a write every 20 s: half of each epoch's checkpoints, all of the last one's
+    cadence = time_budget.predicted_seconds(32, 8, costs, size_at, test_every_epoch=False, save_every_s=20.0)
+    assert cadence == 5.0 + 4 * 10 + (3 * 0.5 + 1) * 1.0  # the end's flip pass replaces the one test prediction
+    every = time_budget.predicted_seconds(32, 8, dataclasses.replace(costs, final_s=0.0), size_at, False)
+    assert every == 1.0 + 4 * 10 + 4 * 1.0
+    assert time_budget.costs_from_dict(time_budget.costs_dict(costs)) == costs
+    old_plan = {k: v for k, v in time_budget.costs_dict(costs).items() if k != "final_s"}  # saved before final_s
+    assert time_budget.costs_from_dict(old_plan).final_s == 0.0
+
+
+# ---------------------------------------------------------------------------- --save_every_min
+CADENCE_RUN = [*FAST_RUN, *"--arch budget_cnn_w8 --epochs 4 --wandb disabled".split()]
+TOP1 = [10.0, 30.0, 40.0, 20.0]  # val top-1 by epoch: new bests at 1, 2, 3
+
+
+@pytest.fixture
+def cadence_machine(monkeypatch):
+    """A controlled clock (10 s per update: 80 s per epoch of the fixture), val top-1 following TOP1
+    (by the epoch the updates reached), an optional SIGINT at update K or in epoch E's evaluation,
+    and every checkpoint write recorded: (file, epoch, batch, best epoch), each checked to leave
+    the random states as it found them. A new run (not a resumed one) starts counting at update 0."""
+    import random
+
+    import numpy as np
+
+    from tin import checkpoint, loop
+
+    now, updates, writes, interrupt = [0.0], [0], [], {}
+    real_evaluate, real_write, real_epoch_end = val.evaluate, checkpoint.write_checkpoint, loop.Saves.epoch_end
+
+    def step(*args):
+        updates[0] += 1
+        now[0] += 10.0
+        if interrupt.get("update") == updates[0]:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def evaluate(*args, **kwargs):
+        epoch = updates[0] // 8
+        if interrupt.get("eval") == epoch:
+            os.kill(os.getpid(), signal.SIGINT)
+        return {**real_evaluate(*args, **kwargs), "val_top1": TOP1[epoch - 1]}
+
+    def rngs():
+        return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+    def unchanged(before) -> bool:
+        after = rngs()
+        return torch.equal(before[0], after[0]) and (before[1] == after[1]).all() and before[2] == after[2]
+
+    def write(ckpt, path):
+        before = rngs()
+        real_write(ckpt, path)
+        assert unchanged(before), f"writing {path.name} drew random numbers"
+        writes.append((path.name, ckpt["epoch"], ckpt["batch"], ckpt["best"]["best_epoch"]))
+
+    def epoch_end(self, *args, **kwargs):
+        before = rngs()
+        real_epoch_end(self, *args, **kwargs)
+        assert unchanged(before), "an epoch end's checkpoints (written or kept for later) drew random numbers"
+
+    monkeypatch.setattr(time_budget, "clock", lambda: now[0])
+    monkeypatch.setattr(val, "evaluate", evaluate)
+    monkeypatch.setattr(checkpoint, "write_checkpoint", write)
+    monkeypatch.setattr(loop.Saves, "epoch_end", epoch_end)
+    hook = register_optimizer_step_post_hook(step)
+    yield SimpleNamespace(writes=writes, interrupt=interrupt, updates=updates)
+    hook.remove()
+
+
+def _cadence_run(machine, tiny_data, out, *extra):
+    """A new run on `machine`: its writes alone recorded."""
+    machine.updates[0] = 0
+    machine.writes.clear()
+    return main.main([*CADENCE_RUN, "--data_dir", str(tiny_data), "--output_dir", str(out), *extra])
+
+
+def test_a_cadence_writes_when_due_and_at_the_end_and_changes_nothing_computed(tiny_data, tmp_path, cadence_machine):
+    writes = cadence_machine.writes
+    reference = _cadence_run(cadence_machine, tiny_data, tmp_path / "every")
+    best, last = "best.pth.tar", "last.pth.tar"
+    assert [w[:2] for w in writes] == [(best, 1), (last, 1), (best, 2), (last, 2), (best, 3), (last, 3), (last, 4)]
+    run = _cadence_run(cadence_machine, tiny_data, tmp_path / "cadence", "--save_every_min", "2.5")
+    # epoch ends at 80, 160, 240, 320 s: 160 s is the first 150 s after the start, then only the end;
+    # epoch 3's new best waits in memory and is written with the end
+    assert writes == [
+        ("best.pth.tar", 2, 0, 2),
+        ("last.pth.tar", 2, 0, 2),
+        ("best.pth.tar", 3, 0, 3),
+        ("last.pth.tar", 4, 0, 3),
+    ]
+    strip = [{k: v for k, v in r.items() if k not in TIMING} for r in _rows(run)]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in _rows(reference)]
+    for name in ("best.pth.tar", "last.pth.tar"):
+        assert same_weights(run / name, reference / name)
+    assert json.loads((run / "best_results.json").read_text())["best_epoch"] == 3
+    assert "--save_every_min 2.5: checkpoints every 2.5 min" in (run / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("where, at", [("eval", 3), ("update", 28)])
+def test_a_signal_under_a_cadence_writes_what_the_disk_lacks_and_resumes_exactly(
+    tiny_data, tmp_path, cadence_machine, where, at
+):
+    """SIGINT in epoch 3's evaluation (its end not due: the disk holds epoch 2) or mid-epoch 4 (epoch 3
+    not written): the best waiting and the position are written, and the resumed run ends as an
+    uninterrupted one (with the checkpoint every epoch)."""
+    writes, interrupt = cadence_machine.writes, cadence_machine.interrupt
+    reference = _cadence_run(cadence_machine, tiny_data, tmp_path / "every")
+    interrupt[where] = at
+    with pytest.raises(SystemExit) as stop:
+        _cadence_run(cadence_machine, tiny_data, tmp_path / "cadence", "--save_every_min", "2.5")
+    assert stop.value.code == 128 + signal.SIGINT
+    position = (3, 0) if where == "eval" else (3, 4)
+    assert writes == [
+        ("best.pth.tar", 2, 0, 2),
+        ("last.pth.tar", 2, 0, 2),
+        ("best.pth.tar", 3, 0, 3),
+        ("last.pth.tar", *position, 3),
+    ]
+    run = next((tmp_path / "cadence").iterdir())
+    interrupt.clear()
+    writes.clear()
+    main.main(["--resume", str(run)])
+    assert writes == [("last.pth.tar", 4, 0, 3)]
+    strip = [{k: v for k, v in r.items() if k not in TIMING} for r in _rows(run)]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in _rows(reference)]
+    for name in ("best.pth.tar", "last.pth.tar"):
+        assert same_weights(run / name, reference / name)
+    assert (run / "best_test_preds.csv").read_text() == (reference / "best_test_preds.csv").read_text()

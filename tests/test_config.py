@@ -69,6 +69,7 @@ def test_missing_yaml_file(tmp_path):
         (["--drop_path_rate", "1"], "--drop_path_rate must lie in [0, 1)"),
         (["--batch_size", "7"], "--batch_size must be even"),
         (["--warmup_epochs", "5", "--epochs", "5"], "--warmup_epochs"),
+        (["--save_every_min", "-1"], "--save_every_min must be >= 0 minutes"),
     ],
 )
 def test_bad_values_name_the_flag(argv, fragment):
@@ -119,3 +120,31 @@ def test_resume_may_change_is_declared_on_the_flags():
     free = may_change_on_resume()
     assert {"workers", "device", "data_dir", "amp", "channels_last", "wandb"} <= free
     assert not {"arch", "lr_base", "epochs", "seed", "time_budget", "aug_backend"} & free
+
+
+def test_tta_is_flip_none_or_final_on_the_command_line_and_in_yaml(tmp_path):
+    argvs = ([], ["--tta"], ["--tta", "flip"], ["--tta", "none"], ["--tta", "final"])
+    assert [parse_config(a).tta for a in argvs] == [False, True, True, False, "final"]
+    final, flip = parse_config(["--tta", "final"]), parse_config(["--tta"])
+    assert (final.tta_each, final.tta_end, flip.tta_each, flip.tta_end) == (False, True, True, True)
+    preset = tmp_path / "p.yaml"
+    for text, value in (("true", True), ("false", False), ("flip", True), ("none", False), ("final", "final")):
+        preset.write_text(f"tta: {text}\n")  # older presets and run folders hold true/false
+        assert parse_config(["--config", str(preset)]).tta == value
+    preset.write_text("tta: sideways\n")
+    with pytest.raises(UserError, match="p.yaml: tta must be true, false or one of flip, none, final, got 'sideways'"):
+        parse_config(["--config", str(preset)])
+
+
+def test_a_run_saved_with_tta_true_before_the_cadence_resumes_as_it_was(tmp_path):
+    from tin import checkpoint
+
+    saved = parse_config(["--tta"]).to_dict()
+    del saved["save_every_min"]  # saved before --save_every_min: a checkpoint every epoch
+    path = tmp_path / "last.pth.tar"
+    resumed = parse_config([], base=saved)
+    assert (resumed.tta, resumed.save_every_min) == (True, 0.0)
+    checkpoint.check_compatible(saved, resumed.to_dict(), path)  # the same run
+    checkpoint.check_compatible(saved, parse_config(["--save_every_min", "2"], base=saved).to_dict(), path)
+    with pytest.raises(UserError, match=r"--tta 'final' \(the run has True\)"):  # other evaluations: another run
+        checkpoint.check_compatible(saved, parse_config(["--tta", "final"], base=saved).to_dict(), path)

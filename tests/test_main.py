@@ -63,6 +63,46 @@ def test_run_folder_is_complete(trained_run, tiny_data):
     assert list((trained_run / "wandb").glob("offline-run-*/run-*.wandb")), "wandb offline files in the run folder"
 
 
+def test_tta_final_evaluates_the_epochs_plainly_and_best_once_flipped(tiny_data, tmp_path, monkeypatch):
+    """--tta final: every epoch's evaluation (and the predictions at a new best) without TTA; at the end
+    best.pth.tar once on val with it, as val.py --tta flip scores it, recorded apart from the curve,
+    and the submission made with it. metrics.csv splits each epoch's seconds into updates, evaluation
+    and checkpoint writes; best_results.json and the last line give the share of the run in updates."""
+    import val
+
+    flips = {"evaluate": [], "predict": []}
+    real = {name: getattr(val, name) for name in flips}
+
+    def spy(name):
+        def call(*args, **kwargs):
+            flips[name].append(args[5] if len(args) > 5 else kwargs.get("tta", False))
+            return real[name](*args, **kwargs)
+
+        return call
+
+    for name in flips:
+        monkeypatch.setattr(val, name, spy(name))
+    args = [*FAST_RUN, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--epochs", "2"]
+    run = main.main([*args, "--tta", "final", "--wandb", "disabled"])
+    assert flips["evaluate"] == [False, False, True]
+    assert flips["predict"][-1] is True and not any(flips["predict"][:-1]) and len(flips["predict"]) >= 2
+    rows, best = _rows(run / "metrics.csv"), json.loads((run / "best_results.json").read_text())
+    assert best["val_top1"] == max(float(r["val_top1"]) for r in rows)  # best chosen on the plain figures
+    assert not [c for c in rows[0] if c.endswith("_tta")]
+    monkeypatch.setattr(val, "evaluate", real["evaluate"])
+    checked = val.run(["--checkpoint", str(run / "best.pth.tar"), "--tta", "flip", "--output_dir", str(tmp_path / "v")])
+    assert best["val_top1_tta"] == pytest.approx(checked["val_top1"]) and "val_top5_tta" in best
+    done = [line for line in (run / "log.txt").read_text().splitlines() if " INFO done: " in line][-1]
+    assert f"with flip TTA {best['val_top1_tta']:.2f}%" in done and "% of it in updates" in done
+    for r in rows:
+        parts = [float(r[k]) for k in ("update_seconds", "eval_seconds", "save_seconds")]
+        assert min(parts) > 0 and sum(parts) <= float(r["epoch_seconds"]) * (1 + 1e-5)  # 6 digits in the csv
+    assert best["update_seconds"] == pytest.approx(sum(float(r["update_seconds"]) for r in rows), abs=0.01)
+    share = best["update_seconds"] / best["wall_time_seconds"]  # of figures rounded to 0.01 s
+    assert 0 < best["update_fraction"] == pytest.approx(share, rel=0.01)
+    assert best["wall_time_seconds"] >= float(rows[-1]["wall_seconds"])  # to the end's pass, not the last epoch
+
+
 def test_same_seed_same_metrics_whatever_the_worker_count(tiny_data, tmp_path):
     args = [*FAST_RUN, "--data_dir", str(tiny_data), "--epochs", "2", "--wandb", "disabled"]
     runs = [main.main([*args, "--output_dir", str(tmp_path / f"o{w}"), "--workers", str(w)]) for w in (0, 2)]

@@ -111,3 +111,14 @@ def test_sweep_rejects_bad_overrides_before_running(tmp_path):
 def test_sweep_set_needs_key_equals_value(tmp_path):
     proc = _sweep_demo(tmp_path, "epochs")
     assert proc.returncode == 2 and "expected key=value" in proc.stderr
+
+
+def test_the_gpu_preset_spends_its_minutes_training():
+    """One flipped evaluation at the end (not every epoch), checkpoints on a cadence whose worst-case
+    loss its comment states, loader workers from the machine's cores, and the figure still unmeasured."""
+    path = ROOT / "configs" / "gpu_speedrun.yaml"
+    recipe, text = load_yaml_defaults(str(path)), path.read_text()
+    assert (recipe["tta"], recipe["test_preds"], recipe.get("eval_every", 1)) == ("final", "end", 1)
+    minutes = recipe["save_every_min"]
+    assert minutes > 0 and f"loses at most {minutes:g} minutes of training plus one epoch" in text
+    assert "workers" not in recipe and "NOT MEASURED" in text

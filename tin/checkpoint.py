@@ -1,6 +1,7 @@
 """What a checkpoint holds, and resuming a run exactly from one.
 
-A checkpoint is written at the end of every epoch (and at the last finished update when the
+A checkpoint is written at the end of every epoch, or with --save_every_min M at the first epoch
+end M minutes after the last write and at the run's end (and at the last finished update when the
 run is interrupted): weights, optimizer, scheduler, grad scaler, EMA, the epoch/update/batch
 position, the epoch's running sums, the best result so far, every metrics row, the wandb run id
 and every random state (python, numpy, torch). Shuffling and augmentation are functions of

@@ -30,6 +30,7 @@ from tin.readers import READERS
 from utils import UserError
 
 ON_OFF = ("auto", "on", "off")
+TTA_FINAL = "final"  # --tta final: flip TTA in the end's pass only (per-epoch evaluations without it)
 PATHS = "tuple[str, ...]"  # the type of a field that takes several paths (--teacher A B)
 
 
@@ -190,11 +191,13 @@ class Config:
     best_on: str = _opt(
         "which weights pick best.pth.tar and the test predictions", default="model", choices=("model", "ema")
     )
-    tta: bool = _opt(
-        "evaluate and predict with horizontal-flip test-time augmentation (2x evaluation cost); --tta, "
-        "--tta flip and --tta none work as in val.py and predict.py",
+    tta: bool | str = _opt(
+        "horizontal-flip test-time augmentation (2x an evaluation's cost): --tta (or --tta flip) for every "
+        "evaluation and the test predictions, as in val.py and predict.py; --tta final: the epochs' evaluations "
+        "without it, then once at the end best.pth.tar on val with it (val_top1_tta in best_results.json, "
+        "apart from the curve and the choice of best) and the test predictions with it; --tta none: off",
         default=False,
-        words={"flip": True, "none": False},
+        words={"flip": True, "none": False, TTA_FINAL: TTA_FINAL},
     )
     test_preds: str = _opt(
         "when best_test_preds.csv is written: at every new best (an interrupted run has them), or once at "
@@ -274,7 +277,21 @@ class Config:
     )
     sync_bn: bool = _opt("synchronise batch-norm statistics across processes (torchrun)", default=False, flag=True)
     compile: bool = _opt("torch.compile the model (off by default)", default=False, flag=True, resume=True)
-    keep_last: int = _opt("also keep the last K epoch checkpoints epoch_NNN.pth.tar (0 = none)", default=0, resume=True)
+    keep_last: int = _opt(
+        "also keep the last K epoch checkpoints epoch_NNN.pth.tar (0 = none; with --save_every_min, of the "
+        "epochs written)",
+        default=0,
+        resume=True,
+    )
+    save_every_min: float = _opt(
+        "write last.pth.tar, best.pth.tar (with best_test_preds.csv under --test_preds best) and the epoch copies "
+        "only at the first epoch end M minutes of wall clock after the last write, at the last epoch and on "
+        "Ctrl-C/SIGTERM, not every epoch (0 = every epoch); a SIGKILL or a crash then loses up to M minutes of "
+        "training plus one epoch, which --resume repeats exactly",
+        default=0.0,
+        resume=True,
+        before=0.0,
+    )
     steps_per_epoch: int = _opt("cap on training batches per epoch (0 = all); for smoke tests", default=0)
     no_analysis: bool = _opt(
         "skip the end-of-run analysis (plots, confusions, features)", default=False, flag=True, resume=True
@@ -294,6 +311,16 @@ class Config:
     def eval_px(self) -> int:
         """The resolution val and test images are evaluated at."""
         return self.eval_size or self.img_size
+
+    @property
+    def tta_each(self) -> bool:
+        """Every evaluation (and the test predictions at a new best) with flip TTA: --tta flip."""
+        return self.tta is True
+
+    @property
+    def tta_end(self) -> bool:
+        """The test predictions from best.pth.tar at the end with flip TTA: --tta flip or final."""
+        return self.tta is True or self.tta == TTA_FINAL
 
     def milestone_epochs(self) -> list[float]:
         """--milestones '30,60' -> [30.0, 60.0] (epochs, ascending)."""
@@ -386,6 +413,10 @@ def _validate(cfg: Config) -> Config:
         (not (cfg.trainval and cfg.val_split), "--trainval merges val back into train: drop --val_split"),
         (cfg.time_budget >= 0, f"--time_budget must be >= 0 minutes (got {cfg.time_budget})"),
         (cfg.eval_every >= 0, f"--eval_every must be >= 0 (got {cfg.eval_every})"),
+        (
+            cfg.save_every_min >= 0,
+            f"--save_every_min must be >= 0 minutes (got {cfg.save_every_min}; 0 = a checkpoint every epoch)",
+        ),
         (
             not (cfg.time_budget and cfg.sched in ("step", "multistep")),
             f"--time_budget plans the run's length, which --sched {cfg.sched} counts in fixed epochs; "
@@ -569,6 +600,14 @@ def load_yaml_defaults(path: str) -> dict[str, Any]:
 
 def _coerce(path: Path, key: str, value: Any, f: dataclasses.Field) -> Any:
     type_name = _base_type(f)
+    words = f.metadata.get("words")
+    if words:  # tta: true (older files, and YAML's own booleans), or a word: tta: final
+        if isinstance(value, bool) or (isinstance(value, str) and value in words.values()):
+            return value
+        if isinstance(value, str) and value in words:
+            return words[value]
+        where = f"config file {path}" if str(path).endswith((".yaml", ".yml")) else str(path)
+        raise UserError(f"{where}: {key} must be true, false or one of {', '.join(words)}, got {value!r}")
     if type_name == PATHS:  # teacher: PATH, or a list of them
         values = [value] if isinstance(value, str) else value
         if isinstance(values, list) and all(isinstance(v, str) for v in values):

@@ -241,7 +241,9 @@ def _run_teacher(source: str, classes: list[str]) -> tuple[torch.nn.Module, dict
     model.load_state_dict(ckpt["state_dict"])
     best = ckpt.get("best") or {}
     top1 = best.get("val_top1", ckpt.get("top1"))
-    evaluated = f"{cfg.eval_px} px{', flip TTA' if cfg.tta else ''}{', EMA' if best.get('weights') == 'ema' else ''}"
+    evaluated = (
+        f"{cfg.eval_px} px{', flip TTA' if cfg.tta_each else ''}{', EMA' if best.get('weights') == 'ema' else ''}"
+    )
     return model, {
         "source": str(source),
         "file": str(path),

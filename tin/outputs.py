@@ -36,6 +36,9 @@ METRIC_ORDER = [
     "ema_val_top1",
     "ema_val_top5",
     "epoch_seconds",
+    "update_seconds",
+    "eval_seconds",
+    "save_seconds",
     "train_seconds",
     "images_per_second",
     "data_wait_fraction",
@@ -101,7 +104,18 @@ _SHOWN = {  # the log line's figures, in this order; any other key of the row fo
     "epoch_seconds": "{:.0f}s,",
     "images_per_second": "{:.0f} img/s,",
 }
-_QUIET = {"epoch", "train_top5", "ema_val_loss", "ema_val_top5", "train_seconds", "wall_seconds", "data_wait_fraction"}
+_QUIET = {
+    "epoch",
+    "train_top5",
+    "ema_val_loss",
+    "ema_val_top5",
+    "train_seconds",
+    "wall_seconds",
+    "data_wait_fraction",
+    "update_seconds",
+    "eval_seconds",
+    "save_seconds",
+}
 
 
 def summary(row: dict) -> str:
@@ -113,9 +127,16 @@ def summary(row: dict) -> str:
     return " ".join(parts)
 
 
-def write_results(run, row: dict) -> None:
-    """best_results.json: the best epoch's figures, the run's length and time, where it ran."""
+def update_seconds(history: list[dict]) -> float:
+    """Seconds the run spent in training updates (metrics.csv's update_seconds, over every epoch)."""
+    return sum(row.get("update_seconds", 0.0) for row in history)
+
+
+def write_results(run, wall_s: float, final: dict | None = None) -> None:
+    """best_results.json: the best epoch's figures (and `final`: --tta final's flipped figures of
+    best.pth.tar), the run's length, its time `wall_s` and the share of it spent in updates, where it ran."""
     plan, state = run.clock.plan, run.state
+    updates_s = update_seconds(state.history)
     results = {
         "name": run.cfg.name or run.cfg.arch,
         "tags": run.cfg.tag_list(),
@@ -123,9 +144,12 @@ def write_results(run, row: dict) -> None:
         "params": run.params,
         "gflops": round(run.gflops, 4),
         **state.best,
+        **(final or {}),
         "epochs_run": state.epoch,
         "updates": state.step,
-        "wall_time_seconds": round(row["wall_seconds"], 2),
+        "wall_time_seconds": round(wall_s, 2),
+        "update_seconds": round(updates_s, 2),
+        "update_fraction": round(updates_s / wall_s, 4) if wall_s > 0 else 0.0,
         **(
             {
                 "time_budget_seconds": plan.budget_s,
@@ -148,11 +172,15 @@ def write_results(run, row: dict) -> None:
     tmp.replace(run.run_dir / "best_results.json")
 
 
-def log_done(run) -> None:
-    b, plan = run.state.best, run.clock.plan
-    final = "trained on train + val (no val metrics)"
+def log_done(run, final: dict | None = None) -> None:
+    """The run's last line: the best figures (and --tta final's flipped ones), the time and the share
+    of it in updates, and the submission, checked."""
+    b, plan, final = run.state.best, run.clock.plan, final or {}
+    best = "trained on train + val (no val metrics)"
     if b.get("val_top1") is not None:
-        final = f"best val top-1 {b['val_top1']:.2f}% (top-5 {b['val_top5']:.2f}%) at epoch {b['best_epoch']}"
+        best = f"best val top-1 {b['val_top1']:.2f}% (top-5 {b['val_top5']:.2f}%) at epoch {b['best_epoch']}"
+    if "val_top1_tta" in final:
+        best += f", with flip TTA {final['val_top1_tta']:.2f}% (top-5 {final['val_top5_tta']:.2f}%)"
     data, preds = run.parts.loaders.data, run.run_dir / "best_test_preds.csv"
     out = f"weights in {run.run_dir}"
     if data.test is not None and run.parts.ctx.is_main:  # the submission, checked before it is called one
@@ -161,7 +189,9 @@ def log_done(run) -> None:
         rows = val.check_predictions(preds, data.test.ids, data.classes)
         out = f"submit {preds} ({rows:,} rows, checked)"
     within = f" (--time_budget {plan.budget_s:.0f}s)" if plan.budget_s else ""
-    log.info("done: %s in %.0fs%s | %s", final, run.clock.elapsed(), within, out)
+    wall = run.clock.elapsed()
+    share = update_seconds(run.state.history) / wall if wall > 0 else 0.0
+    log.info("done: %s in %.0fs%s, %.0f%% of it in updates | %s", best, wall, within, 100 * share, out)
 
 
 # --------------------------------------------------------------------------- run folder and logging

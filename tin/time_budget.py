@@ -4,7 +4,8 @@ that number to minutes of wall clock on this machine), and the stop decisions th
 Without a budget the plan is `--epochs` whole epochs. With `--time_budget M`, the run first
 measures itself on this machine (``measure_costs``): seconds per update through the real step at
 each training size of the progressive-resizing schedule, seconds per evaluation (val, EMA, TTA),
-per checkpoint and per test prediction. ``plan_updates`` then simulates the whole timeline and takes
+per checkpoint (a share of them per epoch under --save_every_min), per test prediction and for the
+end's flip-TTA pass of --tta final. ``plan_updates`` then simulates the whole timeline and takes
 the most updates whose predicted finish, final predictions included, fits the minutes left. The LR
 schedule, the augmentation strength and the training size all follow the plan (its epoch count may
 be fractional: the last epoch is cut short). The plan is stored in every checkpoint, so a resumed
@@ -91,13 +92,15 @@ class Plan:
 @dataclass(frozen=True)
 class Costs:
     """Seconds, measured on this machine: per update at each training size, per epoch end
-    (checkpoints), per evaluation (val, EMA val), per test prediction, per epoch start (loader)."""
+    (checkpoints), per evaluation (val, EMA val), per test prediction, per epoch start (loader), and
+    the end's pass of --tta final (best.pth.tar on val and the test split, flipped; 0 otherwise)."""
 
     update_s: dict[int, float]
     epoch_end_s: float
     test_s: float
     epoch_start_s: float = 0.0
     eval_s: float = 0.0
+    final_s: float = 0.0
 
 
 def evaluated(epoch: int, epochs: float, eval_every: int) -> bool:
@@ -121,16 +124,30 @@ def predicted_seconds(
     test_every_epoch: bool,
     eval_every: int = 1,
     from_epoch: int = 0,
+    save_every_s: float = 0.0,
 ) -> float:
-    """Training + evaluation + predictions for a plan of `updates` (size_at(epoch, epochs)), from
-    epoch `from_epoch` (0-based) to the end."""
+    """Training + evaluation + checkpoints + predictions for a plan of `updates` (size_at(epoch,
+    epochs)), from epoch `from_epoch` (0-based) to the end; checkpoints every `save_every_s` seconds
+    (0: every epoch) and after the last epoch."""
     epochs = updates / upe
-    total = 0.0 if test_every_epoch else costs.test_s
-    for e in range(from_epoch, math.ceil(epochs)):
-        total += _training_seconds(e, updates, upe, costs, size_at) + costs.epoch_end_s
+    n = math.ceil(epochs)
+    total = after_training_seconds(costs, test_every_epoch)
+    for e in range(from_epoch, n):
+        epoch_s = _training_seconds(e, updates, upe, costs, size_at)
         if evaluated(e, epochs, eval_every):
-            total += costs.eval_s + (costs.test_s if test_every_epoch else 0.0)
+            epoch_s += costs.eval_s + (costs.test_s if test_every_epoch else 0.0)
+        # under a cadence an epoch end writes when save_every_s have passed: on average its share of them
+        saved = 1.0 if e + 1 == n or not save_every_s else min(1.0, epoch_s / save_every_s)
+        total += epoch_s + saved * costs.epoch_end_s
     return total
+
+
+def after_training_seconds(costs: Costs, test_every_epoch: bool) -> float:
+    """After the last epoch: --tta final's flipped pass (val and the test predictions), else the one
+    test prediction of --test_preds end (none when each new best predicted already)."""
+    if costs.final_s:
+        return costs.final_s
+    return 0.0 if test_every_epoch else costs.test_s
 
 
 def _training_seconds(e: int, updates: int, upe: int, costs: Costs, size_at) -> float:
@@ -148,6 +165,7 @@ def plan_updates(
     test_every_epoch: bool,
     eval_every: int = 1,
     done: int = 0,
+    save_every_s: float = 0.0,
 ) -> tuple[int, float]:
     """The most updates (<= max_updates) predicted to fit `seconds_left`, and the prediction;
     `done` updates (whole epochs) are already behind, so only the epochs after them count, and
@@ -157,7 +175,7 @@ def plan_updates(
     first = done // upe
 
     def cost(u: int) -> float:
-        return predicted_seconds(u, upe, costs, size_at, test_every_epoch, eval_every, from_epoch=first)
+        return predicted_seconds(u, upe, costs, size_at, test_every_epoch, eval_every, first, save_every_s)
 
     if cost(max_updates) <= seconds_left:
         return max_updates, cost(max_updates)
@@ -170,12 +188,21 @@ def plan_updates(
 
 # --------------------------------------------------------------------------- measuring the run on this machine
 def measure_costs(
-    parts: train.Parts, sizes: list[int], *, ema: bool, tta: bool, test_images: int, warmup: int = 3, timed: int = 5
+    parts: train.Parts,
+    sizes: list[int],
+    *,
+    ema: bool,
+    tta: bool,
+    test_images: int,
+    final_tta: bool = False,
+    warmup: int = 3,
+    timed: int = 5,
 ) -> Costs:
     """Time the real step at each size (warm-up, then `timed` updates, timed from the first batch's
-    arrival: the loader's start is an epoch's, not an update's), an evaluation and a checkpoint,
-    then put every piece of state back: the run afterwards is exactly the run it would have been
-    without the measurement."""
+    arrival: the loader's start is an epoch's, not an update's), an evaluation (flipped with `tta`;
+    `final_tta`: a flipped one too, for the end's pass of --tta final) and a checkpoint, then put
+    every piece of state back: the run afterwards is exactly the run it would have been without the
+    measurement."""
     saved = _snapshot(parts)
     try:
         update_s, starts = {}, []
@@ -185,6 +212,7 @@ def measure_costs(
             starts.append(stats["first_batch_seconds"])
             update_s[size] = (stats["train_seconds"] - stats["first_batch_seconds"]) / timed
         per_image = _inference_seconds_per_image(parts, tta)
+        flipped = _inference_seconds_per_image(parts, True) if final_tta else 0.0
         n_val = len(parts.loaders.data.val) if parts.loaders.val is not None else 0
         checkpoint_s = _checkpoint_seconds(parts)
     finally:
@@ -195,6 +223,7 @@ def measure_costs(
         epoch_end_s=2 * checkpoint_s,
         test_s=test_images * per_image,
         epoch_start_s=sorted(starts)[len(starts) // 2] if starts else 0.0,
+        final_s=(n_val + test_images) * flipped,
     )
 
 
@@ -282,14 +311,22 @@ def plan_run(cfg, parts: train.Parts, elapsed_s: float) -> Plan:
     budget, start = cfg.time_budget * 60.0, clock()
     sizes = sorted({size_at(e, base.epochs) for e in range(base.n_epochs)})
     test_images = len(parts.loaders.data.test) if parts.loaders.test is not None else 0
-    costs = measure_costs(parts, sizes, ema=cfg.ema, tta=cfg.tta, test_images=test_images)
+    final_tta = cfg.tta_end and not cfg.tta_each  # --tta final
+    costs = measure_costs(parts, sizes, ema=cfg.ema, tta=cfg.tta_each, test_images=test_images, final_tta=final_tta)
     left = budget * (1 - MARGIN) - elapsed_s - (clock() - start)
     test_every_epoch = cfg.test_preds == "best"
     updates, predicted = plan_updates(
-        left, base.updates_per_epoch, base.updates, costs, size_at, test_every_epoch, cfg.eval_every
+        left,
+        base.updates_per_epoch,
+        base.updates,
+        costs,
+        size_at,
+        test_every_epoch,
+        cfg.eval_every,
+        save_every_s=60.0 * cfg.save_every_min,
     )
     if updates < 1:
-        one = min(costs.update_s.values()) + costs.epoch_end_s + costs.eval_s + costs.test_s
+        one = min(costs.update_s.values()) + costs.epoch_end_s + costs.eval_s + costs.test_s + costs.final_s
         raise UserError(
             f"--time_budget {cfg.time_budget:g} min leaves no time to train: {elapsed_s + clock() - start:.0f} s went "
             f"on start-up and measuring, and one update with its evaluation takes {one:.0f} s here; give more minutes"
@@ -305,14 +342,16 @@ def plan_run(cfg, parts: train.Parts, elapsed_s: float) -> Plan:
     )
     per_update = ", ".join(f"{s}px {1000 * t:.0f} ms" for s, t in costs.update_s.items())
     log.info(
-        "--time_budget %.4g min: measured %s per update, %.1f s per evaluation, %.1f s of checkpoints per epoch, "
-        "%.1f s per test prediction; plan: %d updates = %.2f epochs%s, predicted %.0f s of training and "
+        "--time_budget %.4g min: measured %s per update, %.1f s per evaluation, %.1f s of checkpoints per %s, "
+        "%.1f s per test prediction%s; plan: %d updates = %.2f epochs%s, predicted %.0f s of training and "
         "evaluation + %.0f s spent so far",
         cfg.time_budget,
         per_update,
         costs.eval_s,
         costs.epoch_end_s,
+        f"write (every {cfg.save_every_min:g} min)" if cfg.save_every_min else "epoch",
         costs.test_s,
+        f", {costs.final_s:.1f} s for the end's flip-TTA pass" if costs.final_s else "",
         updates,
         plan.epochs,
         " (--epochs caps it)" if updates == base.updates else "",
@@ -331,6 +370,7 @@ def replan(
     size_at: Callable[[int, float], int],
     test_every_epoch: bool,
     eval_every: int,
+    save_every_s: float = 0.0,
 ) -> Plan:
     """At an epoch start of a budgeted run, from `observed` {size: (seconds, updates)} trained at each
     size in this process: each observed size's time per update is what it took here; a size not seen
@@ -350,11 +390,16 @@ def replan(
     worse = max(slowness, 1.0)
     update_s = {s: (seen[s][0] / seen[s][1] if s in seen else t * slowness) for s, t in costs.update_s.items()}
     scaled = Costs(
-        update_s, costs.epoch_end_s * worse, costs.test_s * worse, costs.epoch_start_s * worse, costs.eval_s * worse
+        update_s,
+        costs.epoch_end_s * worse,
+        costs.test_s * worse,
+        costs.epoch_start_s * worse,
+        costs.eval_s * worse,
+        costs.final_s * worse,
     )
     left = plan.budget_s * (1 - MARGIN) - elapsed_s
     updates, predicted = plan_updates(
-        left, upe, plan.max_updates, scaled, size_at, test_every_epoch, eval_every, done=step
+        left, upe, plan.max_updates, scaled, size_at, test_every_epoch, eval_every, done=step, save_every_s=save_every_s
     )
     if updates <= step or abs(updates - plan.updates) <= max(1, REPLAN_THRESHOLD * plan.updates):
         return dataclasses.replace(plan, slowness=round(slowness, 4))
@@ -370,6 +415,7 @@ def costs_from_dict(d: dict) -> Costs:
         d["test_s"],
         d.get("epoch_start_s", 0.0),
         d.get("eval_s", 0.0),
+        d.get("final_s", 0.0),  # plans saved before --tta final had no end pass
     )
 
 
@@ -380,6 +426,7 @@ def costs_dict(c: Costs) -> dict:
         "eval_s": round(c.eval_s, 3),
         "test_s": round(c.test_s, 3),
         "epoch_start_s": round(c.epoch_start_s, 3),
+        "final_s": round(c.final_s, 3),
     }
 
 
@@ -404,14 +451,15 @@ class StopRequest:
 
 class Deadline:
     """When the rest would not fit: `start + budget` minus what must still happen after training
-    (an evaluation, checkpoints, the test prediction). `elapsed_s`: the run's time before this
-    process (a resumed run)."""
+    (an evaluation, checkpoints, the test prediction, the end's flip pass). `elapsed_s`: the run's
+    time before this process (a resumed run)."""
 
     def __init__(self, plan: Plan, elapsed_s: float) -> None:
         c = plan.costs
         self.enabled = plan.budget_s > 0
         self.end = clock() - elapsed_s + plan.budget_s
-        self.base_reserve = sum(c.get(k, 0.0) for k in ("epoch_end_s", "eval_s", "test_s")) if self.enabled else 0.0
+        reserve = ("epoch_end_s", "eval_s", "test_s", "final_s")
+        self.base_reserve = sum(c.get(k, 0.0) for k in reserve) if self.enabled else 0.0
         self.reserve = self.base_reserve * max(plan.slowness, 1.0)
         self.last, self.interval = None, 0.0  # the previous check, and the time between the last two
 
@@ -446,6 +494,7 @@ class Timekeeper:
         self.deadline = Deadline(plan, clock() - self.origin)
         self.size_at = size_schedule(cfg.img_size, cfg.min_img_size, cfg.resize_until)
         self.test_every_epoch, self.eval_every = cfg.test_preds == "best", cfg.eval_every
+        self.save_every_s = 60.0 * cfg.save_every_min
         self.signals = StopRequest()
         self.signal, self.deadline_hit = 0, False
         self.observed: dict[int, tuple[float, int]] = {}  # size -> (seconds, updates) trained in this process
@@ -470,6 +519,7 @@ class Timekeeper:
                     size_at=self.size_at,
                     test_every_epoch=self.test_every_epoch,
                     eval_every=self.eval_every,
+                    save_every_s=self.save_every_s,
                 )
             )
             wants_more = new.updates > self.plan.updates
