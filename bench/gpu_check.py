@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,7 +69,7 @@ class Stopped(BaseException):
 
 def row(check: str, result: str, ok: bool | None, seconds: float = 0.0) -> None:
     """ok None = skipped (result says why). The table and the JSON are rewritten at once."""
-    ROWS.append({"check": check, "result": result, "ok": ok, "seconds": round(seconds, 1)})
+    ROWS.append({"key": REPORT.get("key"), "check": check, "result": result, "ok": ok, "seconds": round(seconds, 1)})
     mark = "skip" if ok is None else ("ok" if ok else "FAIL")
     print(f"[{mark:>4}] {check}: {result}", file=sys.stderr, flush=True)
     write_report()
@@ -149,6 +150,8 @@ def check_training(args, work: Path, data: Path, started: float) -> None:
     # --deterministic on: a resumed run is then bitwise the uninterrupted one on a GPU too, so any
     # difference is a resume bug. Under autotuning (the default) two processes may pick other cuDNN
     # algorithms and flip an image, which would read as one (one image is 0.28 points here)
+    for folder in ("ref", "cut", "val"):  # an earlier, stopped attempt's (--continue)
+        shutil.rmtree(work / folder, ignore_errors=True)
     common = ["--config", "configs/demo.yaml", "--data_dir", str(data), "--device", args.device, "--time_budget", "0"]
     common += "--epochs 2 --warmup_epochs 0.5 --wandb disabled --no_analysis --workers 2 --deterministic on".split()
     if args.device == "cpu":  # CI: the same path, smaller (a GPU runs the demo recipe as it is)
@@ -578,6 +581,16 @@ def out_dir(value: str) -> Path:
     return path.parent if path.suffix == ".json" else path
 
 
+def kept_rows(path: Path) -> set[str]:
+    """--continue: the finished rows of an earlier run of this report into ROWS; their check keys."""
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return set()
+    ROWS.extend(r for r in rows if r.get("key") in CHECKS)
+    return {r["key"] for r in ROWS}
+
+
 def _stop(signum, frame) -> None:
     raise Stopped(signum)
 
@@ -594,6 +607,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu_compile", action="store_true", help="run the compile checks on a CPU too (minutes)")
     p.add_argument("--work_dir", default=None, help="where runs and data go (default: a temporary folder)")
     p.add_argument("--out", default="bench/results", help="the folder for gpu_check.md and gpu_check.json")
+    p.add_argument(
+        "--continue",
+        dest="carry_on",
+        action="store_true",
+        help="keep the rows OUT/gpu_check.json holds and run only the checks it lacks (a stopped check again)",
+    )
     p.add_argument("--probe_deterministic", default=None, help=argparse.SUPPRESS)  # check 2c's own process
     args = p.parse_args(argv)
     if args.probe_deterministic:
@@ -616,6 +635,9 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     signal.signal(signal.SIGTERM, _stop)
+    if args.carry_on:
+        done = kept_rows(REPORT["out"] / "gpu_check.json")
+        chosen = [key for key in chosen if key not in done]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     code = run_checks(args, work, chosen)
@@ -632,7 +654,7 @@ def run_checks(args, work: Path, chosen: list[str]) -> int:
         write_report()
         data = demo_data.ensure_demo_dataset(work / "demo-digits")
         for key in chosen:
-            current = CHECKS[key].title
+            current, REPORT["key"] = CHECKS[key].title, key
             REPORT["status"] = f"running {current}"
             write_report()
             CHECKS[key](args, work, data)

@@ -227,16 +227,33 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def start(v: Visit, only: str) -> int:
+    (v.visit / "started").write_text(f"{time.time()}\n")
+    (v.visit / "only").write_text(only)
+    _launch_gpu_check(v, carry_on=False)
+    v.at("call 1 done: gpu_check runs on; its rows so far come back with every call")
+    return 0
+
+
+def _launch_gpu_check(v: Visit, carry_on: bool) -> None:
+    """gpu_check in its own process session, so that it outlives the call; with `carry_on`, its
+    --continue: the rows already in its report kept, the checks it lacks run."""
+    only = (v.visit / "only").read_text() if (v.visit / "only").is_file() else ""
     command = [_python(), "-m", "bench.gpu_check", "--work_dir", str(v.visit / "work"), "--out", str(v.visit / "out")]
     command += ["--device", "cpu"] if v.dry_run else []
     command += ["--only", only] if only else []
-    (v.visit / "started").write_text(f"{time.time()}\n")
-    with open(v.visit / "out" / "gpu_check.log", "w") as log:
+    command += ["--continue"] if carry_on else []
+    with open(v.visit / "out" / "gpu_check.log", "a" if carry_on else "w") as log:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     (v.visit / "gpu_check.pid").write_text(f"{proc.pid}\n")
     v.note(f"gpu_check started (pid {proc.pid}{', on the CPU' if v.dry_run else ''}): {' '.join(command[1:])}")
-    v.at("call 1 done: gpu_check runs on; its rows so far come back with every call")
-    return 0
+
+
+def _gpu_check_alive(v: Visit) -> None:
+    """A gpu_check that ended unfinished between calls (a machine that ends every process of a call
+    when the call ends) is started again with --continue: the rows it finished stay."""
+    if (v.visit / "started").is_file() and _running(v.visit) is None and not _checks_done(v.visit):
+        v.note("gpu_check is not running and not finished (the end of the last call stopped it?): again, --continue")
+        _launch_gpu_check(v, carry_on=True)
 
 
 def _running(visit: Path) -> int | None:
@@ -256,6 +273,7 @@ def _running(visit: Path) -> int | None:
 
 
 def status(v: Visit) -> int:
+    _gpu_check_alive(v)
     parts = sorted(p.name for p in v.visit.glob(f"{ARCHIVE}.part*"))
     pid = _running(v.visit)
     v.note(f"parts here: {', '.join(parts) or 'none'}; gpu_check {'running' if pid else 'not running'}")
@@ -292,6 +310,8 @@ def finish(v: Visit, minutes: float | None, expect: str = "") -> int:
     parts = check_parts(v.visit)
     data = v.visit / "data" / "tiny-imagenet-200"
     install = _install(v, parts, data, expect)
+    if v.left() > RUN_MIN_S:
+        _gpu_check_alive(v)
     _wait_for_gpu_check(v, install)
     v.at("installing the data")
     code = _wait(v, install, until=v.deadline)
@@ -382,6 +402,7 @@ def _speedrun(v: Visit, data: Path) -> None:
     run += ["--data_dir", str(data), "--output_dir", str(v.visit / "runs"), "--wandb", "disabled"]
     if v.dry_run:  # the same path on the CPU, small
         run += "--device cpu --arch resnet9_slim --img_size 32 --min_img_size 16 --batch_size 16 --workers 1".split()
+        run += ["--epochs", "1000"]  # the budget ends it, as on a GPU, not the preset's cap of 80 tiny epochs
     v.at(f"the speed-run of {v.budget:g} min (the visit's budget, not the 9.5-minute preset)")
     before = set((v.visit / "runs").glob("*")) if (v.visit / "runs").is_dir() else set()
     with open(v.out_dir / v.speedrun_name("log"), "w") as log:  # streamed straight into --out

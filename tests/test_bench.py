@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -299,15 +300,23 @@ def test_gpu_visit_whose_call_runs_out_during_gpu_check_keeps_its_rows(tmp_path,
     out1 = tmp_path / "out1"
     _visit("start", "--dry-run", "--visit", str(visit), "--out", str(out1), "--only", "2a,1")
     assert "gpu_check started" in (out1 / "visit.md").read_text()
-    _wait_for(lambda: _json_rows(visit / "out" / "gpu_check.json") and (visit / "work" / "reference.log").is_file())
+    reference = visit / "work" / "reference.log"
+    _wait_for(lambda: _json_rows(visit / "out" / "gpu_check.json") and reference.is_file())
+    # a machine that ends every process of a call with the call: the next call starts gpu_check
+    # again with --continue, and the row it had finished stays
+    os.killpg(int((visit / "gpu_check.pid").read_text()), signal.SIGKILL)
+    _wait_for(lambda: subprocess.run(["pgrep", "-f", str(visit / "work")], capture_output=True).returncode)
+    reference.unlink()
     out2 = tmp_path / "out2"
     _visit("status", "--dry-run", "--visit", str(visit), "--out", str(out2))
+    assert "again, --continue" in (out2 / "visit.md").read_text()
     assert _json_rows(out2 / "gpu_check.json") == 1  # a middle call brings the rows so far back
+    _wait_for(reference.is_file)  # check 1 runs again
     out = tmp_path / "out"
     args = ["finish", "--dry-run", "--visit", str(visit), "--out", str(out), "--expect", "4,16,20,9"]
     _visit(*args, "--call_s", "20", "--margin_s", "5")
     report = json.loads((out / "gpu_check.json").read_text())
-    assert [r["check"][:2] for r in report["rows"]] == ["2a"] and "stopped by SIGTERM during 1." in report["status"]
+    assert [r["key"] for r in report["rows"]] == ["2a"] and "stopped by SIGTERM during 1." in report["status"]
     assert {"gpu_check.md", "gpu_check.log", "visit.md"} <= {p.name for p in out.iterdir()}
     text = (out / "visit.md").read_text()
     assert "gpu_check stopped unfinished" in text and "no speed-run" in text
