@@ -59,7 +59,7 @@ from tin import hardware  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 ROWS: list[dict] = []
-REPORT: dict = {"out": None, "header": "", "started": time.perf_counter(), "status": "running"}
+REPORT: dict = {"out": None, "header": "", "started": time.perf_counter(), "status": "running", "attempts": {}}
 CHILDREN: list[subprocess.Popen] = []  # main.py processes of check 1: stopped with this one
 
 
@@ -100,6 +100,7 @@ def write_report() -> None:
         "header": REPORT["header"],
         "status": REPORT["status"],
         "seconds": round(time.perf_counter() - REPORT["started"], 1),
+        "attempts": REPORT.get("attempts", {}),
         **REPORT.get("facts", {}),
         "rows": ROWS,
     }
@@ -181,7 +182,16 @@ def check_training(args, work: Path, data: Path, started: float) -> None:
     slack = 2 * 100.0 / n_val + 1e-6
     if differ:
         gap = max(abs(x["val_top1"] - y["val_top1"]) for x, y in zip(a, b, strict=True))
+        # --deterministic on only warns for an op without a deterministic kernel: name those, or the
+        # difference reads as a resume bug when it is a kernel's
+        logs = "".join((work / f"{n}.log").read_text() for n in ("reference", "cut", "resume"))
+        kernels = sorted({line.strip()[:100] for line in logs.splitlines() if "deterministic implementation" in line})
         exact = f"NOT identical to an uninterrupted run ({', '.join(differ)} differ; val top-1 by {gap * n_val / 100:.0f} images)"
+        exact += (
+            f"; ops without a deterministic kernel: {'; '.join(kernels)}"
+            if kernels
+            else "; no op warned of a nondeterministic kernel"
+        )
     else:
         exact = "identical to an uninterrupted run (train loss, val loss, val top-1 of both epochs)"
     ok = code == 130 and len(b) == 2 and not differ and abs(metrics["val_top1"] - best) <= slack
@@ -489,6 +499,7 @@ def check_ddp(args, work: Path, data: Path, started: float) -> None:
 
     device = torch.device(args.device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    (work / "store").unlink(missing_ok=True)  # an earlier, stopped attempt's (--continue): init needs a fresh one
     dist.init_process_group(backend, init_method=f"file://{work / 'store'}", rank=0, world_size=1)
     try:
         results = []
@@ -534,7 +545,7 @@ def synthetic_npy(folder: Path, images: int, classes: int = 200) -> Path:
     """A 64x64 dataset of random pixels in the .npy format (--dataset npy): for timing only."""
     import numpy as np
 
-    if (folder / "y_val.npy").is_file():
+    if (folder / "y_val.npy").is_file() and len(np.load(folder / "y_train.npy", mmap_mode="r")) >= images:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -584,10 +595,26 @@ def out_dir(value: str) -> Path:
 def kept_rows(path: Path) -> set[str]:
     """--continue: the finished rows of an earlier run of this report into ROWS; their check keys."""
     try:
-        rows = json.loads(path.read_text())["rows"]
+        report = json.loads(path.read_text())
+        rows, status = report["rows"], report.get("status", "")
     except (OSError, ValueError, KeyError):
         return set()
     ROWS.extend(r for r in rows if r.get("key") in CHECKS)
+    REPORT["attempts"] = dict(report.get("attempts", {}))
+    died = next((k for k, c in CHECKS.items() if status == f"running {c.title}"), None)
+    # the process ended inside a check without a word (SIGKILL at a call's end, or a crash): once
+    # more, then a FAIL row, so that a check that crashes cannot keep the ones after it from running
+    if died is not None and died not in {r["key"] for r in ROWS} and REPORT["attempts"].get(died, 0) >= 2:
+        REPORT["key"] = died
+        ROWS.append(
+            {
+                "key": died,
+                "check": CHECKS[died].title,
+                "result": "the process ended inside this check twice (a crash, or a call's end): see gpu_check.log",
+                "ok": False,
+                "seconds": 0.0,
+            }
+        )
     return {r["key"] for r in ROWS}
 
 
@@ -656,6 +683,7 @@ def run_checks(args, work: Path, chosen: list[str]) -> int:
         for key in chosen:
             current, REPORT["key"] = CHECKS[key].title, key
             REPORT["status"] = f"running {current}"
+            REPORT["attempts"][key] = REPORT["attempts"].get(key, 0) + 1
             write_report()
             CHECKS[key](args, work, data)
     except Stopped:

@@ -55,6 +55,8 @@ MARGIN_S = 45  # collecting the files, Python's start-up, what the estimates mis
 RUN_MIN_S = 180  # gpu_check is waited for while a speed-run of at least this still fits
 RUN_MAX_MIN = 6.0  # the speed-run's budget when the call leaves room for it
 POLL_S = 3.0  # how often the files are copied into --out while something runs
+IMPORT_S = 25  # main.py's imports and exit on a fresh machine: outside its --time_budget's clock
+TMP = ".partial"  # the one temporary name in --out
 
 
 def sha256(paths: list[Path]) -> str:
@@ -119,7 +121,7 @@ def plan(visit: Path, call_s: float = CALL_S) -> str:
     parts = sorted(visit.glob(f"{ARCHIVE}.part*"))
     n = len(parts) or 3
     waited = max(0.0, GPU_CHECK_S - TRANSFER_S * (n - 1))  # gpu_check's time left when the last call starts
-    run_min = speedrun_minutes(call_s - waited - MARGIN_S)
+    run_min = speedrun_minutes(call_s - waited - MARGIN_S - IMPORT_S)
     rel = visit.relative_to(ROOT) if visit.is_relative_to(ROOT) else visit
     lines = [
         f"GPU visit: {n} calls back to back (each carries the repository and one part; a pause over 30 s loses the machine)",
@@ -191,29 +193,34 @@ class Visit:
         return f"speedrun_{self.budget:g}min_{what}" if what != "log" else f"speedrun_{self.budget:g}min.log"
 
     def report(self, final: str = "") -> None:
+        """Never raises: a report that fails (a half-written metrics row, a full disk) says so on
+        the console, and the visit goes on; the next report tries again."""
+        try:
+            self._report(final)
+        except Exception as exc:  # noqa: BLE001 - the record must not end the visit it records
+            print(f"gpu_visit: the report could not be written this time ({type(exc).__name__}: {exc})", flush=True)
+
+    def _report(self, final: str) -> None:
         for name in ("gpu_check.md", "gpu_check.json", "gpu_check.log"):
             _copy(self.visit / "out" / name, self.out_dir / name)
         if self.run_dir is not None:
             for name in ("metrics.csv", "log.txt", "best_results.json"):
                 _copy(self.run_dir / name, self.out_dir / self.speedrun_name(name))
-        lines = [
-            f"# GPU visit: {self.step}",
-            "",
-            f"card: {_card() if not self.dry_run else 'none (--dry-run, on the CPU)'}",
-        ]
+        lines = [f"# GPU visit: {self.step}", "", f"card: {self.card}"]
         lines += [f"call: {time.time() - self.t0:.0f} s of {self.call_s:.0f} s", f"stage: {final or self.stage}"]
         lines += ["", *[f"- {n}" for n in self.notes]]
         if self.run_dir is not None and (self.run_dir / "metrics.csv").is_file():
             lines += ["", _curve(self.run_dir, self.budget)]
-        tmp = self.out_dir / ".visit.md.tmp"
+        tmp = self.out_dir / TMP
         tmp.write_text("\n".join(lines) + "\n")
         os.replace(tmp, self.out_dir / "visit.md")
 
 
 def _copy(src: Path, dst: Path) -> None:
-    """src over dst when it exists, atomically (a kill mid-copy leaves the previous copy)."""
+    """src over dst when it exists, atomically (a kill mid-copy leaves the previous copy, and at most
+    one temporary file, TMP, which the 8 files back cannot be crowded out by more of)."""
     if src.is_file():
-        tmp = dst.with_name(f".{dst.name}.tmp")
+        tmp = dst.with_name(TMP)
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
 
@@ -265,9 +272,12 @@ def _running(visit: Path) -> int | None:
         os.kill(pid, 0)
     except OSError:
         return None
-    try:  # a container without an init process may leave it a zombie: exited, never reaped
+    try:  # a zombie (exited, never reaped: a container without init) or the pid reused by another
         with open(f"/proc/{pid}/stat") as fh:
-            return None if fh.read().rsplit(") ", 1)[1].startswith("Z") else pid
+            if fh.read().rsplit(") ", 1)[1].startswith("Z"):
+                return None
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return pid if b"bench.gpu_check" in fh.read() else None
     except OSError:
         return pid
 
@@ -318,7 +328,7 @@ def finish(v: Visit, minutes: float | None, expect: str = "") -> int:
     if code != 0:
         raise SystemExit(f"error: the dataset could not be installed from the parts (see {v.visit / 'install.log'})")
     v.note(f"data installed and decoded ({time.time() - v.t0:.0f} s into the call)")
-    v.budget = minutes or speedrun_minutes(v.left())
+    v.budget = minutes or speedrun_minutes(v.left() - IMPORT_S)
     if not v.budget:
         v.note(f"no speed-run: {max(v.left(), 0):.0f} s left before the call's deadline, under a minute")
         return 0
@@ -331,8 +341,10 @@ def _install(v: Visit, parts: list[Path], data: Path, expect: str) -> subprocess
     every core), in the background: CPU work that overlaps gpu_check's GPU work."""
     download = [_python(), "data/download.py", "--dest", str(data), "--archive", *map(str, parts)]
     download += ["--expect", expect] if expect else []
-    decode = f"import batch_manager, os; batch_manager.prepare_data('tiny-imagenet', {str(data)!r}, 64, os.cpu_count())"
-    script = f"{_quote(download)} && {_quote([_python(), '-c', decode])}"
+    # niced, and 4 cores left to gpu_check, whose rows 2b-3 time host work meanwhile
+    workers = "max(1, os.cpu_count() - 4)"
+    decode = f"import batch_manager, os; batch_manager.prepare_data('tiny-imagenet', {str(data)!r}, 64, {workers})"
+    script = f"{_quote(download)} && nice -n 10 {_quote([_python(), '-c', decode])}"
     log = open(v.visit / "install.log", "w")
     v.note("parts checked against SHA256SUMS; installing and decoding the data in the background")
     proc = subprocess.Popen(["/bin/sh", "-c", script], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -357,17 +369,27 @@ def _wait_for_gpu_check(v: Visit, install: subprocess.Popen) -> None:
         v.report()
     stopped = pid is not None and not _checks_done(v.visit)
     if stopped:  # SIGTERM, once: its rows so far stay in its table
-        os.killpg(pid, signal.SIGTERM)
+        _killpg(pid, signal.SIGTERM)
     for _ in range(20):  # its last lines (done), or its report of where it stopped
         if _running(v.visit) is None:
             break
         time.sleep(0.5)
+    if (pid := _running(v.visit)) is not None:  # busy in C++ (a compile, NCCL): it must not share the GPU
+        _killpg(pid, signal.SIGKILL)
+        v.note("gpu_check did not end within 10 s of SIGTERM: killed (its table holds the rows before)")
     if not _checks_done(v.visit):
         v.cut.append("gpu_check")
         what = "stopped unfinished" if stopped else "ended unfinished (see gpu_check.log)"
         v.note(f"gpu_check {what} ({v.left():.0f} s left in the call): its finished rows are in gpu_check.md")
     since = f"started {v.t0 - started:.0f} s before this call; " if started is not None else ""
     v.note(f"gpu_check: {since}waited {time.time() - waited:.0f} s for it here")
+
+
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:  # it ended on its own meanwhile
+        pass
 
 
 def _checks_done(visit: Path) -> bool:
@@ -391,6 +413,10 @@ def _wait(v: Visit, proc: subprocess.Popen, until: float) -> int | None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+            v.cut.append(v.stage)
+            v.note(
+                f"{v.stage}: did not end within 30 s of SIGTERM at the call's deadline: killed (its save may be missing)"
+            )
             return None
         v.cut.append(v.stage)
         v.note(f"{v.stage}: stopped by the call's deadline (exit status {proc.returncode})")
@@ -404,19 +430,25 @@ def _speedrun(v: Visit, data: Path) -> None:
         run += "--device cpu --arch resnet9_slim --img_size 32 --min_img_size 16 --batch_size 16 --workers 1".split()
         run += ["--epochs", "1000"]  # the budget ends it, as on a GPU, not the preset's cap of 80 tiny epochs
     v.at(f"the speed-run of {v.budget:g} min (the visit's budget, not the 9.5-minute preset)")
-    before = set((v.visit / "runs").glob("*")) if (v.visit / "runs").is_dir() else set()
+    before = set((v.visit / "runs").iterdir()) if (v.visit / "runs").is_dir() else set()
     with open(v.out_dir / v.speedrun_name("log"), "w") as log:  # streamed straight into --out
         proc = subprocess.Popen(run, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         v.children.append(proc)
-        while proc.poll() is None and v.run_dir is None:
-            new = set((v.visit / "runs").glob("*")) - before if (v.visit / "runs").is_dir() else set()
-            v.run_dir = next(iter(new), None)
+        while proc.poll() is None and v.run_dir is None and time.time() < v.deadline:
+            v.run_dir = _new_run(v.visit / "runs", before)
             time.sleep(0.5)
         code = _wait(v, proc, until=v.deadline)
-    if v.run_dir is None:
-        new = set((v.visit / "runs").glob("*")) - before if (v.visit / "runs").is_dir() else set()
-        v.run_dir = next(iter(new), None)
+    v.run_dir = v.run_dir or _new_run(v.visit / "runs", before)
     v.note(f"speed-run ({v.budget:g} min) exit status {code}")
+
+
+def _new_run(runs: Path, before: set[Path]) -> Path | None:
+    """The run folder main.py made (not its hidden write probe, not an earlier run's)."""
+    if not runs.is_dir():
+        return None
+    return next(
+        (p for p in sorted(runs.iterdir()) if p.is_dir() and not p.name.startswith(".") and p not in before), None
+    )
 
 
 def _card() -> str:
@@ -506,16 +538,21 @@ def run_step(v: Visit, args) -> int:
             return status(v)
         return finish(v, args.minutes, args.expect)
     except Stopped:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the record short
         final = f"stopped by SIGTERM during: {v.stage}"
-        _stop_children(v)
+        v.report(final)  # at once: a SIGKILL may follow soon
+        _stop_children(v)  # the speed-run saves; then its files are copied below
         return 128 + signal.SIGTERM
     except SystemExit as exc:
         final = f"stopped during: {v.stage}: {exc}"
+        _stop_children(v)
         raise
     except Exception as exc:
         final = f"stopped during: {v.stage}: {type(exc).__name__}: {exc}"
+        _stop_children(v)
         raise
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if not final:
             final = f"done; the call's deadline cut short: {', '.join(v.cut)}" if v.cut else "done"
         v.report(final)

@@ -180,6 +180,20 @@ def test_gpu_check_runs_on_a_cpu_without_albumentations_or_wandb(tmp_path):
     assert (out / "gpu_check.md").read_text().count("\n| ") == len(rows) + 1
 
 
+def test_gpu_check_continue_reruns_a_check_its_process_died_in_once_then_fails_it(tmp_path):
+    """--continue after a process that ended inside check 1 without a word: check 1 runs again;
+    after a second such end it is a FAIL row, and the checks after it still run."""
+    title = "1. training, interrupt, resume, val.py"
+    row = {"key": "2a", "check": "2a. host syncs per update", "result": "CUDA only", "ok": None, "seconds": 0.0}
+    report = tmp_path / "gpu_check.json"
+    for attempts, expect in ((1, {"2a"}), (2, {"2a", "1"})):
+        gpu_check = bench_module("gpu_check")  # a fresh process's state
+        report.write_text(json.dumps({"status": f"running {title}", "attempts": {"1": attempts}, "rows": [row]}))
+        assert gpu_check.kept_rows(report) == expect
+    (died,) = [r for r in gpu_check.ROWS if r["key"] == "1"]
+    assert died["ok"] is False and "ended inside this check twice" in died["result"]
+
+
 def _json_rows(path) -> int:
     try:
         return len(json.loads(path.read_text())["rows"])
