@@ -6,7 +6,10 @@ grouped (mean ± std), and their val curves overlaid.
 Each folder given is a run folder, or is searched for run folders (a sweep's folder, checkpoints/).
 Reads each run's best_results.json, config.yaml and metrics.csv; folders that are not finished runs
 are skipped with a note. Runs whose configurations differ only in --seed (and in where they ran:
-the options that may change on resume, --name and --tags among them) are one configuration.
+the options that may change on resume, --name and --tags among them) and that trained on the same
+dataset are one configuration. The dataset is known by what it holds (best_results.json's
+`dataset`: its format, class list and split sizes, digested), not by its path; runs of the same
+recipe on other datasets are kept apart, and the report says which.
 Writes report.md (sorted by val top-1) and report_val_top1.png / report_val_loss.png into
 --output_dir (default: reports/<timestamp>/, never the repository root).
 """
@@ -34,6 +37,7 @@ COLUMNS = [
     "run",
     "name",
     "seed",
+    "data",
     "arch",
     "params",
     "gflops",
@@ -53,12 +57,16 @@ def load_run(run: Path) -> dict | None:
     rows = list(csv.DictReader(open(files[1])))
     cfg = yaml.safe_load(files[2].read_text())
     speeds = [float(r["images_per_second"]) for r in rows if r.get("images_per_second")]
+    data = dataset_of(best, cfg)
     return {
         "run": run.name,
         "name": best.get("name") or cfg.get("name") or cfg.get("arch"),
         "seed": cfg.get("seed"),
+        "data": data["label"],
         "evaluated_on": evaluated_on(cfg),
-        "_config": configuration(cfg),
+        "_config": configuration(cfg, data["key"]),
+        "_recipe": configuration(cfg),
+        "_data": data,
         "arch": best.get("arch", cfg.get("arch")),
         "params": best.get("params"),
         "gflops": best.get("gflops"),
@@ -78,10 +86,42 @@ def evaluated_on(cfg: dict) -> str:
     return f"held-out {cfg['val_split']:.0%} of train" if cfg.get("val_split") else "val"
 
 
-def configuration(cfg: dict) -> str:
-    """What a run computed, less its seed: the options that may not change on resume."""
-    free = may_change_on_resume() | {"seed", RESOLVED_KEY}
-    return json.dumps({k: v for k, v in cfg.items() if k not in free}, sort_keys=True, default=str)
+# options that may change on resume (where a run runs) but decide what a new run computes
+STARTS_FROM = ("pretrained", "pretrained_path")
+
+
+def configuration(cfg: dict, dataset: str | None = None) -> str:
+    """What a run computed, less its seed: the options that may not change on resume, the weights
+    it started from, and (given) its dataset's identity."""
+    free = (may_change_on_resume() | {"seed", RESOLVED_KEY}) - set(STARTS_FROM)
+    key = {k: v for k, v in cfg.items() if k not in free}
+    if dataset is not None:
+        key["dataset identity"] = dataset
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def dataset_of(best: dict, cfg: dict) -> dict:
+    """The run's dataset: its identity from best_results.json; a run written before that field was
+    known only by its data_dir, and says so in its label."""
+    data = best.get("dataset")
+    if isinstance(data, dict) and data.get("digest"):
+        label = f"{data['kind']}, {data['classes']} classes, {data['train']:,} train ({data['digest'][:6]})"
+        return {"key": data["digest"], "label": label}
+    path = str(cfg.get("data_dir", "?"))
+    return {"key": f"path {path}", "label": f"{path} (by path: an older run)"}
+
+
+def kept_apart(runs: list[dict]) -> list[str]:
+    """One line per recipe run on more than one dataset: those runs were not grouped together."""
+    by_recipe: dict[str, dict[str, list[str]]] = {}
+    for r in runs:
+        by_recipe.setdefault(r["_recipe"], {}).setdefault(r["data"], []).append(r["run"])
+    lines = []
+    for datasets in by_recipe.values():
+        if len(datasets) > 1:
+            parts = [f"{label}: {', '.join(sorted(names))}" for label, names in sorted(datasets.items())]
+            lines.append("- the same recipe on other datasets, not grouped: " + "; ".join(parts))
+    return lines
 
 
 def seed_groups(runs: list[dict]) -> list[dict]:
@@ -131,6 +171,9 @@ def write_report(runs: list[dict], out_dir: Path, skipped: list[str]) -> Path:
     if groups:
         lines += ["", "## Configurations run with several seeds (val top-1 and top-5: mean ± std)", ""]
         lines += experiments.markdown_table(groups, experiments.GROUP_COLUMNS)
+    apart = kept_apart(runs)
+    if apart:
+        lines += ["", "## Kept apart", "", *apart]
     lines += ["", "![val top-1](report_val_top1.png)", "", "![val loss](report_val_loss.png)"]
     if skipped:
         lines += ["", "Skipped (not finished runs): " + ", ".join(skipped)]

@@ -180,8 +180,9 @@ def test_report_compares_runs_and_skips_unfinished_folders(trained_run, analysed
     report = (tmp_path / "r" / "report.md").read_text()
     lines = report.splitlines()
     header, rows = lines[2], [line for line in lines[4:] if line.startswith("| ")][:2]
-    assert header.startswith("| run | name | seed | arch | params | gflops | epochs | val_top1")
-    assert all(r.split(" | ")[3] == "resnet18" for r in rows) and lines[4 + len(rows)] == ""  # one row per run
+    assert header.startswith("| run | name | seed | data | arch | params | gflops | epochs | val_top1")
+    assert all(r.split(" | ")[4] == "resnet18" for r in rows) and lines[4 + len(rows)] == ""  # one row per run
+    assert all(r.split(" | ")[3].startswith("tiny-imagenet, 4 classes") for r in rows)  # what each trained on
     assert "Skipped (not finished runs): half" in report
     _png(tmp_path / "r" / "report_val_top1.png")
 

@@ -274,3 +274,48 @@ def test_a_search_prunes_resumes_from_its_study_and_never_reads_val(tmp_path, mo
     assert [r["val_top1"] for r in _rows(final)][:-1] == [""] * 3  # val evaluated once, after the last epoch
     text = (sw / "search.md").read_text()
     assert "Retrained on all of train, reported once on val" in text and "| baseline | 1/1 |" in text
+
+
+def _fake_run(folder: Path, seed: int, top1: float, dataset: dict | None, data_dir: str = "data/x") -> Path:
+    """A finished run's three files, as main.py writes them (best_results.json with or without the
+    dataset's identity: runs written before it had none)."""
+    folder.mkdir(parents=True)
+    cfg = {"arch": "resnet18", "lr_base": 0.1, "seed": seed, "data_dir": data_dir, "name": "r18", "workers": 2}
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    best = {"name": "r18", "arch": "resnet18", "val_top1": top1, "val_top5": 80.0, "wall_time_seconds": 10.0}
+    (folder / "best_results.json").write_text(json.dumps({**best, **({"dataset": dataset} if dataset else {})}))
+    (folder / "metrics.csv").write_text(f"epoch,val_top1,val_loss,images_per_second\n1,{top1},1.0,100\n")
+    return folder
+
+
+def test_report_never_averages_runs_of_two_datasets_and_says_which_it_kept_apart(tmp_path):
+    """Two 20-class runs and one 10-class run of one recipe, all from the same --data_dir path (the
+    case a user met: `| resnet18 | 3/3 | 42,43,44 | 13.78 ± 3.25 |`): the 20-class seeds are grouped,
+    the 10-class run is not, the table names each run's dataset, and the report says why."""
+    twenty = {"kind": "tiny-imagenet", "classes": 20, "train": 10000, "val": 1000, "test": 0, "digest": "aaaa11112222"}
+    ten = {"kind": "tiny-imagenet", "classes": 10, "train": 1074, "val": 355, "test": 368, "digest": "bbbb33334444"}
+    runs = tmp_path / "runs"
+    _fake_run(runs / "a", 42, 20.0, twenty)
+    _fake_run(runs / "b", 43, 22.0, twenty)
+    _fake_run(runs / "c", 44, 5.0, ten)
+    out = tmp_path / "report"
+    assert report.main([str(runs), "--output_dir", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "| r18 | 2/2 | 42,43 | 21.00 ± 1.41 |" in text  # the 20-class seeds only
+    assert "3/3" not in text and "42,43,44" not in text
+    assert "tiny-imagenet, 10 classes, 1,074 train (bbbb33)" in text and "tiny-imagenet, 20 classes" in text
+    assert "the same recipe on other datasets, not grouped" in text and ": c" in text
+    # runs written before the identity existed are told apart by path, and say so
+    old = tmp_path / "old"
+    _fake_run(old / "d", 42, 20.0, None, data_dir="data/tin20")
+    _fake_run(old / "e", 43, 5.0, None, data_dir="data/demo-digits")
+    assert report.main([str(old), "--output_dir", str(tmp_path / "report2")]) == 0
+    text = (tmp_path / "report2" / "report.md").read_text()
+    assert "data/tin20 (by path: an older run)" in text and "2/2" not in text
+
+
+def test_a_runs_results_name_its_dataset(trained_run, tiny_data):
+    data = json.loads((trained_run / "best_results.json").read_text())["dataset"]
+    classes = (tiny_data / "wnids.txt").read_text().split()
+    assert data["kind"] == "tiny-imagenet" and data["classes"] == len(classes) and len(data["digest"]) == 12
+    assert data["train"] > 0 and data["val"] > 0

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -132,6 +133,17 @@ def update_seconds(history: list[dict]) -> float:
     return sum(row.get("update_seconds", 0.0) for row in history)
 
 
+def dataset_identity(kind: str, data) -> dict:
+    """What a run trained and was evaluated on, whatever its path: the format, the class list's and
+    split sizes' digest, the counts (report.py compares runs by it: the same path may hold another
+    dataset, another path the same one)."""
+    sizes = {
+        name: len(getattr(data, name)) if getattr(data, name) is not None else 0 for name in ("train", "val", "test")
+    }
+    digest = hashlib.sha256(json.dumps([kind, list(data.classes), sizes]).encode()).hexdigest()[:12]
+    return {"kind": kind, "classes": len(data.classes), **sizes, "digest": digest}
+
+
 def write_results(run, wall_s: float, final: dict | None = None) -> None:
     """best_results.json: the best epoch's figures (and `final`: --tta final's flipped figures of
     best.pth.tar), the run's length, its time `wall_s` and the share of it spent in updates, where it ran."""
@@ -162,6 +174,7 @@ def write_results(run, wall_s: float, final: dict | None = None) -> None:
             else {}
         ),
         "runtime": run.parts.runtime.to_dict(),
+        "dataset": dataset_identity(run.cfg.dataset, run.parts.loaders.data),
     }
     if run.parts.teacher is not None:
         results["teachers"] = [
