@@ -175,6 +175,19 @@ def test_cli_prints_one_line_not_a_traceback(tmp_path):
     assert f"error: dataset folder {tmp_path / 'nowhere'} does not exist" in proc.stderr
 
 
+def test_wandb_online_without_a_login_is_one_line_before_any_run_folder(tmp_path, tiny_data):
+    """`--wandb online` where wandb has no API key: one line naming `wandb login` and the
+    alternatives, no traceback, no half-made run folder for report.py to list as unfinished."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
+    env["HOME"] = str(tmp_path / "home")  # no ~/.netrc: never logged in
+    args = [sys.executable, "main.py", *FAST_RUN, "--data_dir", str(tiny_data), "--wandb", "online"]
+    args += ["--output_dir", str(tmp_path / "runs"), "--epochs", "1"]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "--wandb online: wandb has no API key here" in proc.stderr and "wandb login" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_undecodable_image_stops_before_training_with_one_line_naming_it(tmp_path):
     from conftest import make_layout
 

@@ -355,6 +355,14 @@ class WandbSink:
         self.run.finish()
 
 
+def _logged_in(wandb) -> bool:
+    """An API key is known (WANDB_API_KEY, or `wandb login`'s netrc entry); nothing is asked or sent."""
+    try:
+        return bool(os.environ.get("WANDB_API_KEY")) or bool(wandb.login(prompt=False, verify=False))
+    except Exception:  # noqa: BLE001 - an unreadable netrc or settings file: no key to use
+        return False
+
+
 def resolve_wandb_mode(mode: str) -> str:
     """--wandb auto|online|offline|disabled -> online, offline or disabled. auto: WANDB_MODE if set,
     online when an API key is known, else offline (with a notice); disabled, with one line, when
@@ -372,6 +380,11 @@ def resolve_wandb_mode(mode: str) -> str:
             f"--wandb {mode} needs the wandb package, which is not installed: pip install wandb==0.31.0 (as in "
             "requirements.txt), or pass --wandb disabled"
         ) from None
+    if mode == "online" and not _logged_in(wandb):  # refused before anything starts, not mid-build
+        raise UserError(
+            "--wandb online: wandb has no API key here (no WANDB_API_KEY, no `wandb login`): run `wandb login` "
+            "first, or pass --wandb offline (sync later with `wandb sync`) or --wandb auto (offline when not logged in)"
+        )
     if mode != "auto":
         return mode
     env = os.environ.get("WANDB_MODE")
@@ -379,10 +392,7 @@ def resolve_wandb_mode(mode: str) -> str:
         return env
     if env == "dryrun":
         return "offline"
-    try:
-        logged_in = bool(os.environ.get("WANDB_API_KEY")) or wandb.login(prompt=False, verify=False)
-    except Exception:  # noqa: BLE001 - an unreadable netrc or settings file: log offline
-        logged_in = False
+    logged_in = _logged_in(wandb)
     if not logged_in:
         log.info("wandb: not logged in, logging offline into the run folder (sync later with `wandb sync`)")
     return "online" if logged_in else "offline"
