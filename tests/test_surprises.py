@@ -137,6 +137,14 @@ def test_the_folder_holding_the_dataset_is_pointed_to(tmp_path):
     make_layout(tmp_path / "data" / "tiny-imagenet-200")
     with pytest.raises(UserError, match=rf"pass --data_dir {tmp_path / 'data' / 'tiny-imagenet-200'}"):
         _run(tmp_path / "data", tmp_path / "runs")
+    # beside a demo dataset, which sorts first: the full dataset is named first, every one with its classes
+    full, demo = tmp_path / "data" / "tiny-imagenet-200", tmp_path / "data" / "demo-digits"
+    (demo).mkdir()
+    (demo / "wnids.txt").write_text("n01\nn02\n")
+    with pytest.raises(
+        UserError, match=rf"these do: {full} \(4 classes\), {demo} \(2 classes\).*--data_dir {full} for"
+    ):
+        _run(tmp_path / "data", tmp_path / "runs")
 
 
 def test_max_params_is_checked_before_the_data_is_decoded_and_suggests_a_model_that_fits(tiny_data, tmp_path):

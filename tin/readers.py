@@ -167,13 +167,27 @@ def _file_split(paths: list[Path], labels: list[int] | None) -> Split:
 
 
 # --------------------------------------------------------------------------- Tiny-ImageNet-200
+def _listed(datasets: list[Path]) -> str:
+    """The datasets found one level down, the real one first (data/tiny-imagenet-200 before
+    data/demo-digits, which sorts first), each with its class count."""
+
+    def classes(folder: Path) -> int:
+        return sum(1 for w in (folder / "wnids.txt").read_text().split() if w)
+
+    ranked = sorted(datasets, key=lambda d: (d.name != "tiny-imagenet-200", -classes(d), d.name))
+    if len(ranked) == 1:
+        return f"{ranked[0]} does: pass --data_dir {ranked[0]}"
+    named = ", ".join(f"{d} ({classes(d)} classes)" for d in ranked)
+    return f"these do: {named}; pass --data_dir with the one you mean (--data_dir {ranked[0]} for the first)"
+
+
 def read_tiny_imagenet(root: str | Path, val: bool = True) -> DataSplits:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist; {GET_DATA_HINT}")
     inside = sorted(w.parent for w in root.glob("*/wnids.txt"))
     if not (root / "wnids.txt").exists() and inside:  # --data_dir data, the dataset one level down
-        raise DatasetError(f"{root} holds no wnids.txt, but {inside[0]} does: pass --data_dir {inside[0]}")
+        raise DatasetError(f"{root} holds no wnids.txt, but {_listed(inside)}")
     wnids_file = _need(root / "wnids.txt", "the class list")
     wnids = [w.strip() for w in wnids_file.read_text().splitlines() if w.strip()]
     if not wnids:
