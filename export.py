@@ -246,11 +246,11 @@ def val_batches(cfg, n: int, batch_size: int) -> tuple[DataLoader, str]:
     return DataLoader(dataset, batch_size=batch_size, collate_fn=batch_manager.collate), f"val split of {data.root}"
 
 
-def verify(m: val.Loaded, module: Deployable, files: dict[str, Path], infos: dict[str, dict], args) -> None:
+def verify(m: val.Loaded, module: Deployable, files: dict[str, Path], infos: dict[str, dict], batches) -> None:
     """compare() on the run's val images; the figures go into `infos` and on the console. The run's own
     precision (bf16 autocast, say) is measured against fp32 too: what the exported fp32 model may
     differ by from the run's own figures, and why the check is against torch in fp32."""
-    batches, where = val_batches(m.cfg, args.verify, args.batch_size)
+    batches, where = batches
     runners = {fmt: runner(fmt, f) for fmt, f in files.items()}
     if m.amp_dtype is not None:
         runners["as_run"] = precision_runner(module, m.amp_dtype)
@@ -337,6 +337,9 @@ def run(argv: list[str] | None = None) -> dict[str, dict]:
     path = source / "best.pth.tar" if source.is_dir() else source
     m = val.load_model(path, torch.device("cpu"), **({"data_dir": args.data_dir} if args.data_dir else {}))
     module = deployable(m.model)
+    # the images to verify on are found before anything is written: no unverified file is left
+    # where a deployment would pick it up when they are missing
+    batches = val_batches(m.cfg, args.verify, args.batch_size) if args.verify else None
     out = Path(args.out) if args.out else path.parent / "export"
     out.mkdir(parents=True, exist_ok=True)
     files, infos = {}, {}
@@ -344,15 +347,17 @@ def run(argv: list[str] | None = None) -> dict[str, dict]:
         files[fmt] = EXPORTERS[fmt](module, m.cfg.eval_px, out / f"model.{fmt}", args.opset)
         infos[fmt] = describe(m, fmt, files[fmt], versions) | ({"opset": args.opset} if fmt == "onnx" else {})
         log.info("wrote %s (%.1f MB)", files[fmt], files[fmt].stat().st_size / 1e6)
-    if args.verify:
-        verify(m, module, files, infos, args)
+    if batches is not None:
+        verify(m, module, files, infos, batches)
+    failed = [fmt for fmt, info in infos.items() if not info.get("verification", {"passed": True})["passed"]]
+    for fmt in failed:  # kept for inspection under a name no deployment loads
+        files[fmt] = files[fmt].replace(files[fmt].with_name(files[fmt].name + ".failed"))
     for fmt, info in infos.items():
         write_json(info, files[fmt].with_name(files[fmt].name + ".json"))
-    failed = [fmt for fmt, info in infos.items() if not info.get("verification", {"passed": True})["passed"]]
     if failed:
         raise UserError(
-            f"the exported {', '.join(failed)} model disagrees with torch beyond the tolerances (figures in "
-            f"{out}/*.json, the files are kept for inspection); report it with the JSON"
+            f"the exported {', '.join(failed)} model disagrees with torch beyond the tolerances: kept for inspection "
+            f"as {', '.join(str(files[f]) for f in failed)} (figures in their .json); report it with the JSON"
         )
     return infos
 

@@ -77,6 +77,20 @@ for name, spec in arch.REGISTRY.items():
 FAMILIES["vit"] = "vit_tiny"  # the small one: the same ops
 
 
+def test_nothing_unverified_is_left_where_a_deployment_would_load_it(trained_run, tmp_path, monkeypatch, ort):
+    """Without the val images to verify on: one line before any file is written. A model that fails
+    verification is kept under a .failed name (no model.onnx / model.pt2 to pick up by mistake)."""
+    out = tmp_path / "export"
+    with pytest.raises(UserError, match=r"verification needs the run's val images.*--verify 0"):
+        export.run([str(trained_run), "--out", str(out), "--data_dir", str(tmp_path / "nowhere")])
+    assert not out.exists() or not any(out.iterdir())
+    monkeypatch.setattr(export, "PROB_TOL", -1.0)  # a real comparison no export can pass
+    with pytest.raises(UserError, match=r"disagrees with torch.*model\.onnx\.failed"):
+        export.run([str(trained_run), "--out", str(out), "--verify", "8", "--batch_size", "8"])
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["model.onnx.failed", "model.onnx.failed.json", "model.pt2.failed", "model.pt2.failed.json"]
+
+
 @pytest.mark.parametrize(
     "name",
     [pytest.param(n, marks=pytest.mark.slow) if n == "vgg19" else n for n in FAMILIES.values()],
