@@ -300,16 +300,24 @@ def _resolve_recipe(cfg: Config, ctx: distributed.Context) -> tuple[Config, opti
 
 def _fit_warmup_to_plan(cfg: Config, plan: time_budget.Plan, recipe: optim.LrRecipe | None) -> Config:
     """A warm-up from the recipe (`recipe`, when it set the warm-up) is at most a tenth of the run the
-    time budget planned; one the user gave must fit inside it."""
+    time budget planned. One given (a preset's, or typed) that does not fit the plan — a slower or
+    busier machine plans fewer epochs, and the budget is the promise — shrinks to a tenth of it too,
+    with a warning that says so."""
     if not plan.budget_s:
         return cfg
     if recipe is not None and cfg.warmup_epochs > 0.1 * plan.epochs:
         cfg = dataclasses.replace(cfg, warmup_epochs=round(min(recipe.warmup_epochs, 0.1 * plan.epochs), 4))
     if cfg.warmup_epochs >= plan.epochs:
-        raise UserError(
-            f"--warmup_epochs {cfg.warmup_epochs:g} is as long as the {plan.epochs:.2f} epochs that fit "
-            f"--time_budget {cfg.time_budget:g}; shorten the warm-up or give more minutes"
+        short = round(0.1 * plan.epochs, 4)
+        log.warning(
+            "--warmup_epochs %g is as long as the %.2f epochs that fit --time_budget %g on this machine now: warm-up "
+            "shortened to %g epochs (a tenth of the plan); give more minutes for the full warm-up",
+            cfg.warmup_epochs,
+            plan.epochs,
+            cfg.time_budget,
+            short,
         )
+        cfg = dataclasses.replace(cfg, warmup_epochs=short)
     return cfg
 
 
