@@ -17,6 +17,7 @@ comes separately (the time budget measures the step before the schedule exists).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from tin import distributed, hardware
 from tin.checkpoint import TrainState
 from transforms import Normalize, StrengthMixer, soft_targets
 from utils import topk_correct
+
+log = logging.getLogger("tin")
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Parts:
     accum_steps: int = 1
     grad_clip: float = 0.0
     sync_every: int = 25  # updates between host reads of the device
+    progress_every: float = 30.0  # seconds between progress lines where there is no bar (0: none)
 
     @property
     def device(self) -> torch.device:
@@ -86,6 +90,7 @@ def train_one_epoch(
     lr = state.epoch_lr if start_batch else parts.optimizer.param_groups[0]["lr"]  # the epoch's starting lr
     meters, loss_fn = EpochMeters(state.meters, parts.device), SoftTargetCrossEntropy()
     bar = tqdm(total=end_batch - start_batch, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    progress = Progress(parts, bar, desc, end_batch - start_batch)
     parts.net.train()
     parts.optimizer.zero_grad(set_to_none=True)
     start = ready = time.perf_counter()
@@ -121,6 +126,7 @@ def train_one_epoch(
                 parts.ema.update(parts.model, step=step)
             if step % parts.sync_every == 0:
                 _host_sync(meters, parts.optimizer, bar, b + 1 - start_batch, start)
+                progress.maybe(meters, parts.optimizer, b + 1 - start_batch, start)
             if b + 1 < end_batch and should_stop is not None and should_stop(step):
                 interrupted = True
                 break
@@ -207,6 +213,38 @@ def _no_sync(net: torch.nn.Module, skip: bool):
     if skip and isinstance(inner, torch.nn.parallel.DistributedDataParallel):
         return inner.no_sync()
     return contextlib.nullcontext()
+
+
+class Progress:
+    """Where no bar shows (a log file, nohup, `docker logs`, CI: tqdm hides itself off a terminal),
+    on the console and in log.txt, one line every `parts.progress_every` seconds, at the sync points only (the
+    figures are read there anyway): batches done, images/s, loss and top-1 so far, and when the
+    epoch ends at this pace. Main process only."""
+
+    def __init__(self, parts: Parts, bar, desc: str, total: int) -> None:
+        self.every, self.desc, self.total = parts.progress_every, desc, total
+        self.on = bool(self.every) and parts.ctx.is_main and bool(bar.disable)
+        self.images_per_batch = parts.loaders.train.batch_size
+        self.last = time.perf_counter()
+
+    def maybe(self, meters: EpochMeters, optimizer, done: int, start: float) -> None:
+        now = time.perf_counter()
+        if not self.on or now - self.last < self.every:
+            return
+        self.last = now
+        avg, elapsed = meters.averages(), max(now - start, 1e-9)
+        left = (self.total - done) * elapsed / max(done, 1)
+        log.info(
+            "%s: %d/%d batches, %.0f img/s, loss %.3f, top-1 %.1f%%, lr %.2e, the epoch ends in ~%s",
+            self.desc,
+            done,
+            self.total,
+            done * self.images_per_batch / elapsed,
+            avg["train_loss"],
+            avg["train_top1"],
+            optimizer.param_groups[0]["lr"],
+            f"{left / 60:.1f} min" if left >= 90 else f"{left:.0f} s",
+        )
 
 
 def _host_sync(meters: EpochMeters, optimizer, bar, done: int, start: float) -> None:

@@ -175,6 +175,18 @@ def test_cli_prints_one_line_not_a_traceback(tmp_path):
     assert f"error: dataset folder {tmp_path / 'nowhere'} does not exist" in proc.stderr
 
 
+def test_a_log_shows_progress_within_an_epoch(tiny_data, tmp_path):
+    """Off a terminal (tqdm's bar hidden: a log file, nohup, docker logs) a line every
+    --progress_every seconds at the sync points, with the batches done, images/s, loss and the
+    epoch's ETA; none with 0."""
+    args = [*FAST_RUN, "--data_dir", str(tiny_data), "--epochs", "4", "--wandb", "disabled"]
+    run = main.main([*args, "--output_dir", str(tmp_path / "a"), "--progress_every", "1e-6"])
+    lines = [line for line in (run / "log.txt").read_text().splitlines() if " batches, " in line]
+    assert lines and "epoch 4/4: 1/8 batches, " in lines[0] and "img/s, loss " in lines[0] and "ends in ~" in lines[0]
+    run = main.main([*args, "--output_dir", str(tmp_path / "b"), "--progress_every", "0"])
+    assert " batches, " not in (run / "log.txt").read_text()
+
+
 def test_wandb_online_without_a_login_is_one_line_before_any_run_folder(tmp_path, tiny_data):
     """`--wandb online` where wandb has no API key: one line naming `wandb login` and the
     alternatives, no traceback, no half-made run folder for report.py to list as unfinished."""

@@ -173,6 +173,7 @@ def build_parts(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None)
         label_smoothing=cfg.label_smoothing,
         accum_steps=cfg.accum_steps,
         grad_clip=cfg.grad_clip,
+        progress_every=cfg.progress_every,
     )
     return cfg, parts, params, gflops, (recipe, auto)
 

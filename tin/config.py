@@ -292,6 +292,13 @@ class Config:
         resume=True,
         before=0.0,
     )
+    progress_every: float = _opt(
+        "seconds between progress lines (batches, images/s, loss, the epoch's ETA) where the output is not a "
+        "terminal (a log file, nohup, docker logs, and then log.txt too; a terminal has the bar); 0 = none",
+        default=30.0,
+        resume=True,
+        before=30.0,
+    )
     steps_per_epoch: int = _opt("cap on training batches per epoch (0 = all); for smoke tests", default=0)
     no_analysis: bool = _opt(
         "skip the end-of-run analysis (plots, confusions, features)", default=False, flag=True, resume=True
@@ -413,6 +420,7 @@ def _validate(cfg: Config) -> Config:
         (not (cfg.trainval and cfg.val_split), "--trainval merges val back into train: drop --val_split"),
         (cfg.time_budget >= 0, f"--time_budget must be >= 0 minutes (got {cfg.time_budget})"),
         (cfg.eval_every >= 0, f"--eval_every must be >= 0 (got {cfg.eval_every})"),
+        (cfg.progress_every >= 0, f"--progress_every must be >= 0 seconds (got {cfg.progress_every:g})"),
         (
             cfg.save_every_min >= 0,
             f"--save_every_min must be >= 0 minutes (got {cfg.save_every_min}; 0 = a checkpoint every epoch)",
