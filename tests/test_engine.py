@@ -246,6 +246,21 @@ def test_resume_continues_the_same_wandb_run(tiny_data, tmp_path):
     assert ids == {torch.load(run / "last.pth.tar", weights_only=True)["wandb_id"]}
 
 
+def test_resuming_a_finished_run_redoes_nothing_unless_its_end_is_missing(trained_run, tmp_path):
+    import shutil as sh
+
+    run = tmp_path / trained_run.name
+    sh.copytree(trained_run, run)
+    written = {f: (run / f).stat().st_mtime_ns for f in ("best_test_preds.csv", "best_results.json", "last.pth.tar")}
+    main.main(["--resume", str(run), "--wandb", "disabled"])
+    assert {f: (run / f).stat().st_mtime_ns for f in written} == written  # nothing rewritten, no analysis
+    said = (run / "log.txt").read_text().splitlines()[-3:]  # a resumed run's lines go on in its log.txt
+    assert any("already finished" in line for line in said) and "analyze.py run" in said[-1]
+    (run / "best_results.json").unlink()  # as a kill between the last epoch and the end pass leaves it
+    main.main(["--resume", str(run), "--wandb", "disabled"])
+    assert json.loads((run / "best_results.json").read_text())["epochs_run"] == 2  # the end, done now
+
+
 def test_not_enough_disk_is_refused_before_training(tiny_data, tmp_path, monkeypatch):
     import shutil as sh
 

@@ -14,6 +14,7 @@ flipped evaluation on val and the test predictions (--test_preds end, --tta fina
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from pathlib import Path
@@ -34,6 +35,7 @@ def fit(run: Run) -> None:
     """Train the plan from `run.state` on; a signal saves the exact position and exits 128 + signal."""
     cfg, parts, state, clock = run.cfg, run.parts, run.state, run.clock
     outputs.announce(run)
+    already = state.finished  # resumed after its last epoch
     saves = Saves(cfg.save_every_min)
     run.scheduler.step_update(num_updates=state.step)  # a resumed run's learning rate
     while state.epoch < clock.plan.n_epochs and not state.finished:
@@ -65,10 +67,32 @@ def fit(run: Run) -> None:
         outputs.log_epoch(run, row, improved)
         if clock.signalled():  # a signal that came during evaluation or saving
             exit_interrupted(run, saves)
+    if already and ended_before(run):
+        return
     final = end_pass(run)
     outputs.log_done(run, final)
     if not cfg.no_analysis and parts.loaders.val is not None and parts.ctx.is_main:
         analyze(run.run_dir, cfg.workers, parts.device)
+
+
+def ended_before(run: Run) -> bool:
+    """A run resumed after it had finished: whether its end (the predictions, the page) was written
+    too, which is then said and not redone; one killed between its last epoch and its end does that
+    end now. Every process answers alike (they see the same run folder)."""
+    folder, parts = run.run_dir, run.parts
+    preds = parts.loaders.test is None or (folder / "best_test_preds.csv").is_file()
+    page = run.cfg.no_analysis or parts.loaders.val is None or (folder / "index.html").is_file()
+    results = folder / "best_results.json"
+    if not (preds and page and results.is_file()):
+        return False
+    if (
+        run.cfg.tta == TTA_FINAL
+        and parts.loaders.val is not None
+        and "val_top1_tta" not in json.loads(results.read_text())
+    ):
+        return False  # its end pass (flipped val, flipped predictions) did not finish
+    log.info("its predictions and page are there; `python analyze.py run %s` redoes the analysis", folder)
+    return True
 
 
 def epoch_row(run: Run, epoch: int, stats: dict, validate: bool) -> dict:

@@ -93,8 +93,8 @@ def epochs_text(plan) -> str:
 
 
 _SHOWN = {  # the log line's figures, in this order; any other key of the row follows as "key value"
-    "lr": "lr {:.2e}",
-    "aug_strength": "s {:.2f}",
+    "lr": "lr {:.2e} at its start,",  # the epoch's first update's (metrics.csv's lr)
+    "aug_strength": "augmentation {:.2f}",  # the strength s in [0, 1] (README: Augmentation recipe)
     "train_size": "{}px |",
     "train_loss": "train loss {:.3f}",
     "train_top1": "top-1 {:.2f}% |",
