@@ -113,12 +113,7 @@ def train_one_epoch(
         parts.scaler.scale(loss / group_size).backward()
         meters.add(loss, logits, labels, step)
         if updates:  # the optimizer update
-            if parts.grad_clip > 0:
-                parts.scaler.unscale_(parts.optimizer)
-                torch.nn.utils.clip_grad_norm_(parts.model.parameters(), parts.grad_clip)
-            parts.scaler.step(parts.optimizer)
-            parts.scaler.update()
-            parts.optimizer.zero_grad(set_to_none=True)
+            optimizer_step(parts)
             step += 1
             if scheduler is not None:
                 scheduler.step_update(num_updates=step)
@@ -146,6 +141,17 @@ def train_one_epoch(
         "first_batch_seconds": first_batch_s or 0.0,
         "interrupted": interrupted,
     }
+
+
+def optimizer_step(parts: Parts) -> None:
+    """One optimizer update from the accumulated gradients: clipped (unscaled first) when asked,
+    through the grad scaler (a no-op unless fp16), gradients cleared."""
+    if parts.grad_clip > 0:
+        parts.scaler.unscale_(parts.optimizer)
+        torch.nn.utils.clip_grad_norm_(parts.model.parameters(), parts.grad_clip)
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.optimizer.zero_grad(set_to_none=True)
 
 
 def device_batch(parts: Parts, images: torch.Tensor, labels: torch.Tensor, b: int):

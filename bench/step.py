@@ -48,7 +48,7 @@ from tin import distributed, hardware, time_budget  # noqa: E402
 from tin.build import build_parts, build_scheduler  # noqa: E402
 from tin.checkpoint import TrainState  # noqa: E402
 from tin.config import parse_config  # noqa: E402
-from train import EpochMeters, train_one_epoch  # noqa: E402
+from train import EpochMeters, optimizer_step, train_one_epoch  # noqa: E402
 from utils import write_json  # noqa: E402
 
 
@@ -245,12 +245,7 @@ def prepared(p, images, labels, b: int, laps: Laps):
 
 def optimizer_update(p, scheduler, step: int, laps: Laps) -> int:
     """train.train_one_epoch's update, one lap per part; returns the update count after it."""
-    if p.grad_clip > 0:
-        p.scaler.unscale_(p.optimizer)
-        torch.nn.utils.clip_grad_norm_(p.model.parameters(), p.grad_clip)
-    p.scaler.step(p.optimizer)
-    p.scaler.update()
-    p.optimizer.zero_grad(set_to_none=True)
+    optimizer_step(p)
     laps.lap("optimizer")
     step += 1
     if scheduler is not None:
