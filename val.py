@@ -9,7 +9,7 @@ file name); ``load_model(...)`` / ``load_models(...)`` -> checkpoints built as t
 
 Also a CLI to evaluate saved checkpoints, alone or as an ensemble::
 
-    python val.py --checkpoint A/best.pth.tar [B/best.pth.tar ...] [--tta flip] [--ensemble mean|max_conf]
+    python val.py RUN_OR_CHECKPOINT [MORE ...] [--tta flip] [--ensemble mean|max_conf] [--out DIR]
 """
 
 from __future__ import annotations
@@ -195,14 +195,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Evaluate checkpoints (alone or as an ensemble) and predict the test split."
     )
     p.add_argument(
-        "--checkpoint",
-        required=True,
-        nargs="+",
-        help="run folders (their best.pth.tar) or .pth.tar files written by main.py; several: an ensemble",
+        "runs",
+        nargs="*",
+        metavar="RUN_OR_CHECKPOINT",
+        help="run folders (their best.pth.tar) or .pth.tar files written by main.py; several: an ensemble "
+        "(as predict.py and export.py take them)",
     )
+    p.add_argument("--checkpoint", nargs="+", default=[], help="the same, as a flag (the original project's form)")
     p.add_argument("--data_dir", default=None, help="dataset root (default: the one the first run trained on)")
     p.add_argument(
+        "--out",
         "--output_dir",
+        dest="output_dir",
         default=None,
         help="a new folder for the outputs (default: FIRST_RUN/eval/<checkpoints and options>, never overwritten)",
     )
@@ -225,7 +229,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--workers", type=int, default=None, help="loader processes (default: as in training)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.checkpoint = [*args.runs, *args.checkpoint]
+    if not args.checkpoint:
+        p.error("give the run folders or checkpoints to evaluate: python val.py RUN [RUN ...]")
+    return args
 
 
 @dataclass

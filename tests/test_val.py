@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 import val
+from conftest import ROOT
 from utils import UserError
 
 
@@ -18,6 +21,16 @@ def test_checkpoint_evaluation_matches_training_run(trained_run, tmp_path):
     assert metrics["val_loss"] == pytest.approx(best["val_loss"], rel=1e-5)
     assert (tmp_path / "test_preds.csv").read_text() == (trained_run / "best_test_preds.csv").read_text()
     assert json.loads((tmp_path / "val_metrics.json").read_text())["val_top5"] == pytest.approx(best["val_top5"])
+
+
+def test_val_takes_the_run_first_as_predict_and_export_do(trained_run, tmp_path):
+    """`val.py RUN --out DIR` (the grammar of predict.py and export.py) gives what `--checkpoint RUN
+    --output_dir DIR` gives; neither form given is one line naming the usage."""
+    metrics = val.run([str(trained_run), "--out", str(tmp_path / "a")])
+    assert metrics == val.run(["--checkpoint", str(trained_run), "--output_dir", str(tmp_path / "b")])
+    assert (tmp_path / "a" / "test_preds.csv").read_text() == (trained_run / "best_test_preds.csv").read_text()
+    proc = subprocess.run([sys.executable, "val.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "python val.py RUN [RUN ...]" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_checkpoint_for_other_classes_is_refused(trained_run, tmp_path):
