@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import FAST_RUN, ROOT, bench_module
@@ -204,7 +205,6 @@ def _json_rows(path) -> int:
 def test_gpu_check_stopped_with_sigterm_keeps_the_rows_it_finished(tmp_path):
     """SIGTERM in the middle of check 1 (its reference run has started; check 2a's row is written):
     the table and JSON hold 2a's row and say where it stopped; check 1's runs are stopped too."""
-    import signal
     import time
 
     out, work = tmp_path / "out", tmp_path / "work"
@@ -402,8 +402,6 @@ def test_the_repository_and_one_part_fit_one_device_call():
 
 
 # --------------------------------------------------------------------------- bench scripts run as files
-import pytest  # noqa: E402 - this block's own import
-
 SCRIPTS = sorted(p.name for p in (ROOT / "bench").glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
 
 
