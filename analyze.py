@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from tin.readers import short_name  # noqa: E402
+from tin.data.readers import short_name  # noqa: E402
 from utils import UserError  # noqa: E402
 
 log = logging.getLogger("tin")
@@ -220,9 +220,9 @@ def analyze_run(
     on `device` (main.py passes the training device, so a GPU run is analysed on the GPU)."""
     import arch
     import batch_manager
-    from tin import hardware
     from tin.checkpoint import load_checkpoint
-    from tin.config import from_saved
+    from tin.config.schema import from_saved
+    from tin.runtime import hardware
     from transforms import Normalize
     from val import infer, per_class_accuracy, write_csv
 
@@ -287,9 +287,9 @@ def analyze_run(
 
 
 def run_page(run_dir: Path, out: Path, data, per_class: list[dict], examples: dict, mistakes: list) -> Path:
-    """out/index.html: the run on one self-contained page (tin/page.py): its figures, configuration,
+    """out/index.html: the run on one self-contained page (tin/run/page.py): its figures, configuration,
     per-class accuracy (sortable), the most confused pairs with examples, the surest mistakes."""
-    from tin import page
+    from tin.run import page
 
     results = (
         json.loads((run_dir / "best_results.json").read_text()) if (run_dir / "best_results.json").is_file() else {}
@@ -342,7 +342,7 @@ def run_page(run_dir: Path, out: Path, data, per_class: list[dict], examples: di
 def analyze_dataset(kind: str, data_dir: str | Path, output_dir: str | Path) -> dict:
     from PIL import Image
 
-    from tin.readers import read_dataset
+    from tin.data.readers import read_dataset
 
     data = read_dataset(kind, data_dir)  # a clear DatasetError when the folder is not a dataset
     out = Path(output_dir)
@@ -425,13 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tin.outputs import setup_logging
+    from tin.run.outputs import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
         if args.what == "run":
-            from tin import hardware
+            from tin.runtime import hardware
 
             device = hardware.resolve_device(args.device)
             analyze_run(args.run_dir, args.output_dir, args.tsne_samples, args.workers, device)

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 import transforms
-from tin import decode_cache
-from tin.readers import DatasetError, DataSplits, Split, hold_out_val, merge_train_val, read_dataset
+from tin.data import decode_cache
+from tin.data.readers import DatasetError, DataSplits, Split, hold_out_val, merge_train_val, read_dataset
 
 # Set in the parent before any cv2 work: calling it inside a worker after the parent used cv2
 # has hung workers on this project's machines. One thread per worker; parallelism = workers.
@@ -360,9 +360,9 @@ def build_loaders(
             f"{data.root}: the train split has {len(data.train)} images, fewer than --batch_size {batch_size}; "
             "lower --batch_size"
         )
-    if aug_backend not in AUG_BACKENDS:
-        raise ValueError(f"unknown augmentation backend {aug_backend!r}; use {', '.join(AUG_BACKENDS)}")
-    train_set, augment = AUG_BACKENDS[aug_backend](data.train, img_size, seed, rank, recipe or transforms.RECIPE)
+    if aug_backend not in _TRAIN_SETS:
+        raise ValueError(f"unknown augmentation backend {aug_backend!r}; use {', '.join(transforms.AUG_BACKENDS)}")
+    train_set, augment = _TRAIN_SETS[aug_backend](data.train, img_size, seed, rank, recipe or transforms.RECIPE)
     sampler = ResumableSampler(train_set, seed, num_replicas=world, rank=rank)
     if on_device is not None:
         if augment is None:
@@ -429,4 +429,5 @@ def _torch_backend(split: Split, img_size: int, seed: int, rank: int, recipe: di
 
 
 # --aug_backend NAME -> (train split, img_size, seed, rank) -> (train dataset, batch augmenter or None)
-AUG_BACKENDS: dict[str, Callable] = {"torch": _torch_backend, "albumentations": _albumentations_backend}
+# transforms.AUG_BACKENDS names the choices; each has its training set here
+_TRAIN_SETS: dict[str, Callable] = {"torch": _torch_backend, "albumentations": _albumentations_backend}

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tin.readers import read_tiny_imagenet, write_tiny_imagenet_layout
+from tin.data.readers import read_tiny_imagenet, write_tiny_imagenet_layout
 from utils import UserError
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

@@ -41,8 +41,8 @@ from torch.utils.data import DataLoader
 import batch_manager
 import predict
 import val
-from tin import hardware
-from tin.readers import hold_out_val, read_dataset
+from tin.data.readers import hold_out_val, read_dataset
+from tin.runtime import hardware
 from transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from utils import UserError, write_json
 
@@ -325,7 +325,7 @@ def describe(m: val.Loaded, fmt: str, path: Path, versions: dict) -> dict:
 
 def run(argv: list[str] | None = None) -> dict[str, dict]:
     """Export and verify; returns {format: its JSON}."""
-    from tin.outputs import setup_logging
+    from tin.run.outputs import setup_logging
 
     args = parse_args(argv)
     setup_logging()

@@ -7,7 +7,7 @@
 Writes checkpoints/<YYYY-MM-DD_HH-MM-SS>_<arch>/ with config.yaml, log.txt, metrics.csv,
 last.pth.tar, best.pth.tar, best_results.json and best_test_preds.csv (see README).
 
-    main() -> tin.build.build (the run, complete) -> tin.loop.fit (the epochs)
+    main() -> tin.run.build.build (the run, complete) -> tin.run.loop.fit (the epochs)
            -> train.train_one_epoch (the updates) -> optimizer step
 """
 
@@ -19,11 +19,13 @@ import sys
 from pathlib import Path
 
 import arch
-from tin import checkpoint, distributed, time_budget
-from tin.build import build
-from tin.config import parse_config
-from tin.loop import fit
-from tin.outputs import setup_logging
+from tin import checkpoint, time_budget
+from tin.config import schema
+from tin.config.cli import parse_config
+from tin.run.build import build
+from tin.run.loop import fit
+from tin.run.outputs import setup_logging
+from tin.runtime import distributed
 from utils import UserError
 
 log = logging.getLogger("tin")
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         path = checkpoint.find_checkpoint(cfg.resume)
         ckpt, run_dir = checkpoint.load_checkpoint(path), path.parent
         cfg = parse_config(argv, base=ckpt["config"])
-        checkpoint.check_compatible(ckpt["config"], cfg.to_dict(), path)
+        schema.check_compatible(ckpt["config"], cfg.to_dict(), path)
     ctx = distributed.init(cfg.device)
     try:
         if not ctx.is_main:

@@ -10,10 +10,10 @@ folder (searched recursively for .jpg .jpeg .png .bmp .webp .tif .tiff .gif file
 ('photos/**/*.png'). With --checkpoint, its first value is a checkpoint whatever its name, and so
 are the values after it up to the first one that is not a checkpoint by the rule above.
 
-Images of any size and mode are decoded as training decodes them (tin.readers.decode_rgb: grayscale,
+Images of any size and mode are decoded as training decodes them (tin.data.readers.decode_rgb: grayscale,
 palette, CMYK and 16-bit files become RGB; an alpha channel is dropped), then sized as the run's
 evaluation sized its val images: to the size the run cached its images at (Tiny-ImageNet: 64x64,
-PIL bilinear, as tin.decode_cache.decode_to) and then to the run's evaluation size (cv2 bilinear,
+PIL bilinear, as tin.data.decode_cache.decode_to) and then to the run's evaluation size (cv2 bilinear,
 as the evaluation loader). A Tiny-ImageNet image thus gets exactly the pixels the run evaluated,
 and a large photo is first reduced with PIL's antialiasing filter rather than cv2's, which would
 alias. The model runs through val.py's evaluation loop, at the precision and memory format the run
@@ -43,8 +43,9 @@ import torch
 
 import batch_manager
 import val
-from tin import decode_cache, hardware
-from tin.readers import IMAGE_ERRORS, IMAGE_SUFFIXES
+from tin.data import decode_cache
+from tin.data.readers import IMAGE_ERRORS, IMAGE_SUFFIXES
+from tin.runtime import hardware
 from transforms import Normalize
 from utils import UserError
 
@@ -235,7 +236,7 @@ def print_table(rows: list[dict], out: Path) -> None:
 
 def run(argv: list[str] | None = None) -> Path:
     """Predict; returns the CSV written."""
-    from tin.outputs import setup_logging
+    from tin.run.outputs import setup_logging
 
     args = parse_args(argv)
     setup_logging()

@@ -11,7 +11,7 @@ a failing run does not stop the others; a line as each run starts and ends, then
 progress. SWEEP/summary.md: per configuration the mean ± std of val top-1 over its seeds, then one
 row per run (also summary.csv, summary_groups.csv). The same command again resumes the sweep:
 finished runs are skipped, interrupted ones continue (SWEEP/manifest.json lists every run).
---search: see tin/search.py. Exit status 1 if any run failed, 130 when stopped (Ctrl-C).
+--search: see tin/sweep/search.py. Exit status 1 if any run failed, 130 when stopped (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from typing import Any
 
 import yaml
 
-from tin import experiments, search
-from tin.config import Config, config_from, load_yaml_defaults
+from tin.config.cli import config_from, load_yaml_defaults
+from tin.config.schema import Config
+from tin.sweep import experiments, search
 from utils import UserError
 
 DEFAULT_SEED = next(f.default for f in fields(Config) if f.name == "seed")

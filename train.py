@@ -10,7 +10,7 @@ updates (progress bar, finiteness of the loss, the stop decision under torchrun)
 host queues the next batches while the current one computes. An epoch can stop at an update
 boundary (Ctrl-C, the time budget) and later resume at that batch.
 
-What an update needs is built once, complete, by tin.build (``Parts``); the learning-rate schedule
+What an update needs is built once, complete, by tin.run.build (``Parts``); the learning-rate schedule
 comes separately (the time budget measures the step before the schedule exists).
 """
 
@@ -27,17 +27,17 @@ import torch
 from timm.loss import SoftTargetCrossEntropy
 from tqdm import tqdm
 
-from tin import distributed, hardware
-from tin.checkpoint import TrainState
-from transforms import Normalize, StrengthMixer, soft_targets
-from utils import topk_correct
+from tin.augment.mixing import StrengthMixer, soft_targets
+from tin.engine.state import EpochMeters, TrainState
+from tin.runtime import distributed, hardware
+from transforms import Normalize
 
 log = logging.getLogger("tin")
 
 
 @dataclass
 class Parts:
-    """What the updates need: built complete by tin.build, nothing filled in later."""
+    """What the updates need: built complete by tin.run.build, nothing filled in later."""
 
     model: torch.nn.Module  # the module whose weights are saved
     net: torch.nn.Module  # what is called: `model`, its DDP wrapper, or torch.compile of that
@@ -172,45 +172,6 @@ def device_batch(parts: Parts, images: torch.Tensor, labels: torch.Tensor, b: in
     lam = parts.mixer.lam if parts.mixer is not None else 1.0
     taught = replay.probs(parts.device, parts.num_classes, lam) if replay is not None else None
     return inputs, targets, labels, taught
-
-
-class EpochMeters:
-    """Running sums of one epoch, kept on the device (summing never waits for the GPU). `state` reads
-    them (a host sync) for checkpoints, so a resumed epoch reports what an uninterrupted one does."""
-
-    def __init__(self, state: dict | None = None, device: torch.device | str = "cpu") -> None:
-        s = state or {"loss": 0.0, "top1": 0.0, "top5": 0.0, "n": 0}
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # made on the device: no host copy
-        for i, key in enumerate(("loss", "top1", "top5")):
-            if s[key]:  # a resumed epoch's sums: written as scalars, no host copy either
-                self.sums[i] = s[key]
-        self.n = int(s["n"])
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first update with a non-finite loss
-
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, update: int) -> None:
-        n = labels.shape[0]
-        self.sums += torch.cat([(loss.detach().double() * n).view(1), topk_correct(logits.detach(), labels).double()])
-        self.n += n
-        bad = ~torch.isfinite(loss.detach()) & (self.first_bad < 0)
-        self.first_bad = torch.where(bad, update, self.first_bad)
-
-    @property
-    def state(self) -> dict:
-        loss, top1, top5 = self.sums.tolist()
-        return {"loss": loss, "top1": top1, "top5": top5, "n": self.n}
-
-    def averages(self) -> dict[str, float]:
-        s, n = self.state, max(self.n, 1)
-        return {"train_loss": s["loss"] / n, "train_top1": 100.0 * s["top1"] / n, "train_top5": 100.0 * s["top5"] / n}
-
-    def check_finite(self, optimizer: torch.optim.Optimizer) -> None:
-        """Raise at the first non-finite loss of the epoch so far (a host sync)."""
-        bad = int(self.first_bad)
-        if bad >= 0:
-            raise FloatingPointError(
-                f"the training loss became non-finite at update {bad} (lr {optimizer.param_groups[0]['lr']:.3g}); the "
-                "last checkpoint is intact. Lower --lr_base, or add --grad_clip 1.0 or --warmup_epochs 2"
-            )
 
 
 def _no_sync(net: torch.nn.Module, skip: bool):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import random
 import sys
@@ -46,3 +47,12 @@ def write_json(obj: Any, path: str | Path) -> Path:
         fallback.write_text(text)
         print(f"note: cannot write {path} ({exc.strerror or exc}); written to {fallback} instead", file=sys.stderr)
         return fallback
+
+
+def with_guess(name: str, known, prefix: str = "") -> str:
+    """`name`, with a "did you mean" when a known name is close."""
+    bare = name.removeprefix(prefix)
+    close = [k for k in known if k.startswith(bare)][:2] or difflib.get_close_matches(
+        bare, list(known), n=1, cutoff=0.6
+    )
+    return f"{name} (did you mean {' or '.join(prefix + c for c in close)}?)" if close else name

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tin import distributed, hardware
+from tin.runtime import distributed, hardware
 from transforms import Normalize
 from utils import UserError, topk_correct
 
@@ -258,7 +258,7 @@ def load_model(path: str | Path, device: torch.device, like: Loaded | None = Non
     ensemble the same output index must mean the same class."""
     import arch
     from tin.checkpoint import load_checkpoint
-    from tin.config import from_saved
+    from tin.config.schema import from_saved
 
     path = checkpoint_file(path)  # a run folder stands for its best.pth.tar
     ckpt = load_checkpoint(path)
@@ -291,7 +291,7 @@ def load_models(paths: list[str | Path], device: torch.device, **overrides) -> l
 
 def run(argv: list[str] | None = None) -> dict[str, float]:
     import batch_manager
-    from tin.outputs import setup_logging
+    from tin.run.outputs import setup_logging
 
     args = parse_args(argv)
     setup_logging()

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import transforms  # noqa: E402
-from tin import hardware  # noqa: E402
+from tin.runtime import hardware  # noqa: E402
 from utils import write_json  # noqa: E402
 
 

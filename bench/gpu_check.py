@@ -54,7 +54,7 @@ import torch.nn.functional as F  # noqa: E402
 import arch  # noqa: E402
 import demo_data  # noqa: E402
 import transforms  # noqa: E402
-from tin import hardware  # noqa: E402
+from tin.runtime import hardware  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,7 +146,7 @@ def _main_py(args: list[str], out, interrupt_at: int = 0) -> subprocess.Popen:
 @check("1. training, interrupt, resume, val.py")
 def check_training(args, work: Path, data: Path, started: float) -> None:
     import val
-    from tin.readers import read_dataset
+    from tin.data.readers import read_dataset
 
     # --deterministic on: a resumed run is then bitwise the uninterrupted one on a GPU too, so any
     # difference is a resume bug. Under autotuning (the default) two processes may pick other cuDNN
@@ -215,10 +215,11 @@ def _metrics(run: Path) -> list[dict]:
 # --------------------------------------------------------------------------- 2. syncs and trainer overhead
 @check("2a. host syncs per update")
 def check_syncs(args, work: Path, data: Path, started: float) -> None:
-    from tin import distributed, time_budget
-    from tin.build import build_parts, build_scheduler
-    from tin.checkpoint import TrainState
-    from tin.config import parse_config
+    from tin import time_budget
+    from tin.config.cli import parse_config
+    from tin.engine.state import TrainState
+    from tin.run.build import build_parts, build_scheduler
+    from tin.runtime import distributed
     from train import train_one_epoch
 
     if args.device != "cuda":

@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a file (python bench/X.py): the reposito
 
 import batch_manager  # noqa: E402
 import transforms  # noqa: E402
-from tin.readers import load_rgb, read_dataset  # noqa: E402
+from tin.data.readers import load_rgb, read_dataset  # noqa: E402
 from utils import write_json  # noqa: E402
 
 MEAN = np.array(transforms.IMAGENET_MEAN, np.float32)

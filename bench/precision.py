@@ -33,8 +33,8 @@ if __package__ in (None, ""):  # run as a file (python bench/X.py): the reposito
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import arch  # noqa: E402
-from tin import hardware  # noqa: E402
-from tin.hardware import resolve_device  # noqa: E402
+from tin.runtime import hardware  # noqa: E402
+from tin.runtime.hardware import resolve_device  # noqa: E402
 from utils import write_json  # noqa: E402
 
 VARIANTS = {  # name -> (autocast dtype, channels_last, compile)

@@ -43,12 +43,16 @@ if __package__ in (None, ""):  # run as a file (python bench/X.py): the reposito
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import batch_manager  # noqa: E402
-import transforms  # noqa: E402
-from tin import distributed, hardware, time_budget  # noqa: E402
-from tin.build import build_parts, build_scheduler  # noqa: E402
-from tin.checkpoint import TrainState  # noqa: E402
-from tin.config import parse_config  # noqa: E402
-from train import EpochMeters, optimizer_step, train_one_epoch  # noqa: E402
+from tin import time_budget  # noqa: E402
+from tin.augment import mixing  # noqa: E402
+from tin.config.cli import parse_config  # noqa: E402
+from tin.engine.state import (
+    EpochMeters,  # noqa: E402
+    TrainState,  # noqa: E402
+)
+from tin.run.build import build_parts, build_scheduler  # noqa: E402
+from tin.runtime import distributed, hardware
+from train import optimizer_step, train_one_epoch  # noqa: E402
 from utils import write_json  # noqa: E402
 
 
@@ -78,7 +82,7 @@ def bench_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def build(cfg):
-    """Data, loaders, model and what trains it exactly as main.py builds them (tin.build.build_parts),
+    """Data, loaders, model and what trains it exactly as main.py builds them (tin.run.build.build_parts),
     and the learning-rate schedule over --epochs."""
     cfg, parts, *_ = build_parts(cfg, distributed.Context())
     plan = time_budget.epochs_plan(cfg.epochs, cfg.steps_per_epoch, cfg.accum_steps)
@@ -96,7 +100,7 @@ def resident_batch(p, cfg):
     if p.runtime.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     n = len(p.loaders.data.classes)
-    targets = transforms.soft_targets(images, labels.to(p.device), None, n, cfg.label_smoothing)[1]
+    targets = mixing.soft_targets(images, labels.to(p.device), None, n, cfg.label_smoothing)[1]
     return images, targets, raw
 
 
@@ -236,7 +240,7 @@ def prepared(p, images, labels, b: int, laps: Laps):
     if p.runtime.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     laps.lap("normalize")
-    inputs, targets = transforms.soft_targets(images, labels, p.mixer, p.num_classes, p.label_smoothing)
+    inputs, targets = mixing.soft_targets(images, labels, p.mixer, p.num_classes, p.label_smoothing)
     lam = p.mixer.lam if p.mixer is not None else 1.0
     taught = replay.probs(p.device, p.num_classes, lam) if replay is not None else None
     laps.lap("mix")

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from tin.readers import write_tiny_imagenet_layout
+from tin.data.readers import write_tiny_imagenet_layout
 
 # Offline everything: wandb writes real files without an account; no hub look-ups; quiet bars.
 os.environ["WANDB_MODE"] = "offline"
@@ -247,7 +247,8 @@ class TinyNet(torch.nn.Module):
 def tiny_parts(model, loaders, lr=0.5, **step):
     """train.Parts around `model`: fp32 on the CPU, SGD with momentum; `step`: accum_steps, grad_clip,
     sync_every."""
-    from tin import hardware, optim
+    from tin import optim
+    from tin.runtime import hardware
     from train import Parts
     from transforms import Normalize
 
@@ -268,7 +269,7 @@ def tiny_parts(model, loaders, lr=0.5, **step):
 
 def train_epoch(parts, end_batch, scheduler=None, strength=0.0, size=None, **kw):
     """One epoch of train.train_one_epoch from a fresh position: (its figures, the TrainState after)."""
-    from tin.checkpoint import TrainState
+    from tin.engine.state import TrainState
     from train import train_one_epoch
 
     state = TrainState()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import FAST_RUN, ROOT, bench_module
-from tin import hardware
+from tin.runtime import hardware
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1"}
 

@@ -270,9 +270,9 @@ def test_measuring_times_updates_from_the_first_batch_not_the_loaders_start(tiny
     controlled clock: the loader takes 2 s to start, an update 0.1 s."""
     import batch_manager
     import train
-    from tin import distributed
-    from tin.build import build_parts
-    from tin.config import parse_config
+    from tin.config.cli import parse_config
+    from tin.run.build import build_parts
+    from tin.runtime import distributed
 
     args = [*FAST_RUN, "--data_dir", str(tiny_data), "--data_on_device", "on", "--cache_dir", str(tmp_path)]
     _, parts, *_ = build_parts(parse_config(args), distributed.Context())
@@ -297,9 +297,9 @@ def _epochs_on(machine_s: dict, measured: dict, upe: int = 390):
     measurement per training size was `measured` and whose machine really takes `machine_s`."""
     from types import SimpleNamespace
 
-    from tin.checkpoint import TrainState
-    from tin.config import parse_config
-    from tin.distributed import Context
+    from tin.config.cli import parse_config
+    from tin.engine.state import TrainState
+    from tin.runtime.distributed import Context
 
     now = [0.0]
     costs = time_budget.Costs(update_s=measured, epoch_end_s=0.2, test_s=20.0, eval_s=20.0)
@@ -375,7 +375,8 @@ def cadence_machine(monkeypatch):
 
     import numpy as np
 
-    from tin import checkpoint, loop
+    from tin import checkpoint
+    from tin.run import loop
 
     now, updates, writes, interrupt = [0.0], [0], [], {}
     real_evaluate, real_write, real_epoch_end = val.evaluate, checkpoint.write_checkpoint, loop.Saves.epoch_end

@@ -13,8 +13,8 @@ from PIL import Image
 
 import batch_manager as bm
 from conftest import WNIDS, loaders_for, make_layout
-from tin import decode_cache
-from tin.readers import DatasetError, read_tiny_imagenet
+from tin.data import decode_cache
+from tin.data.readers import DatasetError, read_tiny_imagenet
 
 
 @pytest.fixture

@@ -6,7 +6,9 @@ import dataclasses
 
 import pytest
 
-from tin.config import Config, parse_config
+from tin.config import schema
+from tin.config.cli import parse_config
+from tin.config.schema import Config
 from utils import UserError
 
 
@@ -115,7 +117,7 @@ def test_a_run_saved_before_a_default_changed_resumes_with_its_old_behaviour():
 
 
 def test_resume_may_change_is_declared_on_the_flags():
-    from tin.config import may_change_on_resume
+    from tin.config.schema import may_change_on_resume
 
     free = may_change_on_resume()
     assert {"workers", "device", "data_dir", "amp", "channels_last", "wandb"} <= free
@@ -137,14 +139,13 @@ def test_tta_is_flip_none_or_final_on_the_command_line_and_in_yaml(tmp_path):
 
 
 def test_a_run_saved_with_tta_true_before_the_cadence_resumes_as_it_was(tmp_path):
-    from tin import checkpoint
 
     saved = parse_config(["--tta"]).to_dict()
     del saved["save_every_min"]  # saved before --save_every_min: a checkpoint every epoch
     path = tmp_path / "last.pth.tar"
     resumed = parse_config([], base=saved)
     assert (resumed.tta, resumed.save_every_min) == (True, 0.0)
-    checkpoint.check_compatible(saved, resumed.to_dict(), path)  # the same run
-    checkpoint.check_compatible(saved, parse_config(["--save_every_min", "2"], base=saved).to_dict(), path)
+    schema.check_compatible(saved, resumed.to_dict(), path)  # the same run
+    schema.check_compatible(saved, parse_config(["--save_every_min", "2"], base=saved).to_dict(), path)
     with pytest.raises(UserError, match=r"--tta 'final' \(the run has True\)"):  # other evaluations: another run
-        checkpoint.check_compatible(saved, parse_config(["--tta", "final"], base=saved).to_dict(), path)
+        schema.check_compatible(saved, parse_config(["--tta", "final"], base=saved).to_dict(), path)

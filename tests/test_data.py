@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import NAMES, WNIDS, loaders_for, make_layout
-from tin import readers as bm
+from tin.data import readers as bm
 
 
 def test_layout_parsing_and_sorted_class_order(tiny_data):

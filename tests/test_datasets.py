@@ -14,7 +14,7 @@ from PIL import Image
 import batch_manager as bm
 import main
 from conftest import FAST_RUN
-from tin.readers import DatasetError, hold_out_val, read_tiny_imagenet
+from tin.data.readers import DatasetError, hold_out_val, read_tiny_imagenet
 
 
 def _pickle(path, obj):

@@ -20,10 +20,11 @@ import yaml
 import main
 import transforms
 from conftest import NAMES, PINNED, ROOT, WNIDS, same_weights, toy_image
-from tin import distill, distributed, time_budget
-from tin.build import build_parts
-from tin.config import parse_config
-from tin.readers import write_tiny_imagenet_layout
+from tin import distill, time_budget
+from tin.config.cli import parse_config
+from tin.data.readers import write_tiny_imagenet_layout
+from tin.run.build import build_parts
+from tin.runtime import distributed
 from utils import UserError
 
 # a small fast model: it learns the toy patterns in two epochs

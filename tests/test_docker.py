@@ -227,7 +227,7 @@ def test_docker_smoke():
 
 
 def test_an_interrupted_run_tells_the_host_command_only_in_run_dockers_containers(tmp_path, monkeypatch):
-    from tin import loop
+    from tin.run import loop
 
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "checkpoints" / "2026-11-27_10-00-00_resnet18"

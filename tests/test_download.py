@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT, make_layout
 from data import download as dl
-from tin.readers import read_tiny_imagenet
+from tin.data.readers import read_tiny_imagenet
 
 SMALL = dl.Expected(classes=4, train_per_class=3, val=4, test=2)
 

@@ -18,8 +18,9 @@ import main
 import transforms as T
 import val
 from conftest import PINNED
-from tin import optim, readers
-from tin.readers import DataSplits, Split
+from tin import optim
+from tin.data import readers
+from tin.data.readers import DataSplits, Split
 from utils import topk_correct
 
 

@@ -27,10 +27,12 @@ from conftest import (
     tiny_parts,
     train_epoch,
 )
-from tin import checkpoint, distributed, experiments, time_budget
-from tin.build import build_parts, build_scheduler
-from tin.checkpoint import TrainState
-from tin.config import parse_config
+from tin import checkpoint, time_budget
+from tin.config.cli import parse_config
+from tin.engine.state import TrainState
+from tin.run.build import build_parts, build_scheduler
+from tin.runtime import distributed
+from tin.sweep import experiments
 from utils import UserError
 
 
@@ -132,7 +134,7 @@ def test_sync_bn_keeps_timm_activations_which_torch_conversion_drops():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():  # in eval mode SyncBatchNorm needs no process group: outputs can be compared
         expected = model(x)
-        ours = convert_sync_batchnorm(copy.deepcopy(model)).eval()  # timm's, which tin.build uses
+        ours = convert_sync_batchnorm(copy.deepcopy(model)).eval()  # timm's, which tin.run.build uses
         theirs = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
         assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in ours.modules())
         assert torch.allclose(ours(x), expected, atol=1e-5)
@@ -144,7 +146,7 @@ def _broadcast_worker(rank: int, store: str, out: dict) -> None:
 
     from timm.utils import ModelEmaV3
 
-    from tin import loop
+    from tin.run import loop
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     model = torch.nn.BatchNorm2d(3)

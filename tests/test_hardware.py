@@ -12,7 +12,7 @@ import yaml
 
 import main
 from conftest import FAST_RUN
-from tin import hardware
+from tin.runtime import hardware
 from utils import UserError
 
 ZEN4 = {"architecture": "x86_64", "avx2": True, "avx512_f": True, "avx512_bf16": True, "amx_tile": False}
@@ -230,7 +230,7 @@ def test_deterministic_auto_autotunes_gpus_and_on_makes_them_repeatable(monkeypa
 
 
 def test_runs_saved_with_a_boolean_deterministic_resume_with_its_meaning():
-    from tin.config import upgrade_saved
+    from tin.config.schema import upgrade_saved
 
     assert upgrade_saved({"deterministic": True})["deterministic"] == "on"
     assert upgrade_saved({"deterministic": False})["deterministic"] == "off"

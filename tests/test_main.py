@@ -14,8 +14,8 @@ import yaml
 
 import main
 from conftest import FAST_RUN, ROOT, TIMING, WNIDS
-from tin import outputs
-from tin.outputs import make_run_dir
+from tin.run import outputs
+from tin.run.outputs import make_run_dir
 from utils import UserError
 
 CHECKPOINT_KEYS = {"state_dict", "optimizer", "scheduler", "epoch", "step", "top1", "top5", "config", "classes"}

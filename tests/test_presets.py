@@ -11,7 +11,7 @@ import yaml
 
 import main
 from conftest import ROOT
-from tin.config import load_yaml_defaults
+from tin.config.cli import load_yaml_defaults
 
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 

@@ -4,6 +4,7 @@ run), and every main.py flag is documented."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 import subprocess
@@ -17,7 +18,7 @@ import predict
 import sweep
 import val
 from conftest import ROOT
-from tin import config
+from tin.config import cli, schema
 
 README = (ROOT / "README.md").read_text()
 DOCS = {p.name: p.read_text() for p in (ROOT / "docs").glob("*.md")}
@@ -75,7 +76,7 @@ def test_every_flag_the_readme_mentions_exists(known_flags):
 
 
 def test_every_main_py_flag_is_documented():
-    flags = {f"--{f.name}" for f in config.fields(config.Config)} | {"--config"}
+    flags = {f"--{f.name}" for f in dataclasses.fields(schema.Config)} | {"--config"}
     missing = sorted(f for f in flags if f not in README)
     assert not missing, f"README's reference leaves out: {missing}"
 
@@ -86,7 +87,7 @@ def test_every_preset_named_exists():
 
 
 SCRIPTS = {
-    "main.py": lambda argv: config.parse_config(argv),
+    "main.py": lambda argv: cli.parse_config(argv),
     "val.py": lambda argv: val.parse_args(argv),
     "analyze.py": lambda argv: analyze.build_parser().parse_args(argv),
     "sweep.py": lambda argv: sweep.build_parser().parse_args(argv),
@@ -182,7 +183,7 @@ def test_preset_values_quoted_in_the_docs_are_the_presets():
 
 def test_the_sections_the_help_texts_point_to_exist():
     headings = set(re.findall(r"^#+ (.+)$", README, flags=re.M))
-    sources = [ROOT / "tin" / "config.py", ROOT / "tin" / "optim.py", ROOT / "arch" / "__init__.py"]
+    sources = [*(ROOT / "tin" / "config").glob("*.py"), ROOT / "tin" / "optim.py", ROOT / "arch" / "__init__.py"]
     pointers = {p for f in sources for p in re.findall(r"README: ([A-Z][\w -]*\w)", f.read_text())}
     assert pointers and all(p in headings for p in pointers), pointers - headings
 

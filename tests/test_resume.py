@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import PINNED, ROOT, TIMING, same_weights
+from tin.engine.state import TrainState
 
 RUN = [
     *"--arch mobilenetv2_100 --img_size 32 --batch_size 8 --workers 0 --epochs 3 --lr_base 2e-3 --drop_rate 0.1 --drop_path_rate 0.1 --ema --ema_decay 0.9 --aug_schedule linear --wandb disabled --no_analysis".split(),
@@ -170,7 +171,7 @@ def _scaled_parts(tiny_data, fp16: bool):
 def _saved(parts, scheduler, path: Path) -> dict:
     from tin import checkpoint, time_budget
 
-    ckpt = checkpoint.make_checkpoint(parts, scheduler, {}, checkpoint.TrainState(), time_budget.Plan(3, 8, 8))
+    ckpt = checkpoint.make_checkpoint(parts, scheduler, {}, TrainState(), time_budget.Plan(3, 8, 8))
     checkpoint.write_checkpoint(ckpt, path)
     return checkpoint.load_checkpoint(path)
 

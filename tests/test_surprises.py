@@ -15,8 +15,8 @@ import arch
 import main
 import val
 from conftest import FAST_RUN, ROOT, make_layout
-from tin.config import parse_config
-from tin.readers import short_name
+from tin.config.cli import parse_config
+from tin.data.readers import short_name
 from utils import UserError
 
 

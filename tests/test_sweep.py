@@ -18,9 +18,9 @@ import main
 import report
 import sweep
 from conftest import FAST_RUN, ROOT, make_layout
-from tin import experiments, search
-from tin.config import parse_config
-from tin.readers import read_dataset
+from tin.config.cli import parse_config
+from tin.data.readers import read_dataset
+from tin.sweep import experiments, search
 from utils import UserError
 
 TINY = {  # a run of a few seconds: most of a trial's time is the process starting

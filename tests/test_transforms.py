@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 import batch_manager as bm
 import transforms as T
 from conftest import loaders_for
-from tin.readers import read_tiny_imagenet
+from tin.data.readers import read_tiny_imagenet
 
 
 def test_strength_schedules():

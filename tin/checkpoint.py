@@ -18,32 +18,17 @@ import random
 import shutil
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from tin import distributed
+from tin.engine.state import TrainState
+from tin.runtime import distributed
 from utils import UserError
 
 log = logging.getLogger("tin")
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer updates done
-    batch: int = 0  # batches done in the current (unfinished) epoch
-    meters: dict | None = None  # running sums of the unfinished epoch
-    best: dict = field(default_factory=lambda: {"val_top1": None, "best_epoch": 0})
-    bad_epochs: int = 0  # epochs since the best (early stopping)
-    history: list[dict] = field(default_factory=list)  # one metrics row per finished epoch
-    wandb_id: str | None = None
-    elapsed_s: float = 0.0  # the run's wall-clock seconds so far, across resumes (the time budget's clock)
-    finished: bool = False  # the plan ran out, or early stopping / the time budget ended it
-    epoch_lr: float | None = None  # the unfinished epoch's starting learning rate (its metrics row reports it)
 
 
 # --------------------------------------------------------------------------- random states
@@ -229,24 +214,6 @@ def find_checkpoint(path: str | Path) -> Path:
     if not p.is_file():
         raise UserError(f"--resume {path}: {p} does not exist; pass a run folder holding last.pth.tar")
     return p
-
-
-def check_compatible(saved: dict[str, Any], cfg_dict: dict[str, Any], path: Path) -> None:
-    """A resumed run is the same run: refuse settings that would change what is computed (those
-    not declared `resume=True` in config.Config)."""
-    from tin.config import may_change_on_resume, upgrade_saved
-
-    free, saved = may_change_on_resume(), upgrade_saved(saved)
-    diffs = [
-        f"--{k} {cfg_dict[k]!r} (the run has {saved[k]!r})"
-        for k in cfg_dict
-        if k not in free and k in saved and saved[k] != cfg_dict[k]
-    ]
-    if diffs:
-        raise UserError(
-            f"--resume {path}: {'; '.join(diffs)}. Resuming continues the same run; "
-            "drop those flags, or start a new run (optionally from these weights)"
-        )
 
 
 def save_epoch_copy(last: Path, run_dir: Path, epoch: int, keep: int) -> None:

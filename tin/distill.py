@@ -47,7 +47,8 @@ from tqdm import tqdm
 
 import arch
 import transforms
-from tin import checkpoint, hardware
+from tin import checkpoint
+from tin.runtime import hardware
 from utils import UserError
 
 log = logging.getLogger("tin")
@@ -219,7 +220,7 @@ def _teachers(cfg, classes: list[str], runtime: hardware.Runtime) -> Teacher:
 
 def _run_teacher(source: str, classes: list[str]) -> tuple[torch.nn.Module, dict]:
     """A run of this toolkit: its folder (best.pth.tar) or a checkpoint file."""
-    from tin.config import from_saved
+    from tin.config.schema import from_saved
 
     path = Path(source)
     if path.is_dir():

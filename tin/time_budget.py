@@ -36,8 +36,9 @@ import torch
 import train
 import transforms
 import val
-from tin import checkpoint, distributed
-from tin.checkpoint import TrainState
+from tin import checkpoint
+from tin.engine.state import TrainState
+from tin.runtime import distributed
 from utils import UserError
 
 log = logging.getLogger("tin")

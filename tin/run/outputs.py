@@ -17,7 +17,6 @@ from utils import UserError
 
 log = logging.getLogger("tin")
 
-WANDB_MODES = ("auto", "online", "offline", "disabled")
 DEFAULT_WANDB_PROJECT = "tiny-imagenet-200"
 
 

@@ -1,7 +1,7 @@
 """The epoch loop: train the plan's epochs from where the run stands, evaluate, keep the best,
 checkpoint, and stop cleanly on a signal, the time budget or early stopping.
 
-    fit(run)    # run: tin.build.Run
+    fit(run)    # run: tin.run.build.Run
 
 Per epoch: the plan (re-planned by the time budget) gives the augmentation strength and training
 size; train.train_one_epoch runs the updates; val (and EMA val) make the epoch's metrics row;
@@ -23,9 +23,11 @@ import torch
 
 import transforms
 import val
-from tin import checkpoint, distributed, outputs, time_budget
-from tin.build import Run
-from tin.config import TTA_FINAL
+from tin import checkpoint, time_budget
+from tin.config.schema import TTA_FINAL
+from tin.run import outputs
+from tin.run.build import Run
+from tin.runtime import distributed
 from train import train_one_epoch
 
 log = logging.getLogger("tin")

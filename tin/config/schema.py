@@ -10,26 +10,20 @@ Each field declares whether it may change when a run is resumed (``resume=True``
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
 import os
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-import arch
-import batch_manager
 import transforms
-from tin import hardware, optim
-from tin.outputs import WANDB_MODES
-from tin.readers import READERS
+from tin import optim
+from tin.data.readers import READERS
+from tin.runtime import hardware
 from utils import UserError
 
 ON_OFF = ("auto", "on", "off")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
 TTA_FINAL = "final"  # --tta final: flip TTA in the end's pass only (per-epoch evaluations without it)
 PATHS = "tuple[str, ...]"  # the type of a field that takes several paths (--teacher A B)
 
@@ -222,7 +216,7 @@ class Config:
         "torch: the recipe on whole batches on the device (faster; README: Augmentation recipe); albumentations: "
         "per image in the loader workers",
         default="torch",
-        choices=lambda: tuple(batch_manager.AUG_BACKENDS),
+        choices=transforms.AUG_BACKENDS,
         before="albumentations",
     )
     aug_schedule: str = _opt(
@@ -370,284 +364,20 @@ class Config:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
-def validate(cfg: Config, origins: dict[str, str] | None = None) -> Config:
-    """Reject values that would fail later, naming the flag, the fix and, for a value that was not
-    on the command line, where it came from (`origins`: field -> a preset file, the resumed run)."""
-    try:
-        return _validate(cfg)
-    except UserError as exc:
-        named = dict.fromkeys(re.findall(r"--(\w+)", str(exc)))
-        notes = [f"--{k} {getattr(cfg, k)!r} comes from {origins[k]}" for k in named if k in (origins or {})]
-        raise UserError(f"{exc}{' (' + '; '.join(notes) + ')' if notes else ''}") from None
-
-
-def _validate(cfg: Config) -> Config:
-    checks = [
-        (cfg.epochs >= 1, f"--epochs must be >= 1 (got {cfg.epochs})"),
-        (cfg.batch_size >= 1, f"--batch_size must be >= 1 (got {cfg.batch_size})"),
-        (cfg.lr_base is None or cfg.lr_base > 0, f"--lr_base must be > 0 or auto (got {cfg.lr_base})"),
-        (cfg.img_size >= 16, f"--img_size must be >= 16 pixels (got {cfg.img_size})"),
-        (cfg.workers >= 0, f"--workers must be >= 0 (got {cfg.workers})"),
-        (0 <= cfg.aug_strength <= 1, f"--aug_strength must lie in [0, 1] (got {cfg.aug_strength})"),
-        (0 <= cfg.mix_prob <= 1, f"--mix_prob must lie in [0, 1] (got {cfg.mix_prob})"),
-        (cfg.mixup_alpha >= 0 and cfg.cutmix_alpha >= 0, "--mixup_alpha and --cutmix_alpha must be >= 0"),
-        (0 <= cfg.label_smoothing < 1, f"--label_smoothing must lie in [0, 1) (got {cfg.label_smoothing})"),
-        (
-            cfg.warmup_epochs is None or 0 <= cfg.warmup_epochs < cfg.epochs,
-            f"--warmup_epochs must lie in [0, --epochs) (got {cfg.warmup_epochs})",
-        ),
-        (
-            cfg.min_img_size == 0 or 16 <= cfg.min_img_size <= cfg.img_size,
-            f"--min_img_size must be 0 (off) or lie in [16, --img_size {cfg.img_size}] (got {cfg.min_img_size})",
-        ),
-        (0 < cfg.resize_until <= 1, f"--resize_until must lie in (0, 1] (got {cfg.resize_until})"),
-        (
-            cfg.eval_size == 0 or cfg.eval_size >= 16,
-            f"--eval_size must be 0 (= --img_size) or >= 16 (got {cfg.eval_size})",
-        ),
-        (0 <= cfg.val_split < 1, f"--val_split must lie in [0, 1) (got {cfg.val_split})"),
-        (cfg.accum_steps >= 1, f"--accum_steps must be >= 1 (got {cfg.accum_steps})"),
-        (0 < cfg.ema_decay < 1, f"--ema_decay must lie in (0, 1) (got {cfg.ema_decay})"),
-        (cfg.best_on == "model" or cfg.ema, "--best_on ema needs --ema"),
-        (not cfg.nesterov or cfg.opt == "sgd", "--nesterov applies to --opt sgd only"),
-        (cfg.gamma > 0 and cfg.step_size > 0, "--gamma and --step_size must be > 0"),
-        (cfg.sched != "multistep" or cfg.milestones.strip(), "--sched multistep needs --milestones, e.g. 30,60,80"),
-        (
-            min(cfg.patience, cfg.keep_last, cfg.steps_per_epoch, cfg.lr_scale_batch) >= 0,
-            "--patience, --keep_last, --steps_per_epoch and --lr_scale_batch must be >= 0",
-        ),
-        (cfg.grad_clip >= 0 and cfg.momentum >= 0, "--grad_clip and --momentum must be >= 0"),
-        (not (cfg.trainval and cfg.val_split), "--trainval merges val back into train: drop --val_split"),
-        (cfg.time_budget >= 0, f"--time_budget must be >= 0 minutes (got {cfg.time_budget})"),
-        (cfg.eval_every >= 0, f"--eval_every must be >= 0 (got {cfg.eval_every})"),
-        (cfg.progress_every >= 0, f"--progress_every must be >= 0 seconds (got {cfg.progress_every:g})"),
-        (
-            cfg.save_every_min >= 0,
-            f"--save_every_min must be >= 0 minutes (got {cfg.save_every_min}; 0 = a checkpoint every epoch)",
-        ),
-        (
-            not (cfg.time_budget and cfg.sched in ("step", "multistep")),
-            f"--time_budget plans the run's length, which --sched {cfg.sched} counts in fixed epochs; "
-            "use --sched cosine or linear with it",
-        ),
-    ]
-    checks.append(
-        (
-            all(len(t) <= 64 for t in cfg.tag_list()),
-            f"--tags: each tag may have at most 64 characters, as wandb allows (got {cfg.tags!r})",
-        )
-    )
-    checks.append(
-        (
-            len(cfg.name) <= 100 and "/" not in cfg.name and cfg.name not in (".", ".."),
-            f"--name {cfg.name!r}: a run name is a folder name: no '/', at most 100 characters",
-        )
-    )
-    timm_teachers = [t for t in cfg.teacher if t.startswith("timm:")]
-    checks += [
-        (cfg.fit_params >= 0, f"--fit_params must be >= 0 (got {cfg.fit_params})"),
-        (0 <= cfg.kd_alpha <= 1, f"--kd_alpha must lie in [0, 1] (got {cfg.kd_alpha})"),
-        (cfg.kd_temperature > 0, f"--kd_temperature must be > 0 (got {cfg.kd_temperature})"),
-        (cfg.kd_views >= 0, f"--kd_views must be >= 0 (got {cfg.kd_views}; 0 = the teacher in every step)"),
-        (
-            not (cfg.teacher and cfg.kd_views and cfg.aug_backend != "torch"),
-            f"--kd_views {cfg.kd_views} replays cached crops in the batch augmentation, which --aug_backend "
-            f"{cfg.aug_backend} does not do: pass --aug_backend torch, or --kd_views 0 (the teacher in every step)",
-        ),
-        (
-            not (cfg.teacher and cfg.kd_views and cfg.no_cache),
-            f"--kd_views {cfg.kd_views} stores soft labels beside the decode cache: drop --no_cache, or pass "
-            "--kd_views 0 (the teacher in every step)",
-        ),
-        (
-            len(timm_teachers) <= 1,
-            f"--teacher: one timm:NAME teacher at most ({len(timm_teachers)} given), as --teacher_pretrained_path "
-            "holds one file; train the others with main.py and pass their run folders",
-        ),
-        (
-            not timm_teachers or cfg.teacher_pretrained_path,
-            f"--teacher {timm_teachers[0] if timm_teachers else ''} needs --teacher_pretrained_path FILE: weights "
-            "trained on the data's classes (timm's ImageNet heads know other classes)",
-        ),
-        (
-            not cfg.teacher_pretrained_path or timm_teachers,
-            "--teacher_pretrained_path is the weights of a --teacher timm:NAME; pass one (or drop the path)",
-        ),
-    ]
-    for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
-        value = getattr(cfg, name)
-        checks.append((0 <= value < 1, f"--{name} must lie in [0, 1) (got {value})"))
-    mixing = cfg.mix_prob > 0 and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0)
-    checks.append(
-        (
-            not mixing or cfg.batch_size % 2 == 0,
-            f"CutMix/MixUp pair images within a batch, so --batch_size must be even (got {cfg.batch_size}); "
-            "or pass --mix_prob 0",
-        )
-    )
-    checks.append(
-        (
-            cfg.randaugment_n >= 1 and 0 <= cfg.randaugment_m <= 10,
-            f"--randaugment_n must be >= 1 and --randaugment_m lie in [0, 10] (got {cfg.randaugment_n}, "
-            f"{cfg.randaugment_m})",
-        )
-    )
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-    cfg.milestone_epochs()
-    arch.resolve(cfg.arch)  # a typo: "did you mean", now
-    if cfg.aug_backend == "albumentations":
-        transforms.require_albumentations()  # installed? (optional: the torch backend needs none)
-    try:
-        cfg.recipe()
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    return cfg
-
-
 # --------------------------------------------------------------------------- argparse from the fields
-def _choices(f: dataclasses.Field) -> tuple | None:
+def choices_of(f: dataclasses.Field) -> tuple | None:
     """A field's allowed values (None: any), computed now when declared as a function."""
     choices = f.metadata.get("choices")
     return tuple(choices()) if callable(choices) else choices
 
 
-def _base_type(f: dataclasses.Field) -> str:
+def base_type(f: dataclasses.Field) -> str:
     """'float | None' -> 'float' (None stands for auto)."""
     return str(f.type).replace(" | None", "")
 
 
-def _auto_number(kind: type):
-    def parse(text: str):
-        if str(text).strip().lower() in ("auto", "none", ""):
-            return None
-        return kind(text)
-
-    parse.__name__ = kind.__name__  # argparse names the type in its error messages
-    return parse
-
-
-def _word(text: str, words: dict[str, Any]) -> Any:
-    if text not in words:
-        raise argparse.ArgumentTypeError(f"{text!r}: use one of {', '.join(words)} (or the flag alone)")
-    return words[text]
-
-
-def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
-    """The parser generated from Config's fields. suppress=True: options not given are left out of
-    the result (to see what the command line set)."""
-    parser = argparse.ArgumentParser(
-        description="Train an image classifier on Tiny-ImageNet-200.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,  # --ep 3 must not quietly mean --epochs 3
-        argument_default=argparse.SUPPRESS if suppress else None,
-    )
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file whose keys become the defaults")
-    for f in fields(Config):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        meta, name = f.metadata, f"--{f.name}"
-        kwargs: dict[str, Any] = {"default": "auto" if default is None else default, "help": meta["help"]}
-        if suppress:
-            kwargs["default"] = argparse.SUPPRESS
-        if meta.get("onoff"):  # --amp [auto|on|off], --amp = on, --no-amp = off
-            parser.add_argument(name, nargs="?", const="on", choices=_choices(f), **kwargs)
-            parser.add_argument(
-                f"--no-{f.name}",
-                dest=f.name,
-                action="store_const",
-                const="off",
-                default=argparse.SUPPRESS,
-                help=f"{name} off",
-            )
-            continue
-        if meta.get("words"):  # --tta, --tta flip, --tta none
-            words = meta["words"]
-            kwargs.update(nargs="?", const=True, type=lambda w, words=words: _word(w, words), metavar="|".join(words))
-        elif _base_type(f) == PATHS:  # --teacher A B
-            kwargs.update(nargs="+", metavar=meta.get("metavar"))
-        elif _base_type(f) == "bool":
-            # on/off switches (--ema); plain flags (--no_cache) where the seed style has them
-            kwargs["action"] = "store_true" if meta.get("flag") else argparse.BooleanOptionalAction
-        else:
-            kind = {"int": int, "float": float, "str": str}[_base_type(f)]
-            kwargs["type"] = _auto_number(kind) if default is None else kind
-            if "choices" in meta:
-                kwargs["choices"] = _choices(f)
-        parser.add_argument(name, **kwargs)
-    return parser
-
-
 # --------------------------------------------------------------------------- YAML presets and saved configs
 RESOLVED_KEY = "resolved"  # written by main.py into config.yaml: what the auto settings became; ignored on reading
-
-
-def load_yaml_defaults(path: str) -> dict[str, Any]:
-    """Read a YAML preset (or a run's config.yaml); unknown keys and wrong types are errors naming the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {p} does not exist; check the path given to --config")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"config file {p} is not valid YAML: {exc}".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise UserError(f"config file {p} must be a mapping of option: value, got {type(data).__name__}")
-    data.pop(RESOLVED_KEY, None)
-    known = {f.name: f for f in fields(Config)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise UserError(f"config file {p}: unknown key(s) {', '.join(_with_guess(k, known) for k in unknown)}")
-    for key, value in data.items():
-        data[key] = _coerce(p, key, value, known[key])
-        choices = _choices(known[key])
-        if choices is not None and data[key] not in choices:
-            raise UserError(f"config file {p}: {key} must be one of {list(choices)}, got {value!r}")
-    return data
-
-
-def _coerce(path: Path, key: str, value: Any, f: dataclasses.Field) -> Any:
-    type_name = _base_type(f)
-    words = f.metadata.get("words")
-    if words:  # tta: true (older files, and YAML's own booleans), or a word: tta: final
-        if isinstance(value, bool) or (isinstance(value, str) and value in words.values()):
-            return value
-        if isinstance(value, str) and value in words:
-            return words[value]
-        where = f"config file {path}" if str(path).endswith((".yaml", ".yml")) else str(path)
-        raise UserError(f"{where}: {key} must be true, false or one of {', '.join(words)}, got {value!r}")
-    if type_name == PATHS:  # teacher: PATH, or a list of them
-        values = [value] if isinstance(value, str) else value
-        if isinstance(values, list) and all(isinstance(v, str) for v in values):
-            return [v for v in values if v]
-    if f.metadata.get("onoff") and isinstance(value, bool):  # older files: amp: true
-        return "on" if value else "off"
-    if f.default is None and (value is None or str(value).strip().lower() == "auto"):
-        return None
-    wanted = {"int": int, "float": float, "str": str, "bool": bool}.get(type_name, list)
-    if wanted is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if wanted is float and isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if wanted is not list and isinstance(value, wanted) and not (wanted is int and isinstance(value, bool)):
-        return value
-    where = f"config file {path}" if str(path).endswith((".yaml", ".yml")) else str(path)
-    kind = "a path or a list of paths" if type_name == PATHS else type_name
-    raise UserError(f"{where}: {key} must be {kind}{' or auto' if f.default is None else ''}, got {value!r}")
-
-
-def config_from(values: dict[str, Any], origins: dict[str, str]) -> Config:
-    """The validated Config of `values` (the rest at their defaults), each value checked against its
-    field and any error naming where it came from (`origins`: key -> a preset file, "--set")."""
-    known = {f.name: f for f in fields(Config)}
-    for key in values:
-        if key not in known:
-            raise UserError(f"{origins.get(key, 'a value')}: unknown key {_with_guess(key, known)}")
-    coerced = {k: _coerce(Path(origins.get(k, "?")), k, v, known[k]) for k, v in values.items()}
-    return validate(Config(**coerced), origins)
 
 
 def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
@@ -673,40 +403,18 @@ def may_change_on_resume() -> set[str]:
     return {f.name for f in fields(Config) if f.metadata.get("resume")}
 
 
-def parse_config(argv: list[str] | None = None, base: dict[str, Any] | None = None) -> Config:
-    """argv -> validated Config. Bad input raises UserError (argparse errors exit with code 2).
-    `base` (a resumed run's saved config) replaces the defaults; the command line still wins."""
-    parser = build_parser()
-    pre, unknown = parser.parse_known_args(argv)
-    flags = [u.split("=")[0] for u in unknown if u.startswith("--")]
-    if flags:
-        known = [a.removeprefix("--") for a in parser._option_string_actions if a.startswith("--")]
-        raise UserError(f"unknown option(s) {', '.join(_with_guess(f, known, '--') for f in flags)}; see --help")
-    origins: dict[str, str] = {}
-    if base is not None:
-        if pre.config:
-            raise UserError("--resume takes the run's own settings: drop --config")
-        saved = upgrade_saved(base)
-        parser.set_defaults(**saved)
-        origins.update(dict.fromkeys(saved, "the resumed run's config"))
-    if pre.config:
-        preset = load_yaml_defaults(pre.config)
-        parser.set_defaults(**preset)
-        origins.update(dict.fromkeys(preset, pre.config))
-    args = vars(parser.parse_args(argv))
-    args.pop("config")
-    for name in vars(build_parser(suppress=True).parse_args(argv)):  # on the command line: said by the user
-        origins.pop(name, None)
-    for f in fields(Config):
-        if f.default is None and args[f.name] == "auto":  # the parser's shown default
-            args[f.name] = None
-    return validate(Config(**args), origins)
+def check_compatible(saved: dict[str, Any], cfg_dict: dict[str, Any], path: Path) -> None:
+    """A resumed run is the same run: refuse settings that would change what is computed (those
+    not declared `resume=True` in config.Config)."""
 
-
-def _with_guess(name: str, known, prefix: str = "") -> str:
-    """`name`, with a "did you mean" when a known name is close."""
-    bare = name.removeprefix(prefix)
-    close = [k for k in known if k.startswith(bare)][:2] or difflib.get_close_matches(
-        bare, list(known), n=1, cutoff=0.6
-    )
-    return f"{name} (did you mean {' or '.join(prefix + c for c in close)}?)" if close else name
+    free, saved = may_change_on_resume(), upgrade_saved(saved)
+    diffs = [
+        f"--{k} {cfg_dict[k]!r} (the run has {saved[k]!r})"
+        for k in cfg_dict
+        if k not in free and k in saved and saved[k] != cfg_dict[k]
+    ]
+    if diffs:
+        raise UserError(
+            f"--resume {path}: {'; '.join(diffs)}. Resuming continues the same run; "
+            "drop those flags, or start a new run (optionally from these weights)"
+        )

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from tin import hardware
+from tin.runtime import hardware
 from utils import UserError
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"

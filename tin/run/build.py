@@ -26,9 +26,13 @@ import arch
 import batch_manager
 import train
 import transforms
-from tin import checkpoint, distill, distributed, hardware, optim, outputs, readers, time_budget
-from tin.checkpoint import TrainState
-from tin.config import RESOLVED_KEY, Config
+from tin import checkpoint, distill, optim, time_budget
+from tin.augment import mixing
+from tin.config.schema import RESOLVED_KEY, Config
+from tin.data import readers
+from tin.engine.state import TrainState
+from tin.run import outputs
+from tin.runtime import distributed, hardware
 from utils import UserError, seed_everything
 
 log = logging.getLogger("tin")
@@ -162,7 +166,7 @@ def build_parts(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None)
         scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16),
         ema=ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None,  # warms up: short runs too
         teacher=_teachers_once(cfg, ctx, data, runtime),
-        mixer=transforms.build_mixer(
+        mixer=mixing.build_mixer(
             cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.label_smoothing, num_classes=len(data.classes)
         ),
         normalize=transforms.Normalize().to(runtime.device),

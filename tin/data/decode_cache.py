@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from tin.readers import IMAGE_ERRORS, DatasetError, Split, decode_rgb
+from tin.data.readers import IMAGE_ERRORS, DatasetError, Split, decode_rgb
 
 log = logging.getLogger("tin")
 

@@ -8,7 +8,7 @@
 - A trial: one main.py run (SWEEP/trials/trial_NNN/) of the preset with the trial's values, under
   the preset's --time_budget, trained on train less a stratified held-out part (--val_split, 0.1 by
   default) which is all it is evaluated on: with --val_split the dataset's val split is not even
-  listed (tin.readers.read_dataset(val=False)). Its held-out top-1 per epoch goes to the pruner
+  listed (tin.data.readers.read_dataset(val=False)). Its held-out top-1 per epoch goes to the pruner
   (median or successive halving), which may stop it (SIGINT: it saves and exits; state PRUNED).
 - The space: a small YAML (--space FILE): per main.py option a range {low, high[, log, step]}, a
   list of choices or a fixed value; without one, a space around the preset (default_space).
@@ -32,9 +32,11 @@ from typing import Any
 import yaml
 
 import arch
-from tin import experiments, optim
-from tin.config import Config, _base_type, _with_guess, config_from, load_yaml_defaults, may_change_on_resume
-from utils import UserError
+from tin import optim
+from tin.config.cli import config_from, load_yaml_defaults
+from tin.config.schema import Config, base_type, may_change_on_resume
+from tin.sweep import experiments
+from utils import UserError, with_guess
 
 STUDY = "search"
 DEFAULT_HOLDOUT = 0.1
@@ -75,13 +77,13 @@ def parse_space(raw: Any, where: str) -> dict[str, Any]:
     space: dict[str, Any] = {}
     for key, spec in raw.items():
         if key not in known:
-            raise UserError(f"{where}: unknown option {_with_guess(key, known)}")
+            raise UserError(f"{where}: unknown option {with_guess(key, known)}")
         if key in NOT_SEARCHED or key in may_change_on_resume():
             raise UserError(
                 f"{where}: {key} is not a hyperparameter a search may choose (it says where a run goes, what it "
                 "is named, or what it is chosen on); set it in the preset or with --set"
             )
-        kind = _base_type(known[key])
+        kind = base_type(known[key])
         if isinstance(spec, list):
             if not spec:
                 raise UserError(f"{where}: {key}: give at least one choice")
@@ -146,7 +148,7 @@ def suggest(trial, space: dict[str, Any]) -> dict[str, Any]:
             continue
         if dim.choices is not None:
             params[key] = trial.suggest_categorical(key, list(dim.choices))
-        elif _base_type(next(f for f in fields(Config) if f.name == key)) == "int":
+        elif base_type(next(f for f in fields(Config) if f.name == key)) == "int":
             params[key] = trial.suggest_int(key, int(dim.low), int(dim.high), step=int(dim.step or 1), log=dim.log)
         else:
             params[key] = trial.suggest_float(key, dim.low, dim.high, step=dim.step, log=dim.log)
@@ -167,7 +169,7 @@ def corners(space: dict[str, Any]) -> list[dict[str, Any]]:
         for k, v in values.items():
             if isinstance(space[k], Dim) and space[k].choices is None and float(v).is_integer():
                 f = next(f for f in fields(Config) if f.name == k)
-                values[k] = int(v) if _base_type(f) == "int" else float(v)
+                values[k] = int(v) if base_type(f) == "int" else float(v)
     return ends
 
 
