@@ -19,9 +19,10 @@ import sys
 from pathlib import Path
 
 import arch
-from tin import checkpoint, time_budget
+from tin import checkpoint
 from tin.config import schema
 from tin.config.cli import parse_config
+from tin.plan import budget
 from tin.run.build import build
 from tin.run.loop import fit
 from tin.run.outputs import setup_logging
@@ -33,7 +34,7 @@ log = logging.getLogger("tin")
 
 def main(argv: list[str] | None = None) -> Path | None:
     """Parse argv, train (or resume), and return the run folder (None for --list_archs)."""
-    started = time_budget.clock()
+    started = budget.clock()
     setup_logging()
     cfg = parse_config(argv)
     if cfg.list_archs:

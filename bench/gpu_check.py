@@ -215,9 +215,9 @@ def _metrics(run: Path) -> list[dict]:
 # --------------------------------------------------------------------------- 2. syncs and trainer overhead
 @check("2a. host syncs per update")
 def check_syncs(args, work: Path, data: Path, started: float) -> None:
-    from tin import time_budget
     from tin.config.cli import parse_config
     from tin.engine.state import TrainState
+    from tin.plan import measure
     from tin.run.build import build_parts, build_scheduler
     from tin.runtime import distributed
     from train import train_one_epoch
@@ -235,7 +235,7 @@ def check_syncs(args, work: Path, data: Path, started: float) -> None:
     flags = ["--dataset", "npy", "--data_dir", str(synthetic), "--arch", "resnet9_slim", "--batch_size", "64"]
     cfg = parse_config([*flags, "--device", args.device, "--workers", "2", "--wandb", "disabled"])
     cfg, p, *_ = build_parts(cfg, distributed.Context())
-    plan = time_budget.plan_run(cfg, p, 0.0)
+    plan = measure.plan_run(cfg, p, 0.0)
     scheduler = build_scheduler(cfg, p.optimizer, plan)
 
     def epoch(e: int, state: TrainState) -> None:

@@ -43,13 +43,13 @@ if __package__ in (None, ""):  # run as a file (python bench/X.py): the reposito
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import batch_manager  # noqa: E402
-from tin import time_budget  # noqa: E402
 from tin.augment import mixing  # noqa: E402
 from tin.config.cli import parse_config  # noqa: E402
 from tin.engine.state import (
     EpochMeters,  # noqa: E402
     TrainState,  # noqa: E402
 )
+from tin.plan import budget  # noqa: E402
 from tin.run.build import build_parts, build_scheduler  # noqa: E402
 from tin.runtime import distributed, hardware
 from train import optimizer_step, train_one_epoch  # noqa: E402
@@ -85,7 +85,7 @@ def build(cfg):
     """Data, loaders, model and what trains it exactly as main.py builds them (tin.run.build.build_parts),
     and the learning-rate schedule over --epochs."""
     cfg, parts, *_ = build_parts(cfg, distributed.Context())
-    plan = time_budget.epochs_plan(cfg.epochs, cfg.steps_per_epoch, cfg.accum_steps)
+    plan = budget.epochs_plan(cfg.epochs, cfg.steps_per_epoch, cfg.accum_steps)
     return cfg, parts, build_scheduler(cfg, parts.optimizer, plan)
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import sys
 
 import main
-from tin import time_budget
+from tin.plan import budget, measure
 
 SLOWER = 10.0 if "--resume" in sys.argv else 1.0
-COSTS = time_budget.Costs(update_s={32: 4.0 * SLOWER}, epoch_end_s=6.0 * SLOWER, test_s=2.0 * SLOWER)
+COSTS = budget.Costs(update_s={32: 4.0 * SLOWER}, epoch_end_s=6.0 * SLOWER, test_s=2.0 * SLOWER)
 
-time_budget.measure_costs = lambda *args, **kwargs: COSTS
-time_budget.clock = lambda: 0.0
+measure.measure_costs = lambda *args, **kwargs: COSTS
+budget.clock = lambda: 0.0
 
 if __name__ == "__main__":
     main.cli()

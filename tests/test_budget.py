@@ -22,47 +22,48 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import main
 import val
 from conftest import FAST_RUN, PINNED, ROOT, TIMING, same_weights
-from tin import optim, time_budget
+from tin import optim
+from tin.plan import budget, measure, stop
 
 # the fixture: 64 train images, batch 8 -> 8 updates per epoch
-COSTS = time_budget.Costs(update_s={16: 0.5, 24: 0.75, 32: 1.0}, epoch_end_s=0.0, test_s=1.0, eval_s=2.0)
+COSTS = budget.Costs(update_s={16: 0.5, 24: 0.75, 32: 1.0}, epoch_end_s=0.0, test_s=1.0, eval_s=2.0)
 
 
 def test_predicted_time_follows_the_sizes_and_the_epoch_ends():
     def size_at(e, epochs):
         return 32
 
-    assert time_budget.predicted_seconds(16, 8, COSTS, size_at, test_every_epoch=False) == 2 * (8 + 2) + 1
-    assert time_budget.predicted_seconds(12, 8, COSTS, size_at, test_every_epoch=True) == (8 + 2 + 1) + (4 + 2 + 1)
-    grow = time_budget.size_schedule(32, 16, 0.5)
-    assert time_budget.predicted_seconds(16, 8, COSTS, grow, False) == (8 * 0.5 + 2) + (8 * 1.0 + 2) + 1
+    assert budget.predicted_seconds(16, 8, COSTS, size_at, test_every_epoch=False) == 2 * (8 + 2) + 1
+    assert budget.predicted_seconds(12, 8, COSTS, size_at, test_every_epoch=True) == (8 + 2 + 1) + (4 + 2 + 1)
+    grow = budget.size_schedule(32, 16, 0.5)
+    assert budget.predicted_seconds(16, 8, COSTS, grow, False) == (8 * 0.5 + 2) + (8 * 1.0 + 2) + 1
 
 
 def test_evaluations_are_counted_only_where_they_happen():
-    costs = time_budget.Costs(update_s={32: 1.0}, epoch_end_s=0.5, test_s=1.0, eval_s=3.0)
+    costs = budget.Costs(update_s={32: 1.0}, epoch_end_s=0.5, test_s=1.0, eval_s=3.0)
 
     def size_at(e, epochs):
         return 32
 
-    every = time_budget.predicted_seconds(32, 8, costs, size_at, test_every_epoch=False, eval_every=1)
-    last_only = time_budget.predicted_seconds(32, 8, costs, size_at, test_every_epoch=False, eval_every=0)
+    every = budget.predicted_seconds(32, 8, costs, size_at, test_every_epoch=False, eval_every=1)
+    last_only = budget.predicted_seconds(32, 8, costs, size_at, test_every_epoch=False, eval_every=0)
     assert every == 4 * (8 + 0.5 + 3) + 1 and last_only == 4 * (8 + 0.5) + 3 + 1
-    assert [time_budget.evaluated(e, 4, 2) for e in range(4)] == [False, True, False, True]
-    assert [time_budget.evaluated(e, 3.5, 0) for e in range(4)] == [False, False, False, True]
+    assert [budget.evaluated(e, 4, 2) for e in range(4)] == [False, True, False, True]
+    assert [budget.evaluated(e, 3.5, 0) for e in range(4)] == [False, False, False, True]
 
 
 def test_the_plan_is_the_most_updates_that_fit():
     def size_at(e, epochs):
         return 32
 
-    updates, predicted = time_budget.plan_updates(59.1, 8, 160, COSTS, size_at, test_every_epoch=True)
+    updates, predicted = budget.plan_updates(59.1, 8, 160, COSTS, size_at, test_every_epoch=True)
     assert (updates, predicted) == (41, 5 * 11 + 1 + 2 + 1)  # 5 epochs of 11 s, then 1 update, an evaluation, a test
-    assert time_budget.plan_updates(1e6, 8, 160, COSTS, size_at, True)[0] == 160  # --epochs caps it
-    assert time_budget.plan_updates(2.0, 8, 160, COSTS, size_at, True)[0] == 0
-    plan = time_budget.Plan(41, 8, 8)
+    assert budget.plan_updates(1e6, 8, 160, COSTS, size_at, True)[0] == 160  # --epochs caps it
+    assert budget.plan_updates(2.0, 8, 160, COSTS, size_at, True)[0] == 0
+    plan = budget.Plan(41, 8, 8)
     assert plan.n_epochs == 6 and plan.epochs == pytest.approx(5.125)
     assert [plan.end_batch(e) for e in range(6)] == [8, 8, 8, 8, 8, 1]
-    assert time_budget.Plan(10, 4, 8, accum_steps=2).end_batch(2) == 4  # 2 updates left = 4 batches
+    assert budget.Plan(10, 4, 8, accum_steps=2).end_batch(2) == 4  # 2 updates left = 4 batches
 
 
 def test_schedules_stretch_to_a_fractional_run():
@@ -102,8 +103,8 @@ def machine(monkeypatch):
 
     def make(update_s: float, slow_after: int = 10**9, slow_update_s: float = 0.0) -> MachineClock:
         clock = MachineClock(update_s, COSTS.eval_s, COSTS.test_s, slow_after, slow_update_s)
-        monkeypatch.setattr(time_budget, "clock", clock)
-        monkeypatch.setattr(time_budget, "measure_costs", lambda *a, **k: COSTS)
+        monkeypatch.setattr(budget, "clock", clock)
+        monkeypatch.setattr(measure, "measure_costs", lambda *a, **k: COSTS)
         hooks.append(register_optimizer_step_post_hook(lambda *args: clock.update()))
         real_evaluate, real_predict = val.evaluate, val.predict
 
@@ -286,7 +287,7 @@ def test_measuring_times_updates_from_the_first_batch_not_the_loaders_start(tiny
     monkeypatch.setattr(train.time, "perf_counter", lambda: now[0])
     hook = register_optimizer_step_post_hook(lambda *args: now.__setitem__(0, now[0] + 0.1))
     try:
-        costs = time_budget.measure_costs(parts, [32], ema=False, tta=False, test_images=0, warmup=1, timed=5)
+        costs = measure.measure_costs(parts, [32], ema=False, tta=False, test_images=0, warmup=1, timed=5)
     finally:
         hook.remove()
     assert costs.epoch_start_s == pytest.approx(2.0) and costs.update_s[32] == pytest.approx(0.1)  # not 0.5
@@ -302,17 +303,15 @@ def _epochs_on(machine_s: dict, measured: dict, upe: int = 390):
     from tin.runtime.distributed import Context
 
     now = [0.0]
-    costs = time_budget.Costs(update_s=measured, epoch_end_s=0.2, test_s=20.0, eval_s=20.0)
-    size_at = time_budget.size_schedule(64, 32, 0.8)
-    updates, _ = time_budget.plan_updates(1800 * (1 - time_budget.MARGIN), upe, 40 * upe, costs, size_at, False, 0)
-    plan = time_budget.Plan(
-        updates, upe, upe, budget_s=1800.0, costs=time_budget.costs_dict(costs), max_updates=40 * upe
-    )
+    costs = budget.Costs(update_s=measured, epoch_end_s=0.2, test_s=20.0, eval_s=20.0)
+    size_at = budget.size_schedule(64, 32, 0.8)
+    updates, _ = budget.plan_updates(1800 * (1 - budget.MARGIN), upe, 40 * upe, costs, size_at, False, 0)
+    plan = budget.Plan(updates, upe, upe, budget_s=1800.0, costs=budget.costs_dict(costs), max_updates=40 * upe)
     cfg = parse_config("--img_size 64 --min_img_size 32 --resize_until 0.8 --eval_every 0 --test_preds end".split())
     state, lengths = TrainState(), [plan.epochs]
     schedule = SimpleNamespace(replan=lambda t0, new: None)
-    clock = time_budget.Timekeeper(plan, cfg, state, 0.0, Context(), "cpu", 25)
-    time_budget.clock = lambda: now[0]
+    clock = stop.Timekeeper(plan, cfg, state, 0.0, Context(), "cpu", 25)
+    budget.clock = lambda: now[0]
     try:
         while state.step < clock.plan.updates:
             clock.epoch_start(state, schedule)
@@ -329,7 +328,7 @@ def _epochs_on(machine_s: dict, measured: dict, upe: int = 390):
 
 
 def test_re_plans_keep_each_sizes_observed_time_and_follow_only_a_lasting_drift(monkeypatch):
-    monkeypatch.setattr(time_budget, "clock", time_budget.clock)  # _epochs_on replaces it; restored after
+    monkeypatch.setattr(budget, "clock", budget.clock)  # _epochs_on replaces it; restored after
     # the CPU speed-run of 2026-11-27 (README: Time budget): measured at its start (5 updates per size)
     # and what its epochs then took per update (metrics.csv's epoch seconds / 390 updates)
     measured = {32: 0.262, 40: 0.293, 48: 0.376, 56: 0.482, 64: 0.556}
@@ -349,15 +348,15 @@ def test_a_cadence_charges_each_epoch_its_share_of_the_checkpoints_and_tta_final
     def size_at(e, epochs):
         return 32
 
-    costs = time_budget.Costs(update_s={32: 1.0}, epoch_end_s=1.0, test_s=1.0, eval_s=2.0, final_s=5.0)
+    costs = budget.Costs(update_s={32: 1.0}, epoch_end_s=1.0, test_s=1.0, eval_s=2.0, final_s=5.0)
     # 4 epochs of 8 + 2 s; a write every 20 s: half of each epoch's checkpoints, all of the last one's
-    cadence = time_budget.predicted_seconds(32, 8, costs, size_at, test_every_epoch=False, save_every_s=20.0)
+    cadence = budget.predicted_seconds(32, 8, costs, size_at, test_every_epoch=False, save_every_s=20.0)
     assert cadence == 5.0 + 4 * 10 + (3 * 0.5 + 1) * 1.0  # the end's flip pass replaces the one test prediction
-    every = time_budget.predicted_seconds(32, 8, dataclasses.replace(costs, final_s=0.0), size_at, False)
+    every = budget.predicted_seconds(32, 8, dataclasses.replace(costs, final_s=0.0), size_at, False)
     assert every == 1.0 + 4 * 10 + 4 * 1.0
-    assert time_budget.costs_from_dict(time_budget.costs_dict(costs)) == costs
-    old_plan = {k: v for k, v in time_budget.costs_dict(costs).items() if k != "final_s"}  # saved before final_s
-    assert time_budget.costs_from_dict(old_plan).final_s == 0.0
+    assert budget.costs_from_dict(budget.costs_dict(costs)) == costs
+    old_plan = {k: v for k, v in budget.costs_dict(costs).items() if k != "final_s"}  # saved before final_s
+    assert budget.costs_from_dict(old_plan).final_s == 0.0
 
 
 # ---------------------------------------------------------------------------- --save_every_min
@@ -411,7 +410,7 @@ def cadence_machine(monkeypatch):
         real_epoch_end(self, *args, **kwargs)
         assert unchanged(before), "an epoch end's checkpoints (written or kept for later) drew random numbers"
 
-    monkeypatch.setattr(time_budget, "clock", lambda: now[0])
+    monkeypatch.setattr(budget, "clock", lambda: now[0])
     monkeypatch.setattr(val, "evaluate", evaluate)
     monkeypatch.setattr(checkpoint, "write_checkpoint", write)
     monkeypatch.setattr(loop.Saves, "epoch_end", epoch_end)

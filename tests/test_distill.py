@@ -20,9 +20,10 @@ import yaml
 import main
 import transforms
 from conftest import NAMES, PINNED, ROOT, WNIDS, same_weights, toy_image
-from tin import distill, time_budget
+from tin import distill
 from tin.config.cli import parse_config
 from tin.data.readers import write_tiny_imagenet_layout
+from tin.plan import budget, measure
 from tin.run.build import build_parts
 from tin.runtime import distributed
 from utils import UserError
@@ -157,7 +158,7 @@ def test_the_time_budget_measures_the_teacher_inside_the_step(teacher, tiny_data
     args = [*SMALL, "--data_dir", str(tiny_data), "--teacher", str(teacher), "--cache_dir", str(tmp_path)]
     _, parts, *_ = build_parts(parse_config([*args, "--kd_views", "0"]), distributed.Context())
     parts.teacher.models[0].register_forward_pre_hook(lambda *a: time.sleep(0.2))
-    costs = time_budget.measure_costs(parts, [32], ema=False, tta=False, test_images=0, warmup=1, timed=3)
+    costs = measure.measure_costs(parts, [32], ema=False, tta=False, test_images=0, warmup=1, timed=3)
     assert costs.update_s[32] >= 0.2
 
 
@@ -219,8 +220,8 @@ def test_the_run_that_makes_the_cache_plans_with_the_minutes_left(teacher, tiny_
     teachers' pass takes 120 s, an update 2 s): that run plans fewer updates than the next one,
     which finds them made."""
     now = [0.0]
-    monkeypatch.setattr(time_budget, "clock", lambda: now[0])
-    monkeypatch.setattr(time_budget, "measure_costs", lambda *a, **k: time_budget.Costs({32: 2.0}, 0.0, 0.0))
+    monkeypatch.setattr(budget, "clock", lambda: now[0])
+    monkeypatch.setattr(measure, "measure_costs", lambda *a, **k: budget.Costs({32: 2.0}, 0.0, 0.0))
     teach = distill._teach
 
     def slow_teach(*args, **kwargs):
@@ -232,7 +233,7 @@ def test_the_run_that_makes_the_cache_plans_with_the_minutes_left(teacher, tiny_
     first = _run(tiny_data, tmp_path / "first", *args, "--kd_views", "2")
     second = _run(tiny_data, tmp_path / "second", *args, "--kd_views", "2")
     planned = [_best(run)["planned_updates"] for run in (first, second)]
-    assert planned == [int((180 * (1 - time_budget.MARGIN) - 120) / 2), int(180 * (1 - time_budget.MARGIN) / 2)]
+    assert planned == [int((180 * (1 - budget.MARGIN) - 120) / 2), int(180 * (1 - budget.MARGIN) / 2)]
 
 
 def test_cached_soft_labels_need_the_batch_augmentation_and_the_decode_cache():

@@ -27,9 +27,10 @@ from conftest import (
     tiny_parts,
     train_epoch,
 )
-from tin import checkpoint, time_budget
+from tin import checkpoint
 from tin.config.cli import parse_config
 from tin.engine.state import TrainState
+from tin.plan import budget, stop
 from tin.run.build import build_parts, build_scheduler
 from tin.runtime import distributed
 from tin.sweep import experiments
@@ -60,7 +61,7 @@ def test_the_training_step_copies_without_blocking_and_reads_only_every_few_upda
     cfg, parts, *_ = build_parts(parse_config(args), distributed.Context())
     parts = parts_on_meta(parts)
     parts.sync_every = 4
-    scheduler = build_scheduler(cfg, parts.optimizer, time_budget.epochs_plan(1, 8, 1))
+    scheduler = build_scheduler(cfg, parts.optimizer, budget.epochs_plan(1, 8, 1))
     seen = []  # the sizes the teacher was called at
     for teacher in parts.teacher.models if taught else []:
         teacher.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].shape[-1]))
@@ -112,7 +113,7 @@ def test_under_torchrun_the_stop_is_agreed_every_sync_every_updates_with_its_rea
     monkeypatch.setattr(distributed, "agree", agree)
     cfg = parse_config(["--time_budget", "0"])
     ctx = distributed.Context(rank=0, world=2)
-    clock = time_budget.Timekeeper(time_budget.Plan(100, 10, 10), cfg, TrainState(), 0.0, ctx, "cpu", 25)
+    clock = stop.Timekeeper(budget.Plan(100, 10, 10), cfg, TrainState(), 0.0, ctx, "cpu", 25)
     try:
         results = [clock.should_stop(step) for step in range(1, 101)]
         assert len(asked) == 4 and not any(results)  # updates 25, 50, 75, 100: the only collectives

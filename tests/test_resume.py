@@ -169,9 +169,10 @@ def _scaled_parts(tiny_data, fp16: bool):
 
 
 def _saved(parts, scheduler, path: Path) -> dict:
-    from tin import checkpoint, time_budget
+    from tin import checkpoint
+    from tin.plan import budget
 
-    ckpt = checkpoint.make_checkpoint(parts, scheduler, {}, TrainState(), time_budget.Plan(3, 8, 8))
+    ckpt = checkpoint.make_checkpoint(parts, scheduler, {}, TrainState(), budget.Plan(3, 8, 8).to_dict())
     checkpoint.write_checkpoint(ckpt, path)
     return checkpoint.load_checkpoint(path)
 

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+import train
+from tin import optim
 from tin.engine.state import TrainState
 from tin.runtime import distributed
 from utils import UserError
@@ -121,9 +123,11 @@ def _holds_code(path: Path, exc: Exception) -> bool:
         return False
 
 
-def make_checkpoint(parts, scheduler, cfg_dict: dict, state: TrainState, plan) -> dict[str, Any]:
+def make_checkpoint(
+    parts: train.Parts, scheduler: optim.Stretchable, cfg_dict: dict, state: TrainState, plan: dict
+) -> dict[str, Any]:
     """Everything to resume `parts` (train.Parts) exactly: weights, optimizer, `scheduler`, scaler,
-    EMA, the position and history in `state`, `plan` (time_budget.Plan), every random state."""
+    EMA, the position and history in `state`, `plan` (the plan's to_dict()), every random state."""
     last = state.history[-1] if state.history and state.batch == 0 else {}
     return {
         "state_dict": parts.model.state_dict(),
@@ -142,7 +146,7 @@ def make_checkpoint(parts, scheduler, cfg_dict: dict, state: TrainState, plan) -
         "elapsed_s": state.elapsed_s,
         "finished": state.finished,
         "epoch_lr": state.epoch_lr,
-        "plan": plan.to_dict(),
+        "plan": plan,
         "runtime": parts.runtime.to_dict(),
         "rng": rng_state(),
         "rng_all": distributed.gather(rng_state()),  # every process's, for an exact multi-process resume

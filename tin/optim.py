@@ -2,7 +2,7 @@
 that `--lr_base auto` and `--warmup_epochs auto` read.
 
 Schedules are counted in optimizer updates (``step_update(n)``) over a run of a given number of
-updates (time_budget.Plan), so a run planned to a fractional number of epochs decays exactly to its end.
+updates (tin.plan.budget.Plan), so a run planned to a fractional number of epochs decays exactly to its end.
 """
 
 from __future__ import annotations

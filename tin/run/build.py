@@ -26,11 +26,12 @@ import arch
 import batch_manager
 import train
 import transforms
-from tin import checkpoint, distill, optim, time_budget
+from tin import checkpoint, distill, optim
 from tin.augment import mixing
 from tin.config.schema import RESOLVED_KEY, Config
 from tin.data import readers
 from tin.engine.state import TrainState
+from tin.plan import budget, measure, stop
 from tin.run import outputs
 from tin.runtime import distributed, hardware
 from utils import UserError, seed_everything
@@ -45,7 +46,7 @@ class Run:
     cfg: Config  # resolved: the numbers `auto` became
     parts: train.Parts  # what the updates need
     scheduler: optim.Stretchable  # the learning rate per update, over the plan
-    clock: time_budget.Timekeeper  # the plan, its re-planning, the deadline, signals
+    clock: stop.Timekeeper  # the plan, its re-planning, the deadline, signals
     state: TrainState  # where the run stands (a resumed run's position)
     run_dir: Path
     sinks: list = field(default_factory=list)  # metrics.csv, wandb (the main process only)
@@ -60,13 +61,13 @@ class Run:
 
 def build(cfg: Config, ctx: distributed.Context, ckpt: dict | None, started: float, run_dir: Path | None = None) -> Run:
     """The run of `cfg` (a new one, or `ckpt`'s resumed in `run_dir`), from the process's start
-    `started` (time_budget.clock())."""
+    `started` (budget.clock())."""
     wandb_mode = outputs.resolve_wandb_mode(cfg.wandb) if ctx.is_main else "disabled"  # a missing install: now
     cfg, parts, params, gflops, (recipe, auto) = build_parts(cfg, ctx, ckpt)
     if ckpt is not None:
-        plan = time_budget.Plan.from_dict(ckpt["plan"]) if "plan" in ckpt else time_budget.plan_run(cfg, parts, 0.0)
+        plan = budget.Plan.from_dict(ckpt["plan"]) if "plan" in ckpt else measure.plan_run(cfg, parts, 0.0)
     else:
-        plan = distributed.broadcast(time_budget.plan_run(cfg, parts, time_budget.clock() - started))  # rank 0's
+        plan = distributed.broadcast(measure.plan_run(cfg, parts, budget.clock() - started))  # rank 0's
         cfg = _fit_warmup_to_plan(cfg, plan, recipe if "warmup_epochs" in auto else None)
     scheduler = build_scheduler(cfg, parts.optimizer, plan)
     state = checkpoint.restore(parts, scheduler, ckpt) if ckpt is not None else TrainState()
@@ -92,7 +93,7 @@ def build(cfg: Config, ctx: distributed.Context, ckpt: dict | None, started: flo
                 )
             )
             state.wandb_id = sinks[-1].run.id
-    clock = time_budget.Timekeeper(plan, cfg, state, started, ctx, parts.device, parts.sync_every)
+    clock = stop.Timekeeper(plan, cfg, state, started, ctx, parts.device, parts.sync_every)
     if ckpt is not None:
         checkpoint.restore_rng(ckpt, ctx)  # last: nothing may draw after it
         log.info("resumed %s at epoch %d, batch %d (update %d)", run_dir, state.epoch + 1, state.batch, state.step)
@@ -182,7 +183,7 @@ def build_parts(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None)
     return cfg, parts, params, gflops, (recipe, auto)
 
 
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, plan: time_budget.Plan) -> optim.Stretchable:
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, plan: budget.Plan) -> optim.Stretchable:
     """The learning rate per update over the plan's (first) length."""
     return optim.build_scheduler(
         optimizer,
@@ -303,7 +304,7 @@ def _resolve_recipe(cfg: Config, ctx: distributed.Context) -> tuple[Config, opti
     return dataclasses.replace(cfg, **changes), recipe, list(changes)
 
 
-def _fit_warmup_to_plan(cfg: Config, plan: time_budget.Plan, recipe: optim.LrRecipe | None) -> Config:
+def _fit_warmup_to_plan(cfg: Config, plan: budget.Plan, recipe: optim.LrRecipe | None) -> Config:
     """A warm-up from the recipe (`recipe`, when it set the warm-up) is at most a tenth of the run the
     time budget planned. One given (a preset's, or typed) that does not fit the plan — a slower or
     busier machine plans fewer epochs, and the budget is the promise — shrinks to a tenth of it too,

@@ -23,8 +23,9 @@ import torch
 
 import transforms
 import val
-from tin import checkpoint, time_budget
+from tin import checkpoint
 from tin.config.schema import TTA_FINAL
+from tin.plan import budget
 from tin.run import outputs
 from tin.run.build import Run
 from tin.runtime import distributed
@@ -41,9 +42,9 @@ def fit(run: Run) -> None:
     saves = Saves(cfg.save_every_min)
     run.scheduler.step_update(num_updates=state.step)  # a resumed run's learning rate
     while state.epoch < clock.plan.n_epochs and not state.finished:
-        epoch, t0, batch0 = state.epoch, time_budget.clock(), state.batch
+        epoch, t0, batch0 = state.epoch, budget.clock(), state.batch
         clock.epoch_start(state, run.scheduler)  # --time_budget: re-plan if the machine drifted
-        plan, t_train = clock.plan, time_budget.clock()
+        plan, t_train = clock.plan, budget.clock()
         stats = train_one_epoch(
             parts,
             run.scheduler,
@@ -55,17 +56,17 @@ def fit(run: Run) -> None:
             should_stop=clock.should_stop,
             desc=f"epoch {epoch + 1}/{outputs.epochs_text(plan)}",
         )
-        update_s = time_budget.clock() - t_train  # train_one_epoch synchronised the device before returning
+        update_s = budget.clock() - t_train  # train_one_epoch synchronised the device before returning
         clock.epoch_trained(stats["train_size"], updates=-(-(state.batch - batch0) // parts.accum_steps))
         if clock.signal:  # agreed by every process
             exit_interrupted(run, saves)
         last = epoch + 1 == plan.n_epochs or clock.deadline_hit
-        row = epoch_row(run, epoch, stats, validate=last or time_budget.evaluated(epoch, plan.epochs, cfg.eval_every))
+        row = epoch_row(run, epoch, stats, validate=last or budget.evaluated(epoch, plan.epochs, cfg.eval_every))
         row["update_seconds"] = update_s
         # the row as a checkpoint of this epoch stores it; the sinks get it with its writes timed in
-        row["epoch_seconds"], row["wall_seconds"] = time_budget.clock() - t0, clock.elapsed()
+        row["epoch_seconds"], row["wall_seconds"] = budget.clock() - t0, clock.elapsed()
         improved = end_epoch(run, saves, row, last)
-        row["epoch_seconds"], row["wall_seconds"] = time_budget.clock() - t0, clock.elapsed()
+        row["epoch_seconds"], row["wall_seconds"] = budget.clock() - t0, clock.elapsed()
         outputs.log_epoch(run, row, improved)
         if clock.signalled():  # a signal that came during evaluation or saving
             exit_interrupted(run, saves)
@@ -108,12 +109,12 @@ def epoch_row(run: Run, epoch: int, stats: dict, validate: bool) -> dict:
         same_statistics(parts)
     row["eval_seconds"] = 0.0
     if parts.loaders.val is not None and validate:  # the unwrapped model: each evaluates its shard, sums reduced
-        t0, amp, tta = time_budget.clock(), parts.runtime.amp_dtype, run.cfg.tta_each
+        t0, amp, tta = budget.clock(), parts.runtime.amp_dtype, run.cfg.tta_each
         row.update(val.evaluate(parts.model, parts.loaders.val, parts.normalize, parts.device, amp, tta))
         if parts.ema is not None:
             ema = val.evaluate(parts.ema.module, parts.loaders.val, parts.normalize, parts.device, amp, tta)
             row.update({f"ema_{k}": v for k, v in ema.items()})
-        row["eval_seconds"] = time_budget.clock() - t0  # evaluate returns host floats: the device is done
+        row["eval_seconds"] = budget.clock() - t0  # evaluate returns host floats: the device is done
     return row
 
 
@@ -157,12 +158,12 @@ def end_epoch(run: Run, saves: Saves, row: dict, last: bool) -> bool:
         }
     preds = None
     if improved and cfg.test_preds == "best":
-        t0 = time_budget.clock()
+        t0 = budget.clock()
         preds = test_preds(run, best_weights(run), cfg.tta_each)
-        row["eval_seconds"] += time_budget.clock() - t0
-    t0 = time_budget.clock()
+        row["eval_seconds"] += budget.clock() - t0
+    t0 = budget.clock()
     saves.epoch_end(run, improved, preds)
-    row["save_seconds"] = time_budget.clock() - t0  # after the write that stores the row: the next one has it
+    row["save_seconds"] = budget.clock() - t0  # after the write that stores the row: the next one has it
     return improved and score is not None
 
 
@@ -181,7 +182,7 @@ class Saves:
 
     def __init__(self, minutes: float) -> None:
         self.every_s = 60.0 * minutes
-        self.last_write = time_budget.clock()  # from the process's start: the first write comes M minutes in
+        self.last_write = budget.clock()  # from the process's start: the first write comes M minutes in
         self.behind = False  # epoch ends have passed that last.pth.tar does not hold
         self.best: dict | None = None  # a new best's checkpoint, not written yet (main process)
         self.preds: list[int] | None = None  # and its test predictions (--test_preds best)
@@ -199,7 +200,7 @@ class Saves:
         its part of the checkpoint)."""
         if not self.every_s or finished:
             return True
-        return bool(distributed.broadcast(time_budget.clock() - self.last_write >= self.every_s))
+        return bool(distributed.broadcast(budget.clock() - self.last_write >= self.every_s))
 
     def epoch_end(self, run: Run, improved: bool, preds: list[int] | None) -> None:
         """Write the epoch's end when due, keeping a new best for the next write when not."""
@@ -207,7 +208,9 @@ class Saves:
         if not (due or improved):
             self.behind = True
             return
-        ckpt = checkpoint.make_checkpoint(run.parts, run.scheduler, run.cfg.to_dict(), run.state, run.clock.plan)
+        ckpt = checkpoint.make_checkpoint(
+            run.parts, run.scheduler, run.cfg.to_dict(), run.state, run.clock.plan.to_dict()
+        )
         if improved and run.parts.ctx.is_main:
             best = {**ckpt, "state_dict": best_weights(run).state_dict()}
             self.best, self.preds = (best if due else copy.deepcopy(best)), preds
@@ -229,7 +232,7 @@ class Saves:
             if ckpt["batch"] == 0:  # epoch_NNN copies are of epoch ends
                 checkpoint.save_epoch_copy(run.run_dir / "last.pth.tar", run.run_dir, ckpt["epoch"], run.cfg.keep_last)
             outputs.write_results(run, run.state.elapsed_s)
-        self.best, self.preds, self.behind, self.last_write = None, None, False, time_budget.clock()
+        self.best, self.preds, self.behind, self.last_write = None, None, False, budget.clock()
 
 
 def test_preds(run: Run, weights: torch.nn.Module, tta: bool) -> list[int] | None:
@@ -282,7 +285,10 @@ def exit_interrupted(run: Run, saves: Saves) -> None:
     state = run.state
     if state.batch or saves.behind:
         state.elapsed_s = run.clock.elapsed()
-        saves.write(run, checkpoint.make_checkpoint(run.parts, run.scheduler, run.cfg.to_dict(), state, run.clock.plan))
+        saves.write(
+            run,
+            checkpoint.make_checkpoint(run.parts, run.scheduler, run.cfg.to_dict(), state, run.clock.plan.to_dict()),
+        )
     log.warning(
         "interrupted; state saved in %s. Resume with:\n  %s", run.run_dir / "last.pth.tar", resume_command(run.run_dir)
     )
