@@ -44,6 +44,7 @@ test-slow: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) tools/lint_imports.py
 	$(VENV)/bin/shellcheck $(wildcard docker/*.sh bench/*.sh data/*.sh) .ci/run
 	$(VENV)/bin/hadolint docker/Dockerfile
 

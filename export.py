@@ -40,8 +40,9 @@ from torch.utils.data import DataLoader
 
 import batch_manager
 import predict
-import val
 from tin.data.readers import hold_out_val, read_dataset
+from tin.run import load
+from tin.run.folder import setup_logging
 from tin.runtime import hardware
 from transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from utils import UserError, write_json
@@ -246,7 +247,7 @@ def val_batches(cfg, n: int, batch_size: int) -> tuple[DataLoader, str]:
     return DataLoader(dataset, batch_size=batch_size, collate_fn=batch_manager.collate), f"val split of {data.root}"
 
 
-def verify(m: val.Loaded, module: Deployable, files: dict[str, Path], infos: dict[str, dict], batches) -> None:
+def verify(m: load.Loaded, module: Deployable, files: dict[str, Path], infos: dict[str, dict], batches) -> None:
     """compare() on the run's val images; the figures go into `infos` and on the console. The run's own
     precision (bf16 autocast, say) is measured against fp32 too: what the exported fp32 model may
     differ by from the run's own figures, and why the check is against torch in fp32."""
@@ -294,7 +295,7 @@ def _resize_note(cfg) -> str:
     return f"as predict.py and the run's evaluation: decode to RGB, resize {steps}"
 
 
-def describe(m: val.Loaded, fmt: str, path: Path, versions: dict) -> dict:
+def describe(m: load.Loaded, fmt: str, path: Path, versions: dict) -> dict:
     """The JSON beside an exported file: everything needed to use it without this toolkit."""
     size, names = m.cfg.eval_px, m.names or {}
     return {
@@ -325,7 +326,6 @@ def describe(m: val.Loaded, fmt: str, path: Path, versions: dict) -> dict:
 
 def run(argv: list[str] | None = None) -> dict[str, dict]:
     """Export and verify; returns {format: its JSON}."""
-    from tin.run.outputs import setup_logging
 
     args = parse_args(argv)
     setup_logging()
@@ -335,7 +335,7 @@ def run(argv: list[str] | None = None) -> dict[str, dict]:
         check_opset(args.opset)
     source = Path(args.checkpoint)
     path = source / "best.pth.tar" if source.is_dir() else source
-    m = val.load_model(path, torch.device("cpu"), **({"data_dir": args.data_dir} if args.data_dir else {}))
+    m = load.load_model(path, torch.device("cpu"), **({"data_dir": args.data_dir} if args.data_dir else {}))
     module = deployable(m.model)
     # the images to verify on are found before anything is written: no unverified file is left
     # where a deployment would pick it up when they are missing

@@ -24,8 +24,8 @@ from tin.config import schema
 from tin.config.cli import parse_config
 from tin.plan import budget
 from tin.run.build import build
+from tin.run.folder import setup_logging
 from tin.run.loop import fit
-from tin.run.outputs import setup_logging
 from tin.runtime import distributed
 from utils import UserError
 

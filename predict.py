@@ -45,6 +45,8 @@ import batch_manager
 import val
 from tin.data import decode_cache
 from tin.data.readers import IMAGE_ERRORS, IMAGE_SUFFIXES
+from tin.run import load
+from tin.run.folder import setup_logging
 from tin.runtime import hardware
 from transforms import Normalize
 from utils import UserError
@@ -175,7 +177,7 @@ def store_of(cfg) -> int | None:
 
 
 # --------------------------------------------------------------------------- prediction
-def ensemble_probs(models: list[val.Loaded], paths: list[Path], args, device, bad: dict[str, str]):
+def ensemble_probs(models: list[load.Loaded], paths: list[Path], args, device, bad: dict[str, str]):
     """(probabilities (N, C) of the readable images, their indices in `paths`), or (None, None) when
     none is readable: each model at its own evaluation size, precision and memory format; combined
     by args.ensemble."""
@@ -192,7 +194,7 @@ def ensemble_probs(models: list[val.Loaded], paths: list[Path], args, device, ba
     return val.combine(probs, args.ensemble), index
 
 
-def class_names(models: list[val.Loaded]) -> dict[str, str]:
+def class_names(models: list[load.Loaded]) -> dict[str, str]:
     """wnid -> name from the first checkpoint that holds names; else the wnids themselves (said once)."""
     names = next((m.names for m in models if m.names), None)
     if names is None:
@@ -236,13 +238,12 @@ def print_table(rows: list[dict], out: Path) -> None:
 
 def run(argv: list[str] | None = None) -> Path:
     """Predict; returns the CSV written."""
-    from tin.run.outputs import setup_logging
 
     args = parse_args(argv)
     setup_logging()
     checkpoints, sources = split_inputs(args)
     device = hardware.resolve_device(args.device)
-    models = val.load_models(checkpoints, device)
+    models = load.load_models(checkpoints, device)
     names = class_names(models)
     paths, bad = gather_images(sources)
     probs, index = ensemble_probs(models, paths, args, device, bad)

@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from tin.config.schema import RESOLVED_KEY, may_change_on_resume  # noqa: E402
+from tin.run import page  # noqa: E402
 from tin.sweep import experiments  # noqa: E402
 
 COLUMNS = [
@@ -197,7 +198,6 @@ def write_report(runs: list[dict], out_dir: Path, skipped: list[str]) -> Path:
 
 def write_page(runs: list[dict], out_dir: Path, skipped: list[str]) -> Path:
     """out_dir/index.html: the table (sortable) and the overlaid curves on one self-contained page."""
-    from tin.run import page
 
     sections = [
         ("Runs (click a column to sort)", page.table(runs, COLUMNS, "runs")),

@@ -21,18 +21,36 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
+from batch_manager import Loaders
 from tin.augment.mixing import StrengthMixer, soft_targets
 from tin.engine.state import EpochMeters, TrainState
+from tin.optim import Stretchable
 from tin.runtime import distributed, hardware
 from transforms import Normalize
 
 log = logging.getLogger("tin")
+
+
+class Teacher(Protocol):
+    """What the step asks of distillation (tin/distill.py's Teacher, a loss object the step just calls,
+    as DeiT's DistillationLoss): the batch's cached soft labels, if any, and the loss with its term."""
+
+    def replay(self, loaders: Loaders, b: int) -> Replay | None: ...
+
+    def loss(
+        self, label_loss: torch.Tensor, logits: torch.Tensor, inputs: torch.Tensor, cached: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+
+
+class Replay(Protocol):
+    def probs(self, device: torch.device, num_classes: int, lam: float) -> torch.Tensor: ...
 
 
 @dataclass
@@ -43,13 +61,13 @@ class Parts:
     net: torch.nn.Module  # what is called: `model`, its DDP wrapper, or torch.compile of that
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # enabled for fp16 only
-    ema: Any  # timm's ModelEmaV3, or None
+    ema: ModelEmaV3 | None
     mixer: StrengthMixer | None
     normalize: Normalize
-    loaders: Any  # batch_manager.Loaders
+    loaders: Loaders
     runtime: hardware.Runtime  # device, autocast dtype, memory format
     ctx: distributed.Context = field(default_factory=distributed.Context)
-    teacher: Any = None  # tin.distill.Teacher (--teacher), or None
+    teacher: Teacher | None = None  # tin/distill.py's (--teacher), or None
     num_classes: int = 0
     label_smoothing: float = 0.0
     accum_steps: int = 1
@@ -67,7 +85,7 @@ class Parts:
 
 def train_one_epoch(
     parts: Parts,
-    scheduler: Any,
+    scheduler: Stretchable,
     state: TrainState,
     *,
     epoch: int,

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -494,8 +496,6 @@ def require_albumentations():
     try:
         import albumentations
     except ImportError:
-        from utils import UserError
-
         raise UserError(
             "--aug_backend albumentations needs the albumentations package, which is not installed: "
             "pip install albumentations==2.0.8 (as in requirements.txt), or use --aug_backend torch (the default)"

@@ -2,27 +2,17 @@
 
 ``evaluate(...)`` -> {val_loss, val_top1, val_top5, ...} (every entry of METRICS); ``predict(...)``
 -> class index per image; ``infer(...)`` -> logits, labels and penultimate features (optionally
-flip-TTA); ``combine(...)`` -> an ensemble's probabilities; ``write_predictions(...)`` -> the
-submission CSV (``image,label``: file name, predicted class id, one row per test image, sorted by
-file name); ``load_model(...)`` / ``load_models(...)`` -> checkpoints built as their runs evaluated
-(val.py, predict.py and export.py load them through it).
-
-Also a CLI to evaluate saved checkpoints, alone or as an ensemble::
-
-    python val.py RUN_OR_CHECKPOINT [MORE ...] [--tta flip] [--ensemble mean|max_conf] [--out DIR]
+flip-TTA); ``combine(...)`` -> an ensemble's probabilities; ``metrics_from_probs`` and
+``per_class_accuracy`` from probabilities. Used by training (tin/run/loop.py), the time budget's
+measuring, evaluate.py, predict.py and export.py; saved runs are loaded by tin/run/load.py and
+their CSV files written by tin/run/submission.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +20,7 @@ from tqdm import tqdm
 
 from tin.runtime import distributed, hardware
 from transforms import Normalize
-from utils import UserError, topk_correct
+from utils import topk_correct
 
 log = logging.getLogger("tin")
 
@@ -147,242 +137,7 @@ def per_class_accuracy(preds: torch.Tensor, labels: torch.Tensor, classes: list[
     return rows
 
 
-def write_csv(rows: list[dict], path: Path) -> Path:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["empty"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def write_predictions(ids: list[str], preds: list[int], classes: list[str], out_csv: Path) -> Path:
-    """Submission CSV: header image,label; one row per image (file name, class id), sorted by name."""
-    if len(ids) != len(preds):
-        raise ValueError(f"{len(ids)} test images but {len(preds)} predictions")
-    rows = sorted((name, classes[k]) for name, k in zip(ids, preds, strict=True))
-    tmp = out_csv.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image", "label"])
-        writer.writerows(rows)
-    tmp.replace(out_csv)
-    return out_csv
-
-
-def check_predictions(path: Path, ids: list[str], classes: list[str]) -> int:
-    """A submission as the format wants it: header image,label, one row per test image (each image of
-    `ids` once), every label a class id of `classes`. Returns the row count; a UserError names what
-    is wrong."""
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
-    problems = []
-    if not rows or rows[0] != ["image", "label"]:
-        problems.append(f"the header is {rows[0] if rows else 'missing'}, not ['image', 'label']")
-    body = rows[1:]
-    if sorted(r[0] for r in body if r) != sorted(ids):
-        problems.append(f"{len(body)} rows for {len(ids)} test images (every image once is needed)")
-    unknown = {r[1] for r in body if len(r) > 1} - set(classes)
-    if unknown:
-        problems.append(f"labels that are no class: {sorted(unknown)[:3]}")
-    if problems:
-        raise UserError(f"{path} is not a valid submission: {'; '.join(problems)}")
-    return len(body)
-
-
-# --------------------------------------------------------------------------- CLI
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Evaluate checkpoints (alone or as an ensemble) and predict the test split."
-    )
-    p.add_argument(
-        "runs",
-        nargs="*",
-        metavar="RUN_OR_CHECKPOINT",
-        help="run folders (their best.pth.tar) or .pth.tar files written by main.py; several: an ensemble "
-        "(as predict.py and export.py take them)",
-    )
-    p.add_argument("--checkpoint", nargs="+", default=[], help="the same, as a flag (the original project's form)")
-    p.add_argument("--data_dir", default=None, help="dataset root (default: the one the first run trained on)")
-    p.add_argument(
-        "--out",
-        "--output_dir",
-        dest="output_dir",
-        default=None,
-        help="a new folder for the outputs (default: FIRST_RUN/eval/<checkpoints and options>, never overwritten)",
-    )
-    p.add_argument(
-        "--tta",
-        nargs="?",
-        const="flip",
-        default="none",
-        choices=("none", "flip"),
-        help="test-time augmentation: --tta (or --tta flip) averages each image with its mirror image, as main.py --tta",
-    )
-    p.add_argument(
-        "--ensemble",
-        choices=("mean", "max_conf"),
-        default="mean",
-        help="mean of probabilities, or each image takes the most confident model's label",
-    )
-    p.add_argument(
-        "--batch_size", type=int, default=None, help="evaluation batch (default: the run's, twice its training batch)"
-    )
-    p.add_argument("--workers", type=int, default=None, help="loader processes (default: as in training)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    args = p.parse_args(argv)
-    args.checkpoint = [*args.runs, *args.checkpoint]
-    if not args.checkpoint:
-        p.error("give the run folders or checkpoints to evaluate: python val.py RUN [RUN ...]")
-    return args
-
-
-@dataclass
-class Loaded:
-    """A checkpoint ready to evaluate: its model in eval mode on the device, in the memory format and
-    with the autocast dtype the run decided for that device, and what the checkpoint says about it."""
-
-    path: Path
-    model: torch.nn.Module
-    cfg: Any  # tin.config.Config, overrides applied
-    saved: dict  # the config as the run saved it
-    classes: list[str]  # index = the model's output
-    names: dict[str, str] | None  # wnid -> human name; None in checkpoints written before they held names
-    amp_dtype: torch.dtype | None
-    best: dict  # the run's best so far: val_top1, best_epoch, ...
-    epoch: int
-
-
-def load_model(path: str | Path, device: torch.device, like: Loaded | None = None, **overrides) -> Loaded:
-    """One checkpoint, built as the run built it (`overrides`: config fields to replace, e.g.
-    data_dir). With `like`, a checkpoint for other classes is refused before anything is built: in an
-    ensemble the same output index must mean the same class."""
-    import arch
-    from tin.checkpoint import load_checkpoint
-    from tin.config.schema import from_saved
-
-    path = checkpoint_file(path)  # a run folder stands for its best.pth.tar
-    ckpt = load_checkpoint(path)
-    classes = list(ckpt["classes"])
-    if like is not None and classes != like.classes:
-        raise UserError(
-            f"{path} was trained on other classes ({len(classes)}) than {like.path} ({len(like.classes)}); "
-            "cannot ensemble them: pass checkpoints of runs on the same dataset"
-        )
-    cfg = from_saved(ckpt["config"], **overrides, trainval=False, resume="")
-    model = arch.build_model(cfg.arch, len(classes), cfg.img_size).to(device)
-    model.load_state_dict(ckpt["state_dict"])
-    # as the run evaluated: its precision and memory format decided for this device
-    runtime = hardware.decide_runtime(device, cfg.amp, cfg.amp_dtype, cfg.channels_last)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    best, epoch = ckpt.get("best") or {}, ckpt.get("epoch", 0)
-    return Loaded(
-        Path(path), model.eval(), cfg, ckpt["config"], classes, ckpt.get("names"), runtime.amp_dtype, best, epoch
-    )
-
-
-def load_models(paths: list[str | Path], device: torch.device, **overrides) -> list[Loaded]:
-    """load_model for each of an ensemble's checkpoints (all for the same classes)."""
-    models: list[Loaded] = []
-    for path in paths:
-        models.append(load_model(path, device, models[0] if models else None, **overrides))
-    return models
-
-
-def run(argv: list[str] | None = None) -> dict[str, float]:
-    import batch_manager
-    from tin.run.outputs import setup_logging
-
-    args = parse_args(argv)
-    setup_logging()
-    device = hardware.resolve_device(args.device)
-    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
-    overrides.update({"workers": args.workers} if args.workers is not None else {})
-    models = load_models(args.checkpoint, device, **overrides)
-    for m in models:
-        if m.saved.get("trainval"):
-            log.warning("%s was trained on train + val: its val metrics are not a fair estimate", m.path)
-    cfg0, classes = models[0].cfg, models[0].classes
-    data = batch_manager.prepare_data(**cfg0.data_kwargs())
-    if data.classes != classes:
-        raise UserError(
-            f"{args.checkpoint[0]} was trained on other classes ({len(classes)}) than those in "
-            f"{data.root} ({len(data.classes)}); pass the matching --data_dir"
-        )
-    normalize = Normalize().to(device)
-    val_probs, test_probs, labels = [], [], None
-    for m in models:  # each model at its own resolution, from the same decoded data
-        model, cfg, dtype = m.model, m.cfg, m.amp_dtype
-        batch = args.batch_size or 2 * cfg.batch_size
-        val_loader, test_loader = batch_manager.eval_loaders(data, cfg.eval_px, batch, cfg.workers)
-        tta = args.tta == "flip"
-        out = infer(model, val_loader, normalize, device, dtype, tta=tta)
-        val_probs.append(out["logits"].softmax(1))
-        labels = out["labels"]
-        if test_loader is not None:
-            test_probs.append(infer(model, test_loader, normalize, device, dtype, tta=tta)["logits"].softmax(1))
-    probs = combine(val_probs, args.ensemble)
-    metrics = metrics_from_probs(probs, labels)
-    out_dir = output_folder(args)
-    summary = {"checkpoints": [str(c) for c in args.checkpoint], "tta": args.tta, "ensemble": args.ensemble, **metrics}
-    (out_dir / "val_metrics.json").write_text(json.dumps(summary, indent=2))
-    write_csv(per_class_accuracy(probs.argmax(1), labels, data.classes, data.names), out_dir / "per_class_accuracy.csv")
-    where = "no unlabelled test split"
-    if test_probs:
-        preds = combine(test_probs, args.ensemble).argmax(1).tolist()
-        where = str(write_predictions(data.test.ids, preds, data.classes, out_dir / "test_preds.csv"))
-    log.info(
-        "%d model(s), tta %s, ensemble %s | val loss %.4f  top-1 %.2f%%  top-5 %.2f%% | test predictions: %s",
-        len(models),
-        args.tta,
-        args.ensemble,
-        metrics["val_loss"],
-        metrics["val_top1"],
-        metrics["val_top5"],
-        where,
-    )
-    log.info("written to %s", out_dir)
-    return metrics
-
-
-def checkpoint_file(path: str | Path) -> Path:
-    """A run folder stands for its best.pth.tar; a file is itself."""
-    p = Path(path)
-    if p.is_dir():
-        if not (p / "best.pth.tar").is_file():
-            raise UserError(f"{p} holds no best.pth.tar; pass a run folder of main.py or a .pth.tar file")
-        return p / "best.pth.tar"
-    return p
-
-
-def output_folder(args) -> Path:
-    """A folder of its own for this evaluation, never one that holds another's outputs: --output_dir
-    (refused when it already holds an evaluation), else FIRST_RUN/eval/NAME, NAME from the
-    checkpoints and options (NAME_2, NAME_3, ... when taken)."""
-    if args.output_dir:
-        out = Path(args.output_dir)
-        if (out / "val_metrics.json").exists():
-            raise UserError(f"--output_dir {out} already holds an evaluation (val_metrics.json); pass a new folder")
-        out.mkdir(parents=True, exist_ok=True)
-        return out
-    files = [checkpoint_file(c) for c in args.checkpoint]
-    name = files[0].name.removesuffix(".pth.tar")
-    if len(files) > 1:
-        name = f"ensemble{len(files)}_{args.ensemble}_" + "+".join(f.parent.name.split("_", 2)[-1] for f in files)[:60]
-    name += "_tta" if args.tta == "flip" else ""
-    root = files[0].parent / "eval"
-    for n in range(1, 1000):
-        out = root / (name if n == 1 else f"{name}_{n}")
-        try:
-            out.mkdir(parents=True)
-            return out
-        except FileExistsError:
-            continue
-    raise UserError(f"{root} holds 999 evaluations named {name}; pass --output_dir")
-
-
 if __name__ == "__main__":
-    try:
-        run()
-    except UserError as exc:
-        sys.exit(f"error: {exc}")
+    sys.exit(
+        "val.py holds the evaluation loop that training and evaluate.py use; evaluate runs with: python evaluate.py RUN"
+    )

@@ -19,6 +19,7 @@ img_size) float images to (B, num_classes) logits. Models know nothing about con
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import os
@@ -45,11 +46,18 @@ _CNN = ("drop_rate", "drop_path_rate")
 
 @dataclass(frozen=True)
 class ArchSpec:
+    """Everything the toolkit knows about a model, in one place: how to build it, which drop knobs
+    it takes, how it adapts to the input size, which learning-rate recipe it starts from (`lr_group`:
+    a group of tin/optim.py's LR_RECIPES) and whether its input grid is fixed at build time (a
+    transformer's position embedding: it cannot be evaluated at another --eval_size)."""
+
     name: str
     timm_name: str  # the timm model it is built from ("" for this project's own models)
     family: str
     knobs: tuple[str, ...]  # which of DROP_KNOBS the model accepts
     local: Callable[..., torch.nn.Module] | None = None  # builder when not plain timm
+    lr_group: str = "timm"  # --lr_base auto: "cnn", "mobile", "small", "vit", "swin"; "timm": not measured
+    fixed_grid: bool = False  # built for one input size (position embeddings, windows): no --eval_size
 
     def resolution_kwargs(self, img_size: int) -> dict:
         if self.family == "vit":
@@ -62,23 +70,28 @@ class ArchSpec:
 
 
 def _specs() -> list[ArchSpec]:
-    specs = [ArchSpec(f"resnet{d}", f"resnet{d}", "resnet", _CNN) for d in (18, 34, 50, 101, 152)]
+    specs = [ArchSpec(f"resnet{d}", f"resnet{d}", "resnet", _CNN, lr_group="cnn") for d in (18, 34, 50, 101, 152)]
+    vit = {"lr_group": "vit", "fixed_grid": True}
     specs += [
-        ArchSpec("vit_small", "vit_small_patch16_224", "vit", DROP_KNOBS),
-        ArchSpec("deit_small", "deit_small_patch16_224", "vit", DROP_KNOBS),
-        ArchSpec("vit_tiny", "vit_tiny_patch16_224", "vit", DROP_KNOBS),
-        ArchSpec("swin_tiny", "swin_tiny_patch4_window7_224", "swin", DROP_KNOBS),
-        ArchSpec("efficientnet_b0", "efficientnet_b0", "efficientnet", _CNN),
-        ArchSpec("mobilenetv2_100", "mobilenetv2_100", "mobilenet", _CNN),
-        ArchSpec("vgg19", "vgg19", "vgg", ("drop_rate",)),
+        ArchSpec("vit_small", "vit_small_patch16_224", "vit", DROP_KNOBS, **vit),
+        ArchSpec("deit_small", "deit_small_patch16_224", "vit", DROP_KNOBS, **vit),
+        ArchSpec("vit_tiny", "vit_tiny_patch16_224", "vit", DROP_KNOBS, **vit),
+        ArchSpec("swin_tiny", "swin_tiny_patch4_window7_224", "swin", DROP_KNOBS, lr_group="swin", fixed_grid=True),
+        ArchSpec("efficientnet_b0", "efficientnet_b0", "efficientnet", _CNN, lr_group="mobile"),
+        ArchSpec("mobilenetv2_100", "mobilenetv2_100", "mobilenet", _CNN, lr_group="mobile"),
+        ArchSpec("vgg19", "vgg19", "vgg", ("drop_rate",), lr_group="cnn"),
     ]
     for d in (18, 34, 50):
         for stem in ("cifar", "s2"):
             builder = partial(small_image_resnet, f"resnet{d}", stem)
-            specs.append(ArchSpec(f"resnet{d}_{stem}", f"resnet{d}", "resnet-small", _CNN, local=builder))
-    specs.append(ArchSpec("budget_cnn", "", "budget", _CNN, local=BudgetNet))
+            specs.append(
+                ArchSpec(f"resnet{d}_{stem}", f"resnet{d}", "resnet-small", _CNN, local=builder, lr_group="cnn")
+            )
+    specs.append(ArchSpec("budget_cnn", "", "budget", _CNN, local=BudgetNet, lr_group="small"))
     for name, width in (("resnet9", 64), ("resnet9_slim", 48)):
-        specs.append(ArchSpec(name, "", "resnet9", ("drop_rate",), local=partial(ResNet9, width=width)))
+        specs.append(
+            ArchSpec(name, "", "resnet9", ("drop_rate",), local=partial(ResNet9, width=width), lr_group="small")
+        )
     return specs
 
 
@@ -106,7 +119,7 @@ def _width_spec(name: str) -> ArchSpec | None:
     if m is None or not 4 <= int(m.group(2)) <= 1024:
         return None
     base = REGISTRY[m.group(1)]
-    return ArchSpec(name, "", base.family, base.knobs, local=WIDTHS[m.group(1)][2](int(m.group(2))))
+    return dataclasses.replace(base, name=name, local=WIDTHS[m.group(1)][2](int(m.group(2))))
 
 
 def width_family(name: str) -> str | None:
@@ -148,8 +161,11 @@ def list_archs() -> list[str]:
     return list(REGISTRY)
 
 
-def resolve(name: str) -> ArchSpec:
-    """A registry entry, or an ad-hoc one for ``timm:NAME``; unknown names list the valid ones."""
+def resolve(name: str | ArchSpec) -> ArchSpec:
+    """A registry entry, or an ad-hoc one for ``timm:NAME``; unknown names list the valid ones. A
+    spec is itself: a caller that resolved the name once passes the spec on."""
+    if isinstance(name, ArchSpec):
+        return name
     if name.startswith("timm:"):
         timm_name = name.removeprefix("timm:")
         if not timm.is_model(timm_name):
@@ -183,7 +199,7 @@ def _create_timm(timm_name: str, num_classes: int, knobs: dict, **extra) -> torc
 
 
 def build_model(
-    name: str,
+    name: str | ArchSpec,
     num_classes: int,
     img_size: int = 64,
     drop_rate: float = 0.0,
@@ -196,8 +212,10 @@ def build_model(
     spec = resolve(name)
     requested = {"drop_rate": drop_rate, "attn_drop_rate": attn_drop_rate, "drop_path_rate": drop_path_rate}
     kwargs = {k: v for k, v in requested.items() if k in spec.knobs}
-    if pretrained_path and _toolkit_checkpoint(pretrained_path, name):  # a run of ours: every tensor, head included
-        model = build_model(name, num_classes, img_size, drop_rate, attn_drop_rate, drop_path_rate)
+    if pretrained_path and _toolkit_checkpoint(
+        pretrained_path, spec.name
+    ):  # a run of ours: every tensor, head included
+        model = build_model(spec, num_classes, img_size, drop_rate, attn_drop_rate, drop_path_rate)
         load_matching(model, pretrained_path)
         return model
     weights = _pretrained_kwargs(spec, pretrained, pretrained_path)
@@ -211,7 +229,7 @@ def build_model(
     return _create_timm(spec.timm_name, num_classes, kwargs, **spec.resolution_kwargs(img_size), **weights)
 
 
-def unused_knobs(name: str, **values: float) -> list[str]:
+def unused_knobs(name: str | ArchSpec, **values: float) -> list[str]:
     """The drop knobs given a non-zero value that model `name` does not have."""
     spec = resolve(name)
     return [k for k, v in values.items() if v and k not in spec.knobs]
@@ -303,13 +321,13 @@ def model_stats(model: torch.nn.Module, img_size: int) -> tuple[int, float]:
     return params, counter.get_total_flops() / 1e9
 
 
-def on_meta(name: str, num_classes: int, img_size: int) -> torch.nn.Module:
+def on_meta(name: str | ArchSpec, num_classes: int, img_size: int) -> torch.nn.Module:
     """The model with shapes but no values (torch's meta device): for counting, instantly."""
     with torch.device("meta"):
         return build_model(name, num_classes, img_size)
 
 
-def count_params(name: str, num_classes: int, img_size: int = 64) -> int:
+def count_params(name: str | ArchSpec, num_classes: int, img_size: int = 64) -> int:
     return sum(p.numel() for p in on_meta(name, num_classes, img_size).parameters())
 
 

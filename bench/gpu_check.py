@@ -53,8 +53,16 @@ import torch.nn.functional as F  # noqa: E402
 
 import arch  # noqa: E402
 import demo_data  # noqa: E402
+import evaluate  # noqa: E402
 import transforms  # noqa: E402
-from tin.runtime import hardware  # noqa: E402
+from bench import step  # noqa: E402
+from tin.config.cli import parse_config  # noqa: E402
+from tin.data.readers import read_dataset  # noqa: E402
+from tin.engine.state import TrainState  # noqa: E402
+from tin.plan import measure  # noqa: E402
+from tin.run.build import build_parts, build_scheduler  # noqa: E402
+from tin.runtime import distributed, hardware  # noqa: E402
+from train import train_one_epoch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,8 +153,6 @@ def _main_py(args: list[str], out, interrupt_at: int = 0) -> subprocess.Popen:
 # --------------------------------------------------------------------------- 1. training, resume, val.py
 @check("1. training, interrupt, resume, val.py")
 def check_training(args, work: Path, data: Path, started: float) -> None:
-    import val
-    from tin.data.readers import read_dataset
 
     # --deterministic on: a resumed run is then bitwise the uninterrupted one on a GPU too, so any
     # difference is a resume bug. Under autotuning (the default) two processes may pick other cuDNN
@@ -173,7 +179,7 @@ def check_training(args, work: Path, data: Path, started: float) -> None:
     a, b = _metrics(reference), _metrics(run)
     differ = sorted({k for x, y in zip(a, b, strict=True) for k in x if x[k] != y[k]})
     n_val = len(read_dataset("tiny-imagenet", data).val)
-    metrics = val.run(
+    metrics = evaluate.run(
         ["--checkpoint", str(run / "best.pth.tar"), "--output_dir", str(work / "val"), "--device", args.device]
     )
     best = json.loads((run / "best_results.json").read_text())["val_top1"]
@@ -215,12 +221,6 @@ def _metrics(run: Path) -> list[dict]:
 # --------------------------------------------------------------------------- 2. syncs and trainer overhead
 @check("2a. host syncs per update")
 def check_syncs(args, work: Path, data: Path, started: float) -> None:
-    from tin.config.cli import parse_config
-    from tin.engine.state import TrainState
-    from tin.plan import measure
-    from tin.run.build import build_parts, build_scheduler
-    from tin.runtime import distributed
-    from train import train_one_epoch
 
     if args.device != "cuda":
         row(
@@ -267,7 +267,6 @@ def check_trainer_overhead(args, work: Path, data: Path, started: float) -> None
     if args.device != "cuda" and not args.cpu_overhead:
         row("2b. trainer / bare loop, batch 256", "GPU figure (on a CPU: python -m bench.step, README: Speed)", None)
         return
-    from bench import step
 
     results = []
     synthetic = synthetic_npy(work / "synthetic", images=256 * (args.steps + 10))

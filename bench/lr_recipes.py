@@ -25,11 +25,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (python bench/X.py): the repository root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import arch  # noqa: E402
 import main as toolkit  # noqa: E402 - main.py; this file has its own main
-from tin import (  # noqa: E402
-    hardware,
-    optim,
-)
+from bench.subset import make_subset  # noqa: E402
+from tin import optim  # noqa: E402
+from tin.runtime import hardware  # noqa: E402
 from utils import write_json  # noqa: E402
 
 FAMILIES = {  # family group -> (representative --arch, AdamW rates per 256 images to compare)
@@ -44,15 +44,11 @@ SEED_RATE = 4e-5  # the original project's 2e-5 at its batch of 128, per 256 ima
 
 def subset(root: Path, classes: int, out: Path) -> Path:
     """A Tiny-ImageNet layout of every k-th class (symbolic links to the real files): bench/subset.py's."""
-    from bench.subset import make_subset
-
     return make_subset(root, classes, out / f"tiny-imagenet-{classes}")
 
 
-def arch_family(name: str) -> str:
-    import arch
-
-    return arch.resolve(name).family
+def lr_group(name: str) -> str:
+    return arch.resolve(name).lr_group
 
 
 def run_one(arch: str, lr_per_256: float, args, data: Path) -> dict:
@@ -130,7 +126,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("|---|---|---|---|")
     for family in families:
         mine = [r for r in rows if r["family"] == family]
-        recipe = optim.lr_recipe(arch_family(mine[0]["arch"]), False, "adamw")
+        recipe = optim.lr_recipe(lr_group(mine[0]["arch"]), False, "adamw")
         cells = ", ".join(
             f"{r['lr_per_256']:.0e}{' (original)' if r['lr_per_256'] == SEED_RATE else ''}: {r['val_top1']:.1f} %"
             for r in mine

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluate
 import main
 import val
 from conftest import FAST_RUN, ROOT, make_layout
@@ -97,9 +98,9 @@ def test_analyze_cli_on_a_run_and_on_a_dataset(trained_run, tiny_data, tmp_path)
 
 def test_ensemble_of_a_checkpoint_with_itself_equals_the_single_model(trained_run, tmp_path):
     best = str(trained_run / "best.pth.tar")
-    single = val.run(["--checkpoint", best, "--output_dir", str(tmp_path / "one")])
+    single = evaluate.run(["--checkpoint", best, "--output_dir", str(tmp_path / "one")])
     for rule in ("mean", "max_conf"):
-        pair = val.run(["--checkpoint", best, best, "--ensemble", rule, "--output_dir", str(tmp_path / rule)])
+        pair = evaluate.run(["--checkpoint", best, best, "--ensemble", rule, "--output_dir", str(tmp_path / rule)])
         assert pair == pytest.approx(single)
         assert (tmp_path / rule / "test_preds.csv").read_text() == (tmp_path / "one" / "test_preds.csv").read_text()
     rows = _rows(tmp_path / "one" / "per_class_accuracy.csv")
@@ -123,11 +124,11 @@ def test_flip_tta_runs_and_ensembles_mix_archs_and_sizes(trained_run, tiny_data,
             *"--wandb disabled --no_analysis".split(),
         ]
     )
-    tta = val.run(
+    tta = evaluate.run(
         ["--checkpoint", str(trained_run / "best.pth.tar"), "--tta", "flip", "--output_dir", str(tmp_path / "t")]
     )
     assert 0 <= tta["val_top1"] <= 100 and tta["val_loss"] > 0
-    mixed = val.run(
+    mixed = evaluate.run(
         [
             "--checkpoint",
             str(trained_run / "best.pth.tar"),
@@ -156,7 +157,7 @@ def test_checkpoints_with_other_classes_are_not_ensembled(trained_run, tmp_path)
         ]
     )
     with pytest.raises(UserError, match="cannot ensemble"):
-        val.run(["--checkpoint", str(trained_run / "best.pth.tar"), str(run / "best.pth.tar")])
+        evaluate.run(["--checkpoint", str(trained_run / "best.pth.tar"), str(run / "best.pth.tar")])
 
 
 def test_report_compares_runs_and_skips_unfinished_folders(trained_run, analysed_run, tmp_path):
@@ -211,7 +212,7 @@ def test_eval_size_evaluates_val_and_test_at_its_resolution(tiny_data, tmp_path)
     common = ["--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--epochs", "1", "--wandb", "disabled"]
     run = main.main([*FAST_RUN, *common, "--eval_size", "40"])
     best = json.loads((run / "best_results.json").read_text())
-    again = val.run(["--checkpoint", str(run / "best.pth.tar"), "--output_dir", str(tmp_path / "v")])
+    again = evaluate.run(["--checkpoint", str(run / "best.pth.tar"), "--output_dir", str(tmp_path / "v")])
     assert again["val_top1"] == pytest.approx(best["val_top1"])
     with pytest.raises(UserError, match="--eval_size 40: vit_tiny is built for 32x32"):
         main.main([*FAST_RUN, *common, "--arch", "vit_tiny", "--eval_size", "40"])

@@ -94,7 +94,7 @@ def test_budget_model_is_under_one_million_and_the_budget_is_enforced(tiny_data,
 def test_fit_params_trains_the_widest_of_a_family_that_fits_and_val_py_reads_it_back(tiny_data, tmp_path):
     import json
 
-    import val
+    import evaluate
 
     assert arch.fit_width("resnet9", 1_000_000, 200) == ("resnet9_w24", 963_320)  # resnet9_w28: 1,303,264
     assert arch.fit_width("budget_cnn", 1_000_000, 200)[0] == "budget_cnn_w96"  # budget_cnn itself
@@ -104,7 +104,7 @@ def test_fit_params_trains_the_widest_of_a_family_that_fits_and_val_py_reads_it_
     results = json.loads((run / "best_results.json").read_text())
     assert (results["arch"], results["params"]) == ("resnet9_w8", 103_444)  # 4 classes; resnet9_w12: 232,060
     assert yaml.safe_load((run / "config.yaml").read_text())["arch"] == "resnet9_w8"
-    assert val.run(["--checkpoint", str(run), "--output_dir", str(tmp_path / "eval")])["val_top1"] >= 0
+    assert evaluate.run(["--checkpoint", str(run), "--output_dir", str(tmp_path / "eval")])["val_top1"] >= 0
     with pytest.raises(UserError, match="--fit_params sizes a family by its width.*--arch resnet18 does not"):
         main.main([*args, "--fit_params", "50000"])
     with pytest.raises(UserError, match="even resnet9_w4 has"):

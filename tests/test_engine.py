@@ -125,7 +125,7 @@ def test_test_preds_at_the_end_equal_those_written_at_each_best(tiny_data, tmp_p
 
 
 def test_ema_weights_are_evaluated_saved_and_load_back(tiny_data, tmp_path):
-    import val
+    import evaluate
 
     run = _run(tiny_data, tmp_path, "--epochs", "2", "--ema", "--ema_decay", "0.5", "--best_on", "ema")
     rows = list(csv.DictReader(open(run / "metrics.csv")))
@@ -135,7 +135,7 @@ def test_ema_weights_are_evaluated_saved_and_load_back(tiny_data, tmp_path):
     key = "conv1.weight"
     assert not torch.equal(ema_sd[key], last["state_dict"][key])  # EMA differs from the model
     best_epoch = json.loads((run / "best_results.json").read_text())["best_epoch"]
-    metrics = val.run(["--checkpoint", str(run / "best.pth.tar"), "--output_dir", str(tmp_path / "v")])
+    metrics = evaluate.run(["--checkpoint", str(run / "best.pth.tar"), "--output_dir", str(tmp_path / "v")])
     assert metrics["val_top1"] == pytest.approx(float(rows[best_epoch - 1]["ema_val_top1"]))
     assert best["best"]["weights"] == "ema"
 

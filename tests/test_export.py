@@ -14,8 +14,8 @@ import torch
 import arch
 import export
 import predict
-import val
 from conftest import NAMES, WNIDS, odd_images
+from tin.run import load
 from utils import UserError
 
 
@@ -54,7 +54,7 @@ def test_onnx_model_gives_predict_pys_top1(exported, trained_run, tmp_path, ort)
     csv_path = predict.run([str(trained_run), str(tmp_path / "photos"), "--out", str(tmp_path / "p.csv")])
     with open(csv_path, newline="") as fh:
         expected = {r["path"]: r["wnid_1"] for r in csv.DictReader(fh)}
-    cfg = val.load_model(trained_run / "best.pth.tar", torch.device("cpu")).cfg
+    cfg = load.load_model(trained_run / "best.pth.tar", torch.device("cpu")).cfg
     session = ort.InferenceSession(str(out / "model.onnx"))
     paths = [p for name, p in images.items() if name != "corrupt.jpg"]
     x = np.stack([predict.load_image(p, predict.store_of(cfg), cfg.eval_px) for p in paths]).transpose(0, 3, 1, 2)

@@ -14,8 +14,8 @@ import yaml
 
 import main
 from conftest import FAST_RUN, ROOT, TIMING, WNIDS
-from tin.run import outputs
-from tin.run.outputs import make_run_dir
+from tin.run import sinks
+from tin.run.folder import make_run_dir
 from utils import UserError
 
 CHECKPOINT_KEYS = {"state_dict", "optimizer", "scheduler", "epoch", "step", "top1", "top5", "config", "classes"}
@@ -33,7 +33,7 @@ def test_run_folder_is_complete(trained_run, tiny_data):
 
     metrics = _rows(trained_run / "metrics.csv")
     assert len(metrics) == 2 and [r["epoch"] for r in metrics] == ["1", "2"]
-    expected = [c for c in outputs.METRIC_ORDER if not c.startswith("ema_")]  # every key of the rows, none dropped
+    expected = [c for c in sinks.METRIC_ORDER if not c.startswith("ema_")]  # every key of the rows, none dropped
     assert list(metrics[0]) == expected
     assert all(0 <= float(r["val_top1"]) <= float(r["val_top5"]) <= 100 for r in metrics)
     assert all(0 <= float(r["data_wait_fraction"]) <= 1 for r in metrics)
@@ -68,6 +68,7 @@ def test_tta_final_evaluates_the_epochs_plainly_and_best_once_flipped(tiny_data,
     best.pth.tar once on val with it, as val.py --tta flip scores it, recorded apart from the curve,
     and the submission made with it. metrics.csv splits each epoch's seconds into updates, evaluation
     and checkpoint writes; best_results.json and the last line give the share of the run in updates."""
+    import evaluate
     import val
 
     flips = {"evaluate": [], "predict": []}
@@ -90,7 +91,9 @@ def test_tta_final_evaluates_the_epochs_plainly_and_best_once_flipped(tiny_data,
     assert best["val_top1"] == max(float(r["val_top1"]) for r in rows)  # best chosen on the plain figures
     assert not [c for c in rows[0] if c.endswith("_tta")]
     monkeypatch.setattr(val, "evaluate", real["evaluate"])
-    checked = val.run(["--checkpoint", str(run / "best.pth.tar"), "--tta", "flip", "--output_dir", str(tmp_path / "v")])
+    checked = evaluate.run(
+        ["--checkpoint", str(run / "best.pth.tar"), "--tta", "flip", "--output_dir", str(tmp_path / "v")]
+    )
     assert best["val_top1_tta"] == pytest.approx(checked["val_top1"]) and "val_top5_tta" in best
     done = [line for line in (run / "log.txt").read_text().splitlines() if " INFO done: " in line][-1]
     assert f"with flip TTA {best['val_top1_tta']:.2f}%" in done and "% of it in updates" in done

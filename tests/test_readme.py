@@ -13,10 +13,10 @@ import sys
 import pytest
 
 import analyze
+import evaluate
 import export
 import predict
 import sweep
-import val
 from conftest import ROOT
 from tin.config import cli, schema
 
@@ -88,7 +88,7 @@ def test_every_preset_named_exists():
 
 SCRIPTS = {
     "main.py": lambda argv: cli.parse_config(argv),
-    "val.py": lambda argv: val.parse_args(argv),
+    "val.py": lambda argv: evaluate.parse_args(argv),
     "analyze.py": lambda argv: analyze.build_parser().parse_args(argv),
     "sweep.py": lambda argv: sweep.build_parser().parse_args(argv),
     "predict.py": lambda argv: predict.parse_args(argv),
@@ -159,12 +159,12 @@ def test_the_learning_rate_table_is_the_recipe_table():
 
     table = README.split("| model family (`--arch`)", 1)[1].split("\n\n", 1)[0]
     rows = [r for r in table.splitlines() if r.startswith("| ")]
-    family = {"CNNs": "resnet", "mobile": "mobilenet", "small": "budget", "ViT/DeiT": "vit", "Swin": "swin", "any": "x"}
+    group = {"CNNs": "cnn", "mobile": "mobile", "small": "small", "ViT/DeiT": "vit", "Swin": "swin", "any": "timm"}
     columns = [(False, "adamw"), (False, "sgd"), (True, "adamw"), (True, "sgd")]
     assert len(rows) == 6
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        fam = family[cells[0].split()[0].rstrip(":")]
+        fam = group[cells[0].split()[0].rstrip(":")]
         for (pretrained, opt), cell in zip(columns, cells[1:], strict=True):
             recipe = optim.lr_recipe(fam, pretrained, opt)
             rate, warmup = re.match(r"([\d.e-]+).*warm-up (\d+)", cell).groups()

@@ -12,11 +12,12 @@ import yaml
 
 import analyze
 import arch
+import evaluate
 import main
-import val
 from conftest import FAST_RUN, ROOT, make_layout
 from tin.config.cli import parse_config
 from tin.data.readers import short_name
+from tin.run import submission
 from utils import UserError
 
 
@@ -45,27 +46,27 @@ def test_a_header_only_or_foreign_submission_is_refused(tmp_path):
     path = tmp_path / "preds.csv"
     path.write_text("image,label\n")
     with pytest.raises(UserError, match="0 rows for 2 test images"):
-        val.check_predictions(path, ["a.JPEG", "b.JPEG"], ["n1"])
+        submission.check_predictions(path, ["a.JPEG", "b.JPEG"], ["n1"])
     path.write_text("image,label\na.JPEG,n1\nb.JPEG,n9\n")
     with pytest.raises(UserError, match="labels that are no class"):
-        val.check_predictions(path, ["a.JPEG", "b.JPEG"], ["n1"])
+        submission.check_predictions(path, ["a.JPEG", "b.JPEG"], ["n1"])
     path.write_text("image,label\na.JPEG,n1\nb.JPEG,n1\n")
-    assert val.check_predictions(path, ["b.JPEG", "a.JPEG"], ["n1"]) == 2
+    assert submission.check_predictions(path, ["b.JPEG", "a.JPEG"], ["n1"]) == 2
 
 
 def test_val_py_never_overwrites_and_takes_a_run_folder(trained_run, tmp_path):
     before = (trained_run / "best_test_preds.csv").read_text()
-    val.run(["--checkpoint", str(trained_run)])  # a run folder, as --resume takes one
-    val.run(["--checkpoint", str(trained_run), "--tta"])  # --tta alone means flip, as in main.py
-    val.run(["--checkpoint", str(trained_run)])
+    evaluate.run(["--checkpoint", str(trained_run)])  # a run folder, as --resume takes one
+    evaluate.run(["--checkpoint", str(trained_run), "--tta"])  # --tta alone means flip, as in main.py
+    evaluate.run(["--checkpoint", str(trained_run)])
     folders = sorted(p.name for p in (trained_run / "eval").iterdir())
     assert folders == ["best", "best_2", "best_tta"]  # each evaluation its own folder
     assert all((trained_run / "eval" / f / "test_preds.csv").is_file() for f in folders)
     assert (trained_run / "best_test_preds.csv").read_text() == before  # the run's own files untouched
     with pytest.raises(UserError, match="already holds an evaluation"):
-        val.run(["--checkpoint", str(trained_run), "--output_dir", str(trained_run / "eval" / "best")])
+        evaluate.run(["--checkpoint", str(trained_run), "--output_dir", str(trained_run / "eval" / "best")])
     with pytest.raises(UserError, match="holds no best.pth.tar"):
-        val.run(["--checkpoint", str(tmp_path)])
+        evaluate.run(["--checkpoint", str(tmp_path)])
 
 
 def test_report_writes_into_reports_and_finds_the_runs_inside_a_sweep(trained_run, tmp_path):
@@ -119,7 +120,7 @@ def test_a_resumed_runs_config_yaml_is_a_preset_again(trained_run, tmp_path):
 def test_the_scripts_agree_on_tta_and_run_folders():
     assert parse_config(["--tta"]).tta and parse_config(["--tta", "flip"]).tta
     assert not parse_config(["--tta", "none"]).tta
-    assert val.parse_args(["--checkpoint", "RUN", "--tta"]).tta == "flip"
+    assert evaluate.parse_args(["--checkpoint", "RUN", "--tta"]).tta == "flip"
 
 
 def test_near_misses_get_a_did_you_mean(tmp_path):

@@ -1,6 +1,7 @@
-"""Knowledge distillation: teachers, and the loss that learns from them.
+"""Knowledge distillation: the teachers' loss object, which the step just calls (as DeiT's
+DistillationLoss), and the cached soft labels it can replay.
 
-    teacher = load_teachers(cfg, classes, runtime)      # --teacher PATH [PATH ...]; None without
+    teacher = load_teachers(cfg, data, runtime)         # tin/run/load.py: --teacher PATH [PATH ...]; None without
     loss = teacher.loss(label_loss, logits, inputs)     # in the step, for the student's batch
 
 A teacher is a run of this toolkit (its folder, i.e. best.pth.tar, or a .pth.tar file) or
@@ -45,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import arch
 import transforms
-from tin import checkpoint
+from batch_manager import Loaders
+from tin.data.readers import Split
 from tin.runtime import hardware
 from utils import UserError
 
@@ -108,7 +109,7 @@ class Teacher:
     info: list[dict] = field(default_factory=list)  # per teacher: source, arch, params, val_top1, digest
     cache: SoftLabels | None = None  # --kd_views K: the cached soft labels replayed instead of a forward pass
 
-    def replay(self, loaders, b: int) -> Replay | None:
+    def replay(self, loaders: Loaders, b: int) -> Replay | None:
         """Batch `b`'s cached views and soft labels (None: the teacher runs live)."""
         return None if self.cache is None else self.cache.batch(loaders.epoch, loaders.batch_indices(b))
 
@@ -169,123 +170,6 @@ class Teacher:
         return (1 - self.alpha) * label_loss + self.alpha * kd
 
 
-def load_teachers(cfg, data, runtime: hardware.Runtime) -> Teacher | None:
-    """--teacher's models on the run's device, checked against the classes of `data` (the prepared
-    splits), and with --kd_views their cached soft labels, made now if not found (None without)."""
-    if not cfg.teacher:
-        return None
-    teacher = _teachers(cfg, data.classes, runtime)
-    if cfg.kd_views:
-        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(data.root) / ".cache"
-        teacher.cache = soft_labels(teacher, data.train, len(data.classes), cfg, runtime, cache_dir)
-    return teacher
-
-
-def _teachers(cfg, classes: list[str], runtime: hardware.Runtime) -> Teacher:
-    models, sizes, info = [], [], []
-    for source in cfg.teacher:
-        if source.startswith("timm:"):
-            model, facts = _timm_teacher(source, cfg.teacher_pretrained_path, len(classes), cfg.img_size)
-        else:
-            model, facts = _run_teacher(source, classes)
-        model = model.to(runtime.device).eval()
-        if runtime.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        models.append(model)
-        sizes.append(facts["img_size"])
-        info.append(facts)
-        top1 = f"val top-1 {facts['val_top1']:.2f} % ({facts['evaluated']})" if facts["val_top1"] is not None else ""
-        log.info(
-            "teacher %s: %s, %s parameters%s; it sees the student's batch at %d px",
-            source,
-            facts["arch"],
-            f"{facts['params']:,}",
-            f", {top1}" if top1 else "",
-            facts["img_size"],
-        )
-    log.info(
-        "distillation: loss = %.2f x label loss + %.2f x T^2 KL(teacher || student), T = %g%s; %s",
-        1 - cfg.kd_alpha,
-        cfg.kd_alpha,
-        cfg.kd_temperature,
-        f"; the ensemble's mean probabilities ({len(models)} teachers)" if len(models) > 1 else "",
-        f"cached soft labels, {cfg.kd_views} views per image (--kd_views)"
-        if cfg.kd_views
-        else "the teacher runs in every step, on the student's batch (--kd_views 0)",
-    )
-    return Teacher(models, sizes, cfg.kd_alpha, cfg.kd_temperature, runtime.channels_last, info)
-
-
-def _run_teacher(source: str, classes: list[str]) -> tuple[torch.nn.Module, dict]:
-    """A run of this toolkit: its folder (best.pth.tar) or a checkpoint file."""
-    from tin.config.schema import from_saved
-
-    path = Path(source)
-    if path.is_dir():
-        path = path / "best.pth.tar"
-    try:
-        ckpt = checkpoint.load_checkpoint(path)
-    except UserError as exc:
-        raise UserError(f"--teacher {source}: {exc}") from None
-    taught = list(ckpt["classes"])
-    if taught != list(classes):
-        differ = next((f"{a} where the data has {b}" for a, b in zip(taught, classes, strict=False) if a != b), "")
-        raise UserError(
-            f"--teacher {source} was trained on other classes than the data's ({len(taught)} against "
-            f"{len(classes)}{'; ' + differ if differ else ''}); a teacher must predict the data's classes: pass a run "
-            "trained on this dataset"
-        )
-    cfg = from_saved(ckpt["config"])
-    model = arch.build_model(cfg.arch, len(taught), cfg.img_size)
-    model.load_state_dict(ckpt["state_dict"])
-    best = ckpt.get("best") or {}
-    top1 = best.get("val_top1", ckpt.get("top1"))
-    evaluated = (
-        f"{cfg.eval_px} px{', flip TTA' if cfg.tta_each else ''}{', EMA' if best.get('weights') == 'ema' else ''}"
-    )
-    return model, {
-        "source": str(source),
-        "file": str(path),
-        "arch": cfg.arch,
-        "params": sum(p.numel() for p in model.parameters()),
-        "img_size": cfg.img_size,
-        "val_top1": top1,
-        "evaluated": evaluated,
-        "digest": digest(ckpt["state_dict"]),
-    }
-
-
-def _timm_teacher(source: str, weights: str, num_classes: int, img_size: int) -> tuple[torch.nn.Module, dict]:
-    """timm:NAME with every tensor from `weights` (a head of another size is refused: it would be
-    a random teacher). The class order cannot be checked: it must be the sorted-wnid order."""
-    from timm.models import load_checkpoint
-
-    if not Path(weights).is_file():
-        raise UserError(f"--teacher_pretrained_path {weights} does not exist")
-    model = arch.build_model(source, num_classes, img_size)
-    try:
-        load_checkpoint(model, weights, strict=True)
-    except (RuntimeError, KeyError) as exc:
-        sizes = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line][:1]
-        raise UserError(
-            f"--teacher {source}: {weights} does not fit {source.removeprefix('timm:')} with the data's "
-            f"{num_classes} classes ({sizes[0] if sizes else type(exc).__name__}); a teacher must be trained on "
-            "these classes"
-        ) from None
-    return model, {
-        "source": source,
-        "file": str(weights),
-        "arch": source,
-        "params": sum(p.numel() for p in model.parameters()),
-        "img_size": img_size,
-        "val_top1": None,
-        "evaluated": "",
-        "digest": digest(model.state_dict()),
-    }
-
-
 def digest(state_dict: dict[str, torch.Tensor]) -> str:
     """A short fingerprint of a model's weights (every tensor's bytes, in key order)."""
     h = hashlib.sha256()
@@ -311,41 +195,48 @@ def check_same_teachers(saved: list[dict] | None, teacher: Teacher | None, where
 
 # --------------------------------------------------------------------------- cached soft labels
 def soft_labels(
-    teacher: Teacher, split, num_classes: int, cfg, runtime: hardware.Runtime, cache_dir: Path
+    teacher: Teacher,
+    split: Split,
+    num_classes: int,
+    recipe: dict,
+    views: int,
+    seed: int,
+    runtime: hardware.Runtime,
+    cache_dir: Path,
 ) -> SoftLabels:
     """The cached soft labels of `teacher` for the training `split`: read from `cache_dir`, or made
-    (one pass of the teachers over --kd_views views of every image) and written there."""
-    recipe = transforms.at_strength(cfg.recipe(), cfg.aug_strength)
-    key = _cache_key(teacher, split, cfg, {op: recipe[op] for op in VIEW_OPS})
+    (one pass of the teachers over `views` (--kd_views) views of every image, drawn from `recipe` at
+    the run's strength with `seed`) and written there."""
+    key = _cache_key(teacher, split, views, seed, {op: recipe[op] for op in VIEW_OPS})
     path = cache_dir / f"soft_labels_{key}.npz"
     try:
         with np.load(path) as f:
             found = SoftLabels(f["logp"], f["classes"], f["views"], path)
-        if found.views.shape[:2] == (cfg.kd_views, len(split)):
-            log.info("cached soft labels: %s (%d views of %d images)", path, cfg.kd_views, len(split))
+        if found.views.shape[:2] == (views, len(split)):
+            log.info("cached soft labels: %s (%d views of %d images)", path, views, len(split))
             return found
     except (OSError, ValueError, KeyError, zlib.error):
         pass  # absent, or cut short: made again
     start = time.perf_counter()
-    views = _draw_views(recipe, len(split), cfg.kd_views, cfg.seed)
-    logp, classes = _teach(teacher, split, views, num_classes, runtime)
+    drawn = _draw_views(recipe, len(split), views, seed)
+    logp, classes = _teach(teacher, split, drawn, num_classes, runtime)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, logp=logp, classes=classes, views=views)
+    np.savez(tmp, logp=logp, classes=classes, views=drawn)
     os.replace(tmp, path)  # whole or absent
     log.info(
         "cached soft labels: %d views of %d images through the teacher%s in %.0f s, written to %s (reused by "
         "later runs with the same teachers, data, seed and recipe)",
-        cfg.kd_views,
+        views,
         len(split),
         "s" if len(teacher.models) > 1 else "",
         time.perf_counter() - start,
         path,
     )
-    return SoftLabels(logp, classes, views, path)
+    return SoftLabels(logp, classes, drawn, path)
 
 
-def _cache_key(teacher: Teacher, split, cfg, view_recipe: dict) -> str:
+def _cache_key(teacher: Teacher, split: Split, views: int, seed: int, view_recipe: dict) -> str:
     """What the cached soft labels depend on: the teachers' weights and sizes, the temperature, the
     training images (their names and decode cache), the views (count, seed, crop and flip ranges)."""
     memmap = getattr(split.array, "filename", None)
@@ -357,8 +248,8 @@ def _cache_key(teacher: Teacher, split, cfg, view_recipe: dict) -> str:
         "topk": TOPK,
         "images": hashlib.sha256("\n".join(split.ids).encode()).hexdigest(),
         "decoded": Path(memmap).name if memmap else len(split),
-        "views": cfg.kd_views,
-        "seed": cfg.seed,
+        "views": views,
+        "seed": seed,
         "recipe": view_recipe,
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]

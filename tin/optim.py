@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler, StepLRScheduler
 
+# timm is imported in the functions that use it: config takes its choice lists from here, and what only
+# reads configs (report.py) need not load timm
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
@@ -22,6 +22,8 @@ def build_optimizer(
     model: torch.nn.Module, opt: str, lr: float, weight_decay: float, momentum: float = 0.9, nesterov: bool = False
 ) -> torch.optim.Optimizer:
     """timm's factory: weight decay is not applied to norm layers and biases."""
+    from timm.optim import create_optimizer_v2
+
     if opt == "sgd":  # timm: 'momentum' = SGD with momentum, 'nesterov' = with Nesterov momentum
         name = "nesterov" if nesterov else "momentum"
         return create_optimizer_v2(model, name, lr=lr, weight_decay=weight_decay, momentum=momentum)
@@ -32,24 +34,34 @@ def build_optimizer(
 # Each takes (optimizer, total updates after warm-up, updates per epoch, the timm common kwargs,
 # options); step and multistep count epochs, the others the whole run.
 def _cosine(opt, total: int, per_epoch: int, common: dict, o: dict):
+    from timm.scheduler import CosineLRScheduler
+
     return CosineLRScheduler(opt, t_initial=max(total, 1), lr_min=o["min_lr"], **common)
 
 
 def _linear(opt, total: int, per_epoch: int, common: dict, o: dict):  # timm's poly schedule with power 1
+    from timm.scheduler import PolyLRScheduler
+
     return PolyLRScheduler(opt, t_initial=max(total, 1), power=1.0, lr_min=o["min_lr"], **common)
 
 
 def _step(opt, total: int, per_epoch: int, common: dict, o: dict):
+    from timm.scheduler import StepLRScheduler
+
     return StepLRScheduler(opt, decay_t=o["step_size"] * per_epoch, decay_rate=o["gamma"], **common)
 
 
 def _multistep(opt, total: int, per_epoch: int, common: dict, o: dict):
     # timm decays once t + 1 reaches a milestone; +1 makes the decay start exactly at epoch m
+    from timm.scheduler import MultiStepLRScheduler
+
     steps = [int(round(m * per_epoch)) - common["warmup_t"] + 1 for m in o["milestones"]]
     return MultiStepLRScheduler(opt, decay_t=steps, decay_rate=o["gamma"], **common)
 
 
 def _constant(opt, total: int, per_epoch: int, common: dict, o: dict):
+    from timm.scheduler import StepLRScheduler
+
     return StepLRScheduler(opt, decay_t=float("inf"), decay_rate=1.0, **common)
 
 
@@ -133,20 +145,10 @@ class LrRecipe:
     why: str
 
 
-# Model family -> group, then (group, pretrained, adaptive optimizer?) -> recipe. From scratch, the
-# rates are those the 2-epoch real-data comparison chose (bench/lr_recipes.py; README: Learning rates);
-# pretrained keeps the original project's fine-tuning rate 2e-5 (AdamW, batch 128).
-FAMILY_GROUPS = {
-    "resnet": "cnn",
-    "resnet-small": "cnn",
-    "vgg": "cnn",
-    "efficientnet": "mobile",
-    "mobilenet": "mobile",
-    "budget": "small",
-    "resnet9": "small",
-    "vit": "vit",
-    "swin": "swin",
-}
+# (group, pretrained, adaptive optimizer?) -> recipe; a model's group is its ArchSpec's lr_group
+# (arch/__init__.py). From scratch, the rates are those the 2-epoch real-data comparison chose
+# (bench/lr_recipes.py; README: Learning rates); pretrained keeps the original project's fine-tuning
+# rate 2e-5 (AdamW, batch 128).
 LR_RECIPES: dict[tuple[str, bool, bool], LrRecipe] = {
     ("cnn", False, True): LrRecipe(4e-3, 2, "CNN from scratch, AdamW"),
     ("mobile", False, True): LrRecipe(4e-3, 2, "mobile CNN from scratch, AdamW"),
@@ -160,10 +162,9 @@ LR_RECIPES: dict[tuple[str, bool, bool], LrRecipe] = {
 }
 
 
-def lr_recipe(family: str, pretrained: bool, opt: str) -> LrRecipe:
-    group = FAMILY_GROUPS.get(family, "timm")
+def lr_recipe(group: str, pretrained: bool, opt: str) -> LrRecipe:
     adaptive = opt != "sgd"
     for key in ((group, pretrained, adaptive), ("*", pretrained, adaptive)):
         if key in LR_RECIPES:
             return LR_RECIPES[key]
-    raise KeyError((family, pretrained, opt))
+    raise KeyError((group, pretrained, opt))

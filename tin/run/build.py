@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,37 +31,18 @@ from tin.config.schema import RESOLVED_KEY, Config
 from tin.data import readers
 from tin.engine.state import TrainState
 from tin.plan import budget, measure, stop
-from tin.run import outputs
+from tin.run import folder, load, sinks
+from tin.run.run import Run
 from tin.runtime import distributed, hardware
 from utils import UserError, seed_everything
 
 log = logging.getLogger("tin")
 
 
-@dataclass
-class Run:
-    """A training run, complete: what loop.fit trains."""
-
-    cfg: Config  # resolved: the numbers `auto` became
-    parts: train.Parts  # what the updates need
-    scheduler: optim.Stretchable  # the learning rate per update, over the plan
-    clock: stop.Timekeeper  # the plan, its re-planning, the deadline, signals
-    state: TrainState  # where the run stands (a resumed run's position)
-    run_dir: Path
-    sinks: list = field(default_factory=list)  # metrics.csv, wandb (the main process only)
-    params: int = 0
-    gflops: float = 0.0
-
-    def close(self) -> None:
-        self.clock.close()
-        for sink in self.sinks:
-            sink.close()
-
-
 def build(cfg: Config, ctx: distributed.Context, ckpt: dict | None, started: float, run_dir: Path | None = None) -> Run:
     """The run of `cfg` (a new one, or `ckpt`'s resumed in `run_dir`), from the process's start
     `started` (budget.clock())."""
-    wandb_mode = outputs.resolve_wandb_mode(cfg.wandb) if ctx.is_main else "disabled"  # a missing install: now
+    wandb_mode = sinks.resolve_wandb_mode(cfg.wandb) if ctx.is_main else "disabled"  # a missing install: now
     cfg, parts, params, gflops, (recipe, auto) = build_parts(cfg, ctx, ckpt)
     if ckpt is not None:
         plan = budget.Plan.from_dict(ckpt["plan"]) if "plan" in ckpt else measure.plan_run(cfg, parts, 0.0)
@@ -83,21 +63,19 @@ def build(cfg: Config, ctx: distributed.Context, ckpt: dict | None, started: flo
         **({"recipe": {"why": recipe.why, **{k: getattr(cfg, k) for k in auto}}} if recipe else {}),
     }
     run_dir = distributed.broadcast(_open_run_dir(cfg, parts.model, run_dir, resolved) if ctx.is_main else None)
-    sinks = []
+    outputs: list[sinks.Sink] = []
     if ctx.is_main:
-        sinks.append(outputs.CsvSink(run_dir / "metrics.csv", outputs.METRIC_ORDER, rows=state.history))
+        outputs.append(sinks.CsvSink(run_dir / "metrics.csv", sinks.METRIC_ORDER, rows=state.history))
         if wandb_mode != "disabled":
-            sinks.append(
-                outputs.WandbSink(
-                    run_dir, wandb_mode, cfg.wandb_project, cfg.to_dict(), run_id=state.wandb_id, tags=cfg.tag_list()
-                )
-            )
-            state.wandb_id = sinks[-1].run.id
+            tags = cfg.tag_list()
+            wandb_sink = sinks.WandbSink(run_dir, wandb_mode, cfg.wandb_project, cfg.to_dict(), state.wandb_id, tags)
+            state.wandb_id = wandb_sink.run.id
+            outputs.append(wandb_sink)
     clock = stop.Timekeeper(plan, cfg, state, started, ctx, parts.device, parts.sync_every)
     if ckpt is not None:
         checkpoint.restore_rng(ckpt, ctx)  # last: nothing may draw after it
         log.info("resumed %s at epoch %d, batch %d (update %d)", run_dir, state.epoch + 1, state.batch, state.step)
-    return Run(cfg, parts, scheduler, clock, state, run_dir, sinks, params, gflops)
+    return Run(cfg, parts, scheduler, clock, state, run_dir, outputs, params, gflops)
 
 
 def build_parts(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None):
@@ -115,19 +93,20 @@ def build_parts(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None)
     log.info("numerics: %s", hardware.configure(runtime.device, deterministic=cfg.deterministic))
     if ckpt is not None:
         hardware.warn_if_changed(ckpt.get("runtime"), runtime)
-    if cfg.eval_px != cfg.img_size and arch.resolve(cfg.arch).family in ("vit", "swin"):
+    spec = arch.resolve(cfg.arch)  # once: what the build needs to know of the model is in its spec
+    if cfg.eval_px != cfg.img_size and spec.fixed_grid:
         raise UserError(
             f"--eval_size {cfg.eval_size}: {cfg.arch} is built for {cfg.img_size}x{cfg.img_size} inputs "
             "(a transformer's position grid); evaluate it at --img_size (--eval_size 0)"
         )
     # file names only: fast. A held-out val (--val_split) never touches the dataset's own val images.
     listing = readers.read_dataset(cfg.dataset, cfg.data_dir, val=not cfg.val_split)
-    cfg = _fit_params(cfg, len(listing.classes))
-    _check_params(cfg, len(listing.classes))  # before the decoding, not after
+    cfg, spec = _fit_params(cfg, spec, len(listing.classes))
+    _check_params(cfg, spec, len(listing.classes))  # before the decoding, not after
     if ckpt is not None and list(ckpt["classes"]) != listing.classes:  # likewise
         raise UserError(f"--resume {cfg.resume}: the run was trained on other classes than those in {listing.root}")
     data = _prepare_data_once(cfg, ctx, listing)
-    cfg, recipe, auto = _resolve_recipe(cfg, ctx) if ckpt is None else (cfg, None, [])
+    cfg, recipe, auto = _resolve_recipe(cfg, spec, ctx) if ckpt is None else (cfg, None, [])
     resident, why = hardware.decide_data_on_device(
         cfg.data_on_device, runtime.device, batch_manager.resident_bytes(data), cfg.aug_backend
     )
@@ -146,7 +125,7 @@ def build_parts(cfg: Config, ctx: distributed.Context, ckpt: dict | None = None)
         on_device=runtime.device if resident else None,
         eval_size=cfg.eval_px,
     )
-    model, params, gflops = _model(cfg, len(data.classes), runtime, fresh=ckpt is None)
+    model, params, gflops = _model(cfg, spec, len(data.classes), runtime, fresh=ckpt is None)
     if ctx.enabled:  # same initial weights everywhere (DDP broadcasts them); own dropout/mixing draws per process
         seed_everything(cfg.seed + ctx.rank)
     net = model
@@ -198,10 +177,12 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, plan: budget.
     )
 
 
-def _model(cfg: Config, num_classes: int, runtime: hardware.Runtime, fresh: bool) -> tuple[torch.nn.Module, int, float]:
+def _model(
+    cfg: Config, spec: arch.ArchSpec, num_classes: int, runtime: hardware.Runtime, fresh: bool
+) -> tuple[torch.nn.Module, int, float]:
     """The model on its device and in its memory format; pretrained weights only for a new run."""
     model = arch.build_model(
-        cfg.arch,
+        spec,
         num_classes,
         img_size=cfg.img_size,
         drop_rate=cfg.drop_rate,
@@ -213,7 +194,7 @@ def _model(cfg: Config, num_classes: int, runtime: hardware.Runtime, fresh: bool
     params, gflops = arch.model_stats(model, cfg.img_size)
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     told = {k: getattr(cfg, k) for k in arch.DROP_KNOBS if getattr(cfg, k) != defaults[k]}  # set by the user
-    unused = arch.unused_knobs(cfg.arch, **told)
+    unused = arch.unused_knobs(spec, **told)
     if unused:
         log.info("%s has no %s; ignored for this model", cfg.arch, " / ".join(f"--{k}" for k in unused))
     log.info(
@@ -224,11 +205,11 @@ def _model(cfg: Config, num_classes: int, runtime: hardware.Runtime, fresh: bool
     return model, params, gflops
 
 
-def _fit_params(cfg: Config, num_classes: int) -> Config:
+def _fit_params(cfg: Config, spec: arch.ArchSpec, num_classes: int) -> tuple[Config, arch.ArchSpec]:
     """--fit_params N: --arch becomes the widest of its family with at most N parameters (a name like
-    resnet9_w24, which config.yaml, the checkpoints and val.py then use as any other)."""
+    resnet9_w24, which config.yaml, the checkpoints and evaluate.py then use as any other), and its spec."""
     if not cfg.fit_params:
-        return cfg
+        return cfg, spec
     name, params = arch.fit_width(cfg.arch, cfg.fit_params, num_classes, cfg.img_size)
     if name != cfg.arch:
         log.info(
@@ -239,14 +220,14 @@ def _fit_params(cfg: Config, num_classes: int) -> Config:
             f"{params:,}",
             num_classes,
         )
-    return dataclasses.replace(cfg, arch=name)
+    return dataclasses.replace(cfg, arch=name), arch.resolve(name)
 
 
-def _check_params(cfg: Config, num_classes: int) -> None:
+def _check_params(cfg: Config, spec: arch.ArchSpec, num_classes: int) -> None:
     """--max_params: the model's parameters counted on the meta device (no memory, no time)."""
     if not cfg.max_params:
         return
-    params = arch.count_params(cfg.arch, num_classes, cfg.img_size)
+    params = arch.count_params(spec, num_classes, cfg.img_size)
     if params > cfg.max_params:
         fits = [(n, k) for n, k in arch.smallest(num_classes, cfg.img_size) if k <= cfg.max_params]
         hint = f"; {', '.join(f'--arch {n} ({k:,})' for n, k in fits[:2])} fit{'s' if len(fits) == 1 else ''}"
@@ -272,20 +253,21 @@ def _teachers_once(cfg: Config, ctx: distributed.Context, data, runtime: hardwar
     decode cache is, the others then finding them ready."""
     if ctx.local_rank != 0 and cfg.teacher and cfg.kd_views:
         distributed.barrier_long()
-    teacher = distill.load_teachers(cfg, data, runtime)
+    teacher = load.load_teachers(cfg, data, runtime)
     if ctx.local_rank == 0 and cfg.teacher and cfg.kd_views:
         distributed.barrier_long()
     return teacher
 
 
-def _resolve_recipe(cfg: Config, ctx: distributed.Context) -> tuple[Config, optim.LrRecipe | None, list[str]]:
+def _resolve_recipe(
+    cfg: Config, spec: arch.ArchSpec, ctx: distributed.Context
+) -> tuple[Config, optim.LrRecipe | None, list[str]]:
     """--lr_base auto / --warmup_epochs auto -> numbers from the recipe table, logged, and written
     into the config (so config.yaml and the checkpoints hold the numbers the run used). Returns the
     config, the recipe (None when nothing was auto) and the fields it set."""
     if cfg.lr_base is not None and cfg.warmup_epochs is not None:
         return cfg, None, []
-    spec = arch.resolve(cfg.arch)
-    recipe = optim.lr_recipe(spec.family, cfg.pretrained or bool(cfg.pretrained_path), cfg.opt)
+    recipe = optim.lr_recipe(spec.lr_group, cfg.pretrained or bool(cfg.pretrained_path), cfg.opt)
     changes = {}
     if cfg.lr_base is None:
         per = cfg.lr_scale_batch or 256  # the recipe's rate is per 256 images; the scaling rule applies it
@@ -331,14 +313,14 @@ def _open_run_dir(cfg: Config, model: torch.nn.Module, run_dir: Path | None, res
     """A new run folder (or the resumed one), created only once data and model are known good.
     config.yaml: the configuration (usable as --config), then what the auto settings became here."""
     new_run = run_dir is None
-    run_dir = run_dir or outputs.make_run_dir(cfg.output_dir, cfg.name or cfg.arch)
+    run_dir = run_dir or folder.make_run_dir(cfg.output_dir, cfg.name or cfg.arch)
     try:
         checkpoint.check_disk(run_dir, model, extra_copies=cfg.keep_last + (1 if cfg.ema else 0))
     except UserError:
         if new_run:
             run_dir.rmdir()
         raise
-    outputs.setup_logging(run_dir)
+    folder.setup_logging(run_dir)
     if not new_run:  # a write that a kill cut short left its temporary file: never valid, never needed
         for stale in run_dir.glob("*.tmp"):
             stale.unlink()

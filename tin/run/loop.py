@@ -26,8 +26,8 @@ import val
 from tin import checkpoint
 from tin.config.schema import TTA_FINAL
 from tin.plan import budget
-from tin.run import outputs
-from tin.run.build import Run
+from tin.run import analysis, console, folder, submission
+from tin.run.run import Run
 from tin.runtime import distributed
 from train import train_one_epoch
 
@@ -37,7 +37,7 @@ log = logging.getLogger("tin")
 def fit(run: Run) -> None:
     """Train the plan from `run.state` on; a signal saves the exact position and exits 128 + signal."""
     cfg, parts, state, clock = run.cfg, run.parts, run.state, run.clock
-    outputs.announce(run)
+    console.announce(run)
     already = state.finished  # resumed after its last epoch
     saves = Saves(cfg.save_every_min)
     run.scheduler.step_update(num_updates=state.step)  # a resumed run's learning rate
@@ -54,7 +54,7 @@ def fit(run: Run) -> None:
             strength=transforms.strength_at(epoch, plan.epochs, cfg.aug_schedule, cfg.aug_strength),
             size=transforms.train_size_at(epoch, plan.epochs, cfg.img_size, cfg.min_img_size, cfg.resize_until),
             should_stop=clock.should_stop,
-            desc=f"epoch {epoch + 1}/{outputs.epochs_text(plan)}",
+            desc=f"epoch {epoch + 1}/{console.epochs_text(plan)}",
         )
         update_s = budget.clock() - t_train  # train_one_epoch synchronised the device before returning
         clock.epoch_trained(stats["train_size"], updates=-(-(state.batch - batch0) // parts.accum_steps))
@@ -67,13 +67,13 @@ def fit(run: Run) -> None:
         row["epoch_seconds"], row["wall_seconds"] = budget.clock() - t0, clock.elapsed()
         improved = end_epoch(run, saves, row, last)
         row["epoch_seconds"], row["wall_seconds"] = budget.clock() - t0, clock.elapsed()
-        outputs.log_epoch(run, row, improved)
+        console.log_epoch(run, row, improved)
         if clock.signalled():  # a signal that came during evaluation or saving
             exit_interrupted(run, saves)
     if already and ended_before(run):
         return
     final = end_pass(run)
-    outputs.log_done(run, final)
+    console.log_done(run, final)
     if not cfg.no_analysis and parts.loaders.val is not None and parts.ctx.is_main:
         analyze(run.run_dir, cfg.workers, parts.device)
 
@@ -227,11 +227,13 @@ class Saves:
                 checkpoint.write_checkpoint(self.best, run.run_dir / "best.pth.tar")
                 if self.preds is not None:
                     data = run.parts.loaders.data
-                    val.write_predictions(data.test.ids, self.preds, data.classes, run.run_dir / "best_test_preds.csv")
+                    submission.write_predictions(
+                        data.test.ids, self.preds, data.classes, run.run_dir / "best_test_preds.csv"
+                    )
             checkpoint.write_checkpoint(ckpt, run.run_dir / "last.pth.tar")
             if ckpt["batch"] == 0:  # epoch_NNN copies are of epoch ends
                 checkpoint.save_epoch_copy(run.run_dir / "last.pth.tar", run.run_dir, ckpt["epoch"], run.cfg.keep_last)
-            outputs.write_results(run, run.state.elapsed_s)
+            folder.write_results(run, run.state.elapsed_s)
         self.best, self.preds, self.behind, self.last_write = None, None, False, budget.clock()
 
 
@@ -263,9 +265,9 @@ def end_pass(run: Run) -> dict:
         preds = test_preds(run, weights, cfg.tta_end) if predict else None
         if preds is not None and parts.ctx.is_main:
             data = parts.loaders.data
-            val.write_predictions(data.test.ids, preds, data.classes, run.run_dir / "best_test_preds.csv")
+            submission.write_predictions(data.test.ids, preds, data.classes, run.run_dir / "best_test_preds.csv")
     if parts.ctx.is_main:
-        outputs.write_results(run, run.clock.elapsed(), final)
+        folder.write_results(run, run.clock.elapsed(), final)
     return final
 
 
@@ -310,8 +312,6 @@ def resume_command(run_dir: Path) -> str:
 
 def analyze(run_dir: Path, workers: int, device: torch.device) -> None:
     """End-of-run plots and confusions; a failure here must not turn a finished run into an error."""
-    import analyze as analysis
-
     try:
         analysis.analyze_run(run_dir, workers=workers, device=device)
     except Exception as exc:  # noqa: BLE001 - reported, and the trained run stays complete

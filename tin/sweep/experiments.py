@@ -33,7 +33,7 @@ import yaml
 from tin.runtime import hardware
 from utils import UserError
 
-MAIN = Path(__file__).resolve().parents[1] / "main.py"
+MAIN = Path(__file__).resolve().parents[2] / "main.py"  # tin/sweep/ -> the repository root
 INTERRUPTED = (130, 143, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL)  # stopped, resumable; not broken
 POLL_S = 1.0  # how often a running run's metrics.csv is read
 

@@ -122,7 +122,7 @@ def default_space(cfg: Config) -> dict[str, Any]:
     space: dict[str, Any] = {}
     lr = cfg.lr_base
     if lr is None:
-        recipe = optim.lr_recipe(arch.resolve(cfg.arch).family, cfg.pretrained or bool(cfg.pretrained_path), cfg.opt)
+        recipe = optim.lr_recipe(arch.resolve(cfg.arch).lr_group, cfg.pretrained or bool(cfg.pretrained_path), cfg.opt)
         lr = recipe.lr_per_256 * (cfg.lr_scale_batch or 256) / 256
         if not cfg.lr_scale_batch:
             space["lr_scale_batch"] = 256  # the rate is per 256 images, as the recipe's
