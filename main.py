@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> Path | None:
             setup_logging(level=logging.WARNING)  # one process speaks; the others only warn
         elif run_dir is not None:
             setup_logging(run_dir)  # a resumed run's lines go on in its log.txt
-        run = build(cfg, ctx, ckpt, started, run_dir)
+        run = build(cfg, ctx, ckpt, started, run_dir, argv)
         try:
             fit(run)
         finally:

@@ -2,7 +2,7 @@
 
     python predict.py RUN_OR_CHECKPOINT [MORE_CHECKPOINTS ...] IMAGES ... [--topk 5] [--tta flip]
                       [--out predictions.csv] [--batch_size N] [--device auto|cpu|cuda] [--ensemble mean|max_conf]
-    python predict.py --checkpoint A/best.pth.tar [B/best.pth.tar ...] IMAGES ...   (as val.py takes them)
+    python predict.py --checkpoint A/best.pth.tar [B/best.pth.tar ...] IMAGES ...   (as evaluate.py takes them)
 
 Which argument is which: a run folder (one holding best.pth.tar; its best.pth.tar is used) or a
 file named *.pth.tar is a checkpoint; every other argument is an image source: a file (any name), a
@@ -17,7 +17,7 @@ PIL bilinear, as tin.data.decode_cache.decode_to) and then to the run's evaluati
 as the evaluation loader). A Tiny-ImageNet image thus gets exactly the pixels the run evaluated,
 and a large photo is first reduced with PIL's antialiasing filter rather than cv2's, which would
 alias. The model runs through val.py's evaluation loop, at the precision and memory format the run
-chose for this device; an ensemble combines probabilities as val.py does.
+chose for this device; an ensemble combines probabilities as evaluate.py does.
 
 Output: a CSV (path, then wnid_k, name_k, prob_k for k = 1..topk; rows in argument order) and the
 top-1 of each image on the console. Unreadable files are listed with the reason and skipped. Class
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the others are image files, folders (recursive) or globs.",
     )
     p.add_argument("inputs", nargs="*", metavar="RUN_OR_CHECKPOINT_OR_IMAGES")
-    p.add_argument("--checkpoint", nargs="+", default=None, help="checkpoints, as val.py takes them")
+    p.add_argument("--checkpoint", nargs="+", default=None, help="checkpoints, as evaluate.py takes them")
     p.add_argument("--topk", type=int, default=5, help="classes per image in the CSV (default 5)")
     p.add_argument("--tta", choices=("none", "flip"), default="none", help="test-time augmentation")
     p.add_argument("--out", default="predictions.csv", help="the CSV to write (default predictions.csv)")

@@ -8,7 +8,7 @@ Needs only the repository and its requirements (a GPU machine's own torch may di
 the versions it ran with are printed). Its data: the built-in demo digits (demo_data.py), made here.
 
   1. training: the defaults on the demo data for 2 epochs under --deterministic on, interrupted
-     (SIGINT) in epoch 2 and resumed, against an uninterrupted run: identical metrics; then val.py
+     (SIGINT) in epoch 2 and resumed, against an uninterrupted run: identical metrics; then evaluate.py
      on the checkpoint reproduces the run's val top-1
   2. host syncs per update in train_one_epoch over a fresh epoch of >= 100 updates (CUDA:
      torch.cuda.set_sync_debug_mode), trainer / bare loop for resnet18 and resnet9_slim at batch
@@ -150,8 +150,8 @@ def _main_py(args: list[str], out, interrupt_at: int = 0) -> subprocess.Popen:
     return proc
 
 
-# --------------------------------------------------------------------------- 1. training, resume, val.py
-@check("1. training, interrupt, resume, val.py")
+# --------------------------------------------------------------------------- 1. training, resume, evaluate.py
+@check("1. training, interrupt, resume, evaluate.py")
 def check_training(args, work: Path, data: Path, started: float) -> None:
 
     # --deterministic on: a resumed run is then bitwise the uninterrupted one on a GPU too, so any
@@ -183,7 +183,7 @@ def check_training(args, work: Path, data: Path, started: float) -> None:
         ["--checkpoint", str(run / "best.pth.tar"), "--output_dir", str(work / "val"), "--device", args.device]
     )
     best = json.loads((run / "best_results.json").read_text())["val_top1"]
-    # val.py evaluates as the run did (precision, memory format, batch) but in this process, under
+    # evaluate.py evaluates as the run did (precision, memory format, batch) but in this process, under
     # autotuning: cuDNN's algorithm choice may flip an argmax or two, at most two images' worth
     slack = 2 * 100.0 / n_val + 1e-6
     if differ:
@@ -202,9 +202,9 @@ def check_training(args, work: Path, data: Path, started: float) -> None:
         exact = "identical to an uninterrupted run (train loss, val loss, val top-1 of both epochs)"
     ok = code == 130 and len(b) == 2 and not differ and abs(metrics["val_top1"] - best) <= slack
     row(
-        "1. demo run (--deterministic on), SIGINT in epoch 2, resume; val.py",
+        "1. demo run (--deterministic on), SIGINT in epoch 2, resume; evaluate.py",
         f"stopped with {code} at update {cut_at} of {updates}, resumed: {exact}; "
-        f"val.py top-1 {metrics['val_top1']:.2f} % vs the run's {best:.2f} % ({n_val} images)",
+        f"evaluate.py top-1 {metrics['val_top1']:.2f} % vs the run's {best:.2f} % ({n_val} images)",
         ok,
         time.perf_counter() - started,
     )

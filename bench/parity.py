@@ -1,8 +1,9 @@
 """Same seed, same outputs: a commit's training against this checkout's, byte for byte where it must be.
 
-    python -m bench.parity REF [--data_dir data/demo-digits] [--work /tmp/parity]
+    python -m bench.parity REF [--here REF2] [--data_dir data/demo-digits] [--work /tmp/parity]
 
-Checks out REF in a git worktree and trains the same small run in both trees (the demo config's
+Checks out REF (and REF2, else this checkout is the other side) in a git worktree and trains the
+same small run in both trees (the demo config's
 ResNet-18 on the digits dataset, 3 epochs, --deterministic on, one process): once uninterrupted,
 once stopped (SIGINT, a Ctrl-C) right after update K, mid-epoch 2, and resumed with --resume. It then compares
 with REF's: metrics.csv (every column but the seconds), the weights in best.pth.tar and
@@ -104,10 +105,12 @@ def main() -> None:
                 runs[name] = train(tree, data, work / name, interrupt)
                 print(f"trained {name}: {runs[name]}", flush=True)
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(ref_tree)], cwd=ROOT, capture_output=True)
-    rows = compare(runs["ref_whole"], runs["here_whole"], f"{args.ref} vs this checkout")
-    rows += compare(runs["ref_resumed"], runs["here_resumed"], f"{args.ref} vs this checkout, stopped and resumed")
-    rows += compare(runs["here_whole"], runs["here_resumed"], "this checkout: resumed vs uninterrupted")
+        for tree in (ref_tree, work / "here"):
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
+    here = args.here or "this checkout"
+    rows = compare(runs["ref_whole"], runs["here_whole"], f"{args.ref} vs {here}")
+    rows += compare(runs["ref_resumed"], runs["here_resumed"], f"{args.ref} vs {here}, stopped and resumed")
+    rows += compare(runs["here_whole"], runs["here_resumed"], f"{here}: resumed vs uninterrupted")
     for what, ok in rows:
         print(f"{'same' if ok else 'DIFFERENT':9s} {what}")
     sys.exit(0 if all(ok for _, ok in rows) else 1)

@@ -202,7 +202,7 @@ def test_report_without_finished_runs_is_a_clear_error(tmp_path):
 
 
 def test_eval_size_evaluates_val_and_test_at_its_resolution(tiny_data, tmp_path):
-    """--eval_size (FixRes): training at --img_size 32, val and test at 40; val.py reproduces the
+    """--eval_size (FixRes): training at --img_size 32, val and test at 40; evaluate.py reproduces the
     run's figure from the checkpoint (at the same 40 px), and transformers are refused."""
     import batch_manager
 

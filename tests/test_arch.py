@@ -91,7 +91,7 @@ def test_budget_model_is_under_one_million_and_the_budget_is_enforced(tiny_data,
     assert results["params"] < 1_000_000 and results["gflops"] > 0
 
 
-def test_fit_params_trains_the_widest_of_a_family_that_fits_and_val_py_reads_it_back(tiny_data, tmp_path):
+def test_fit_params_trains_the_widest_of_a_family_that_fits_and_evaluate_py_reads_it_back(tiny_data, tmp_path):
     import json
 
     import evaluate

@@ -184,7 +184,7 @@ def test_gpu_check_runs_on_a_cpu_without_albumentations_or_wandb(tmp_path):
 def test_gpu_check_continue_reruns_a_check_its_process_died_in_once_then_fails_it(tmp_path):
     """--continue after a process that ended inside check 1 without a word: check 1 runs again;
     after a second such end it is a FAIL row, and the checks after it still run."""
-    title = "1. training, interrupt, resume, val.py"
+    title = "1. training, interrupt, resume, evaluate.py"
     row = {"key": "2a", "check": "2a. host syncs per update", "result": "CUDA only", "ok": None, "seconds": 0.0}
     report = tmp_path / "gpu_check.json"
     for attempts, expect in ((1, {"2a"}), (2, {"2a", "1"})):

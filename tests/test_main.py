@@ -65,7 +65,7 @@ def test_run_folder_is_complete(trained_run, tiny_data):
 
 def test_tta_final_evaluates_the_epochs_plainly_and_best_once_flipped(tiny_data, tmp_path, monkeypatch):
     """--tta final: every epoch's evaluation (and the predictions at a new best) without TTA; at the end
-    best.pth.tar once on val with it, as val.py --tta flip scores it, recorded apart from the curve,
+    best.pth.tar once on val with it, as evaluate.py --tta flip scores it, recorded apart from the curve,
     and the submission made with it. metrics.csv splits each epoch's seconds into updates, evaluation
     and checkpoint writes; best_results.json and the last line give the share of the run in updates."""
     import evaluate

@@ -36,7 +36,7 @@ def test_folder_of_mixed_images_gives_named_predictions(trained_run, tmp_path, c
 
 def test_predictions_match_the_runs_own_test_predictions(trained_run, tiny_data, tmp_path):
     ckpt, images = str(trained_run / "best.pth.tar"), str(tiny_data / "test" / "images")
-    out = predict.run(["--checkpoint", ckpt, images, "--out", str(tmp_path / "p.csv")])  # as val.py takes them
+    out = predict.run(["--checkpoint", ckpt, images, "--out", str(tmp_path / "p.csv")])  # as evaluate.py takes them
     with open(trained_run / "best_test_preds.csv", newline="") as fh:
         submitted = {r["image"]: r["label"] for r in csv.DictReader(fh)}
     predicted = {r["path"].rsplit("/", 1)[-1]: r["wnid_1"] for r in read_rows(out)}

@@ -1,5 +1,5 @@
 """The README stays true: every flag it mentions exists, every preset it names exists, every
-command in its code blocks for main.py, val.py, analyze.py and sweep.py parses (a dry parse, no
+command in its code blocks for main.py, evaluate.py, analyze.py and sweep.py parses (a dry parse, no
 run), and every main.py flag is documented."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def known_flags() -> set[str]:
     flags = set()
     for command in (
         [py, "main.py", "--help"],
-        [py, "val.py", "--help"],
+        [py, "evaluate.py", "--help"],
         [py, "predict.py", "--help"],
         [py, "export.py", "--help"],
         [py, "analyze.py", "run", "--help"],
@@ -88,7 +88,7 @@ def test_every_preset_named_exists():
 
 SCRIPTS = {
     "main.py": lambda argv: cli.parse_config(argv),
-    "val.py": lambda argv: evaluate.parse_args(argv),
+    "evaluate.py": lambda argv: evaluate.parse_args(argv),
     "analyze.py": lambda argv: analyze.build_parser().parse_args(argv),
     "sweep.py": lambda argv: sweep.build_parser().parse_args(argv),
     "predict.py": lambda argv: predict.parse_args(argv),

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import yaml
 
-import analyze
 import arch
 import evaluate
 import main
 from conftest import FAST_RUN, ROOT, make_layout
 from tin.config.cli import parse_config
 from tin.data.readers import short_name
-from tin.run import submission
+from tin.run import analysis, submission
 from utils import UserError
 
 
@@ -54,7 +53,7 @@ def test_a_header_only_or_foreign_submission_is_refused(tmp_path):
     assert submission.check_predictions(path, ["b.JPEG", "a.JPEG"], ["n1"]) == 2
 
 
-def test_val_py_never_overwrites_and_takes_a_run_folder(trained_run, tmp_path):
+def test_evaluate_py_never_overwrites_and_takes_a_run_folder(trained_run, tmp_path):
     before = (trained_run / "best_test_preds.csv").read_text()
     evaluate.run(["--checkpoint", str(trained_run)])  # a run folder, as --resume takes one
     evaluate.run(["--checkpoint", str(trained_run), "--tta"])  # --tta alone means flip, as in main.py
@@ -184,11 +183,11 @@ def test_a_200_class_confusion_names_its_most_confused_classes_legibly(tmp_path)
     rng = np.random.default_rng(0)
     cm = np.diag(rng.integers(20, 50, 60)) + rng.integers(0, 2, (60, 60))
     cm[3, 7] = cm[7, 3] = 30  # one pair confused a lot
-    hard = analyze.most_confused(cm, k=10)
+    hard = analysis.most_confused(cm, k=10)
     assert 3 in hard and 7 in hard
     names = [f"class {i}, a longer second name" for i in range(60)]
-    analyze.plot_confusion(cm, names, tmp_path / "all.png")
-    analyze.plot_confusion(cm[np.ix_(hard, hard)], [names[i] for i in hard], tmp_path / "top.png", "top")
+    analysis.plot_confusion(cm, names, tmp_path / "all.png")
+    analysis.plot_confusion(cm[np.ix_(hard, hard)], [names[i] for i in hard], tmp_path / "top.png", "top")
     assert (tmp_path / "all.png").stat().st_size > 0 and (tmp_path / "top.png").stat().st_size > 0
 
 
@@ -196,9 +195,9 @@ def test_tsne_has_a_legend_of_the_best_represented_classes(tmp_path, monkeypatch
     import torch
 
     figures = []
-    monkeypatch.setattr(analyze.plt, "close", figures.append)
+    monkeypatch.setattr(analysis.plt, "close", figures.append)
     labels = torch.cat([torch.full((40,), 2), torch.arange(200) % 15])  # class 2: the most images
     names = [f"class{i}, a second name" for i in range(15)]
-    analyze.plot_tsne(torch.randn(len(labels), 8), labels, tmp_path / "tsne.png", names=names, highlight=5)
+    analysis.plot_tsne(torch.randn(len(labels), 8), labels, tmp_path / "tsne.png", names=names, highlight=5)
     legend = [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()]
     assert len(legend) == 6 and legend[1] == "class2" and legend[0].startswith("other classes")

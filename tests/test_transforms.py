@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 import batch_manager as bm
 import transforms as T
 from conftest import loaders_for
+from tin.augment import mixing
 from tin.data.readers import read_tiny_imagenet
 
 
@@ -77,13 +78,13 @@ def test_augmentation_depends_on_seed_epoch_index_not_on_workers(tiny_data):
 
 
 def test_mixer_probability_and_alphas_follow_strength():
-    mixer = T.build_mixer(0.8, 1.0, 0.9, 0.1, num_classes=5)
+    mixer = mixing.build_mixer(0.8, 1.0, 0.9, 0.1, num_classes=5)
     for s in (0.0, 0.25, 1.0):
         mixer.set_strength(s)
         assert mixer.mixup.mix_prob == pytest.approx(0.9 * s)
         assert mixer.mixup.mixup_alpha == pytest.approx(0.8 * s)
         assert mixer.mixup.cutmix_alpha == pytest.approx(1.0 * s)
-    assert T.build_mixer(0.0, 0.0, 1.0, 0.1, 5) is None and T.build_mixer(0.8, 1.0, 0.0, 0.1, 5) is None
+    assert mixing.build_mixer(0.0, 0.0, 1.0, 0.1, 5) is None and mixing.build_mixer(0.8, 1.0, 0.0, 0.1, 5) is None
 
 
 def test_mixed_targets_sum_to_one_and_strength_zero_does_not_mix():
@@ -91,18 +92,18 @@ def test_mixed_targets_sum_to_one_and_strength_zero_does_not_mix():
     np.random.seed(0)
     x = torch.randn(8, 3, 16, 16)
     y = torch.arange(8) % 5
-    mixer = T.build_mixer(0.8, 1.0, 1.0, 0.1, num_classes=5)
+    mixer = mixing.build_mixer(0.8, 1.0, 1.0, 0.1, num_classes=5)
     mixer.set_strength(0.0)
-    x0, t0 = T.soft_targets(x.clone(), y, mixer, 5, 0.1)
+    x0, t0 = mixing.soft_targets(x.clone(), y, mixer, 5, 0.1)
     assert torch.equal(x0, x) and torch.equal(t0.argmax(1), y)
     mixer.set_strength(1.0)
     mixed_any = False
     for _ in range(5):
-        xm, tm = T.soft_targets(x.clone(), y, mixer, 5, 0.1)
+        xm, tm = mixing.soft_targets(x.clone(), y, mixer, 5, 0.1)
         assert torch.allclose(tm.sum(1), torch.ones(8))
         mixed_any |= not torch.equal(xm, x)
     assert mixed_any
-    _, plain = T.soft_targets(x, y, None, 5, 0.1)
+    _, plain = mixing.soft_targets(x, y, None, 5, 0.1)
     assert torch.allclose(plain.sum(1), torch.ones(8)) and plain.max() == pytest.approx(0.92)
 
 
@@ -255,7 +256,7 @@ def test_mixer_mixes_image_i_with_image_b_minus_1_minus_i_into_soft_targets_that
     own, partner = (mixup_target(t, 5, 1.0, 0.1) for t in (y, y.flip(0)))
     np.random.seed(0)
     for mixup_alpha, cutmix_alpha in ((0.8, 0.0), (0.0, 1.0)):
-        mixer = T.build_mixer(mixup_alpha, cutmix_alpha, 1.0, 0.1, num_classes=5)
+        mixer = mixing.build_mixer(mixup_alpha, cutmix_alpha, 1.0, 0.1, num_classes=5)
         mixer.set_strength(1.0)
         out, target = mixer(x.clone(), y)
         lam = mixer.lam
@@ -273,7 +274,7 @@ def test_mixer_mixes_image_i_with_image_b_minus_1_minus_i_into_soft_targets_that
 def test_mixer_mixes_as_timms_private_mix_batch_does():
     x, y = torch.randn(6, 3, 16, 16), torch.arange(6) % 5
     for alphas in ((0.8, 1.0), (0.8, 0.0), (0.0, 1.0)):
-        mixer = T.build_mixer(*alphas, 0.7, 0.1, num_classes=5)
+        mixer = mixing.build_mixer(*alphas, 0.7, 0.1, num_classes=5)
         mixer.set_strength(0.9)
         for seed in range(6):
             np.random.seed(seed)

@@ -187,7 +187,7 @@ class Config:
     )
     tta: bool | str = _opt(
         "horizontal-flip test-time augmentation (2x an evaluation's cost): --tta (or --tta flip) for every "
-        "evaluation and the test predictions, as in val.py and predict.py; --tta final: the epochs' evaluations "
+        "evaluation and the test predictions, as in evaluate.py and predict.py; --tta final: the epochs' evaluations "
         "without it, then once at the end best.pth.tar on val with it (val_top1_tta in best_results.json, "
         "apart from the curve and the choice of best) and the test predictions with it; --tta none: off",
         default=False,

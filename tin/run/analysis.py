@@ -23,11 +23,12 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 import arch  # noqa: E402
 import batch_manager  # noqa: E402
 from tin.checkpoint import load_checkpoint  # noqa: E402
-from tin.config.schema import from_saved  # noqa: E402
+from tin.config.schema import RESOLVED_KEY, from_saved  # noqa: E402
 from tin.data.readers import read_dataset, short_name  # noqa: E402
 from tin.run import page  # noqa: E402
 from tin.run.submission import write_csv  # noqa: E402
@@ -302,12 +303,13 @@ def run_page(run_dir: Path, out: Path, data, per_class: list[dict], examples: di
         ("device", str(results.get("runtime", {}).get("device_name", "?"))),
         ("precision", str(results.get("runtime", {}).get("precision", "?"))),
     ]
+    config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    facts += source_facts((yaml.safe_load(config_text) or {}).get(RESOLVED_KEY, {}).get("sources") or [])
     name = lambda k: short_name(data.names[data.classes[k]])  # noqa: E731
     pair_rows = []
     for (t, p), idx in examples.items():
         shown = page.thumbnails([(data.val.image(i), f"{name(t)} → {name(p)}") for i in idx])
         pair_rows.append(f"<h3>{html.escape(name(t))} taken for {html.escape(name(p))} ({len(idx)} shown)</h3>{shown}")
-    config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
     sections = [
         ("", page.facts(facts)),
         ("Training curves", page.figure(out / "curves.png", "training curves")),
@@ -333,6 +335,27 @@ def run_page(run_dir: Path, out: Path, data, per_class: list[dict], examples: di
     ]
     title = f"{run_dir.name}: {top1:.2f} % val top-1" if top1 is not None else run_dir.name
     return page.write_page(out / "index.html", title, sections)
+
+
+def source_facts(sources: list[dict]) -> list[tuple[str, str]]:
+    """The run page's lines on where the run came from: the code, the versions and the command of its
+    first process (config.yaml's resolved sources), and how many resumes followed."""
+    if not sources:
+        return [("source", "not recorded (a run of an earlier version)")]
+    first = sources[0]
+    code = f"code digest {first['code_digest']}"
+    if first.get("git"):
+        changed = f", with uncommitted changes (diff digest {first['diff_digest']})" if first.get("dirty") else ""
+        code = f"git {first['git'][:12]}{changed}; {code}"
+    versions = f"python {first['python']}, torch {first['torch']}, timm {first['timm']}"
+    versions += f", CUDA {first['cuda']}" if first.get("cuda") else ", CPU build"
+    facts = [("code", code), ("versions", versions), ("command", first["command"])]
+    if len(sources) > 1:
+        same = all(s.get("code_digest") == first["code_digest"] for s in sources)
+        facts.append(
+            ("resumed", f"{len(sources) - 1}x, {'the same code' if same else 'with other code: see config.yaml'}")
+        )
+    return facts
 
 
 # --------------------------------------------------------------------------- a dataset

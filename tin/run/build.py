@@ -31,7 +31,7 @@ from tin.config.schema import RESOLVED_KEY, Config
 from tin.data import readers
 from tin.engine.state import TrainState
 from tin.plan import budget, measure, stop
-from tin.run import folder, load, sinks
+from tin.run import folder, load, sinks, source
 from tin.run.run import Run
 from tin.runtime import distributed, hardware
 from utils import UserError, seed_everything
@@ -39,9 +39,17 @@ from utils import UserError, seed_everything
 log = logging.getLogger("tin")
 
 
-def build(cfg: Config, ctx: distributed.Context, ckpt: dict | None, started: float, run_dir: Path | None = None) -> Run:
+def build(
+    cfg: Config,
+    ctx: distributed.Context,
+    ckpt: dict | None,
+    started: float,
+    run_dir: Path | None = None,
+    argv: list[str] | None = None,
+) -> Run:
     """The run of `cfg` (a new one, or `ckpt`'s resumed in `run_dir`), from the process's start
-    `started` (budget.clock())."""
+    `started` (budget.clock()); `argv`: main()'s arguments, recorded with the run's source (None: the
+    process's own)."""
     wandb_mode = sinks.resolve_wandb_mode(cfg.wandb) if ctx.is_main else "disabled"  # a missing install: now
     cfg, parts, params, gflops, (recipe, auto) = build_parts(cfg, ctx, ckpt)
     if ckpt is not None:
@@ -62,6 +70,8 @@ def build(cfg: Config, ctx: distributed.Context, ckpt: dict | None, started: flo
         **({"teachers": parts.teacher.summary()} if parts.teacher is not None else {}),
         **({"recipe": {"why": recipe.why, **{k: getattr(cfg, k) for k in auto}}} if recipe else {}),
     }
+    if ctx.is_main:
+        resolved["sources"] = _sources(run_dir, argv)
     run_dir = distributed.broadcast(_open_run_dir(cfg, parts.model, run_dir, resolved) if ctx.is_main else None)
     outputs: list[sinks.Sink] = []
     if ctx.is_main:
@@ -329,3 +339,13 @@ def _open_run_dir(cfg: Config, model: torch.nn.Module, run_dir: Path | None, res
     text += f"# {RESOLVED_KEY}: what auto settings became on this machine (ignored when read back with --config)\n"
     (run_dir / "config.yaml").write_text(text + yaml.safe_dump({RESOLVED_KEY: resolved}, sort_keys=False))
     return run_dir
+
+
+def _sources(run_dir: Path | None, argv: list[str] | None) -> list[dict]:
+    """Where the run came from: this process's code, versions and command (tin/run/source.py), after
+    those of the processes before it when the run is resumed (each resume may run other code)."""
+    earlier = []
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        earlier = (saved.get(RESOLVED_KEY) or {}).get("sources") or []
+    return [*earlier, source.source(argv)]

@@ -56,8 +56,8 @@ def versions() -> dict:
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
+        "torch": str(torch.__version__),  # a TorchVersion: a str subclass yaml cannot write
+        "timm": str(timm.__version__),
         "cuda": cuda,
         "cudnn": cudnn,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -1,4 +1,4 @@
-"""val.py: evaluating a saved checkpoint reproduces the run's numbers and writes predictions."""
+"""evaluate.py: evaluating a saved checkpoint reproduces the run's numbers and writes predictions."""
 
 from __future__ import annotations
 
@@ -23,14 +23,17 @@ def test_checkpoint_evaluation_matches_training_run(trained_run, tmp_path):
     assert json.loads((tmp_path / "val_metrics.json").read_text())["val_top5"] == pytest.approx(best["val_top5"])
 
 
-def test_val_takes_the_run_first_as_predict_and_export_do(trained_run, tmp_path):
-    """`val.py RUN --out DIR` (the grammar of predict.py and export.py) gives what `--checkpoint RUN
-    --output_dir DIR` gives; neither form given is one line naming the usage."""
+def test_evaluate_takes_the_run_first_as_predict_and_export_do(trained_run, tmp_path):
+    """`evaluate.py RUN --out DIR` (the grammar of predict.py and export.py) gives what `--checkpoint RUN
+    --output_dir DIR` gives; neither form given is one line naming the usage. val.py, the evaluation
+    loop, run as a script says where evaluation is."""
     metrics = evaluate.run([str(trained_run), "--out", str(tmp_path / "a")])
     assert metrics == evaluate.run(["--checkpoint", str(trained_run), "--output_dir", str(tmp_path / "b")])
     assert (tmp_path / "a" / "test_preds.csv").read_text() == (trained_run / "best_test_preds.csv").read_text()
-    proc = subprocess.run([sys.executable, "val.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "python val.py RUN [RUN ...]" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "evaluate.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "python evaluate.py RUN [RUN ...]" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "val.py", str(trained_run)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "python evaluate.py RUN" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_checkpoint_for_other_classes_is_refused(trained_run, tmp_path):
