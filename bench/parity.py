@@ -86,6 +86,7 @@ def main() -> None:
     p.add_argument(
         "--data_dir", default="data/demo-digits", help="a small dataset (python demo_data.py makes this one)"
     )
+    p.add_argument("--here", default=None, help="a commit for the other side (default: this checkout, as it is)")
     p.add_argument("--work", default="/tmp/parity", help="a folder for the worktree and the runs (emptied first)")
     args = p.parse_args()
     data, work = (ROOT / args.data_dir).resolve(), Path(args.work)
@@ -93,13 +94,14 @@ def main() -> None:
         sys.exit(f"{data} holds no train/ folder: run `python demo_data.py --out {args.data_dir}` first")
     subprocess.run(["rm", "-rf", str(work)], check=True)
     subprocess.run(["git", "worktree", "prune"], cwd=ROOT, check=True)
-    ref_tree = work / "ref"
-    subprocess.run(
-        ["git", "worktree", "add", "--detach", str(ref_tree), args.ref], cwd=ROOT, check=True, capture_output=True
-    )
+    ref_tree, here_tree = work / "ref", (work / "here" if args.here else ROOT)
+    for tree, ref in ((ref_tree, args.ref), (here_tree, args.here)):
+        if ref:
+            add = ["git", "worktree", "add", "--detach", str(tree), ref]
+            subprocess.run(add, cwd=ROOT, check=True, capture_output=True)
     try:
         runs = {}
-        for side, tree in (("ref", ref_tree), ("here", ROOT)):
+        for side, tree in (("ref", ref_tree), ("here", here_tree)):
             for interrupt in (False, True):
                 name = f"{side}_{'resumed' if interrupt else 'whole'}"
                 runs[name] = train(tree, data, work / name, interrupt)

@@ -56,8 +56,9 @@ class Dim:
 
 
 @dataclass
-class Plan:
-    """What a search runs, checked whole before anything is written."""
+class Search:
+    """What a search runs (its plan: the preset, the space, the held-out share, the trials), checked
+    whole before anything is written. Not a tin.plan.budget.Plan, which is a run's length."""
 
     preset: str
     base: dict[str, Any]  # the preset with --set
@@ -174,7 +175,7 @@ def corners(space: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- preparing
-def prepare(preset: str, sets: dict, args: argparse.Namespace, sweep_dir: Path) -> Plan:
+def prepare(preset: str, sets: dict, args: argparse.Namespace, sweep_dir: Path) -> Search:
     """The search's plan, refused before anything is written when it could choose on val or when
     the space's extremes make an invalid configuration."""
     try:
@@ -208,7 +209,7 @@ def prepare(preset: str, sets: dict, args: argparse.Namespace, sweep_dir: Path) 
     for corner in corners(space):
         _checked({**base, **corner, "val_split": holdout}, {**origins, **dict.fromkeys(corner, "--space")}, preset)
     seed = int(base.get("seed", cfg.seed))
-    return Plan(preset, base, origins, space, float(holdout), seed, args.search)
+    return Search(preset, base, origins, space, float(holdout), seed, args.search)
 
 
 def _checked(values: dict, origins: dict, preset: str) -> Config:
@@ -232,7 +233,7 @@ def _pruner(kind: str, n_trials: int):
 PRUNERS = ("median", "halving", "none")  # sweep.py --pruner; built by _pruner
 
 
-def open_study(plan: Plan, sweep_dir: Path, pruner: str):
+def open_study(plan: Search, sweep_dir: Path, pruner: str):
     """The study in SWEEP/study.db: new, or the one this command made before (what it computes must
     be the same: a changed preset or space is a new search, in another folder; where it runs, such
     as --data_dir or --workers, may change)."""
@@ -262,7 +263,7 @@ def open_study(plan: Plan, sweep_dir: Path, pruner: str):
     return study
 
 
-def _setup(plan: Plan) -> dict:
+def _setup(plan: Search) -> dict:
     space = {
         k: ({k2: v2 for k2, v2 in asdict(d).items() if v2 is not None} if isinstance(d, Dim) else d)
         for k, d in plan.space.items()
@@ -304,7 +305,7 @@ def counted(study) -> int:
 
 
 # --------------------------------------------------------------------------- running
-def run(plan: Plan, args: argparse.Namespace, sweep_dir: Path) -> int:
+def run(plan: Search, args: argparse.Namespace, sweep_dir: Path) -> int:
     """Search, write the results, retrain the best (and the baseline), write them again."""
     study = open_study(plan, sweep_dir, args.pruner)
     recover(study)
@@ -329,7 +330,7 @@ class Trials:
     """Runs trials `parallel` at a time: ask the study, run the trial's main.py, report its
     per-epoch held-out top-1, prune, tell."""
 
-    def __init__(self, plan: Plan, study, sweep_dir: Path, args: argparse.Namespace) -> None:
+    def __init__(self, plan: Search, study, sweep_dir: Path, args: argparse.Namespace) -> None:
         self.plan, self.study, self.sweep_dir = plan, study, sweep_dir
         self.runner = experiments.Runner(sweep_dir, args.parallel, args.gpus)
         self.parallel, self.lock = max(1, args.parallel), threading.Lock()
@@ -464,7 +465,7 @@ class Trials:
 
 
 # --------------------------------------------------------------------------- the answer
-def best_values(plan: Plan, params: dict) -> dict:
+def best_values(plan: Search, params: dict) -> dict:
     """The best trial's configuration for a retrain: all of train, val evaluated once, at the end."""
     fixed = {k: v for k, v in plan.space.items() if not isinstance(v, Dim)}
     return {**plan.base, **fixed, **params, **RETRAIN}
@@ -473,7 +474,7 @@ def best_values(plan: Plan, params: dict) -> dict:
 RETRAIN = {"val_split": 0.0, "eval_every": 0, "patience": 0}  # all of train; val once, after the last epoch
 
 
-def retrain(plan: Plan, study, sweep_dir: Path, args: argparse.Namespace) -> int:
+def retrain(plan: Search, study, sweep_dir: Path, args: argparse.Namespace) -> int:
     """The best trial retrained on all of train with --seeds seeds (and --baseline: the preset as it
     is, the same way), each reported once on val; summary.md and search.md say the figures."""
     from optuna.trial import TrialState
@@ -502,7 +503,7 @@ def retrain(plan: Plan, study, sweep_dir: Path, args: argparse.Namespace) -> int
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
-def write_results(plan: Plan, study, sweep_dir: Path, final: list[dict] | None = None) -> None:
+def write_results(plan: Search, study, sweep_dir: Path, final: list[dict] | None = None) -> None:
     """search.md (setup, best trial, importances, the trials, the retrained figures), trials.csv,
     best.yaml and search.png."""
     from optuna.trial import TrialState
