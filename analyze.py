@@ -1,7 +1,7 @@
 """See what a model learned, and what a dataset holds.
 
-    python analyze.py run checkpoints/RUN [--output_dir DIR] [--tsne_samples 2000]
-    python analyze.py dataset --data_dir data/tiny-imagenet-200 [--dataset tiny-imagenet] [--output_dir DIR]
+    python analyze.py run checkpoints/RUN [--out DIR] [--tsne_samples 2000]
+    python analyze.py dataset --data_dir data/tiny-imagenet-200 [--dataset tiny-imagenet] [--out DIR]
 
 `run` (also done at the end of every training run) writes into the run folder: curves.png,
 confusion_matrix.png (classes ordered so that confusions cluster) + top_confusions.csv,
@@ -27,14 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="what", required=True)
     r = sub.add_parser("run", help="analyse a trained run folder")
     r.add_argument("run_dir")
-    r.add_argument("--output_dir", default=None, help="default: the run folder")
+    r.add_argument("--out", "--output_dir", dest="output_dir", default=None, help="default: the run folder")
     r.add_argument("--tsne_samples", type=int, default=2000)
     r.add_argument("--workers", type=int, default=None)
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
     d = sub.add_parser("dataset", help="analyse a dataset folder")
     d.add_argument("--data_dir", default="data/tiny-imagenet-200")
     d.add_argument("--dataset", default="tiny-imagenet")
-    d.add_argument("--output_dir", default="analysis")
+    d.add_argument("--out", "--output_dir", dest="output_dir", default="analysis", help="default: analysis/")
     return p
 
 

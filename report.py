@@ -209,11 +209,21 @@ def write_page(runs: list[dict], out_dir: Path, skipped: list[str]) -> Path:
     return page.write_page(out_dir / "index.html", f"{len(runs)} runs compared", sections)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Compare training runs (one row per run, overlaid val curves).")
     p.add_argument("runs", nargs="+", help="run folders, or folders holding them (checkpoints/, a sweep's folder)")
-    p.add_argument("--output_dir", default=None, help="where report.md and the plots go (default: reports/<timestamp>)")
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--out",
+        "--output_dir",
+        dest="output_dir",
+        default=None,
+        help="where report.md and the plots go (default: reports/<timestamp>)",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     runs, skipped = [], []
     for path in (r for given in map(Path, args.runs) for r in find_runs(given)):
         run = load_run(path)

@@ -121,7 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
         "with --search: retrains of the best (0: search only)",
     )
     p.add_argument("--parallel", type=int, default=1, help="runs at the same time (GPUs taken round-robin)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every config")
+    p.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override keys in every config: --set epochs=5 workers=2 (repeatable, as --grid)",
+    )
     p.add_argument("--sweep_dir", default=None, help="default: checkpoints/sweep_<timestamp>; again to resume")
     p.add_argument("--gpus", default=None, help="GPU ids to spread runs over, e.g. 0,1 (default: all visible)")
     s = p.add_argument_group("search (Optuna, TPE; README: Hyperparameter search)")

@@ -16,9 +16,11 @@ import analyze
 import evaluate
 import export
 import predict
+import report
 import sweep
 from conftest import ROOT
 from tin.config import cli, schema
+from utils import UserError
 
 README = (ROOT / "README.md").read_text()
 DOCS = {p.name: p.read_text() for p in (ROOT / "docs").glob("*.md")}
@@ -214,3 +216,30 @@ def test_the_first_screen_runs_as_written(tiny_data, tmp_path):
         first[3].replace("checkpoints/", f"{tmp_path}/checkpoints/"), shell=True, capture_output=True
     )
     assert listing.returncode == 0 and b"best_test_preds.csv" in listing.stdout
+
+
+def test_every_script_speaks_one_grammar():
+    """The run is the subject, positional; the same option names for the same things: --out for
+    where a script writes, --tta as a bare flag meaning flip, --set and --grid taking several pairs."""
+    runs_first = {
+        "evaluate.py": evaluate.parse_args(["R1", "R2", "--out", "o", "--tta"]),
+        "predict.py": predict.parse_args(["R1", "images", "--out", "o.csv", "--tta"]),
+        "export.py": export.parse_args(["R1", "--out", "o"]),
+        "analyze.py": analyze.build_parser().parse_args(["run", "R1", "--out", "o"]),
+        "report.py": report.parse_args(["R1", "--out", "o"]),
+    }
+    for script, args in runs_first.items():
+        assert args.__dict__.get("output_dir", args.__dict__.get("out")) in ("o", "o.csv"), script
+    assert runs_first["evaluate.py"].tta == "flip" and runs_first["predict.py"].tta == "flip"
+    sets = sweep.build_parser().parse_args(["p.yaml", "--set", "epochs=1", "time_budget=0", "--set", "workers=0"])
+    assert sets.set == ["epochs=1", "time_budget=0", "workers=0"]
+    grid = sweep.build_parser().parse_args(["p.yaml", "--grid", "lr_base=1e-3,2e-3", "epochs=1,2"])
+    assert grid.grid == ["lr_base=1e-3,2e-3", "epochs=1,2"]
+
+
+def test_a_mistyped_preset_is_named_with_the_one_meant(tmp_path):
+    (tmp_path / "demo.yaml").write_text("epochs: 1\n")
+    with pytest.raises(UserError, match=r"demo\.yml does not exist \(did you mean .*demo\.yaml\?\)"):
+        cli.load_yaml_defaults(str(tmp_path / "demo.yml"))
+    proc = subprocess.run([sys.executable, "sweep.py", "configs/demo.yml"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and "did you mean configs/demo.yaml" in proc.stderr and "--config" not in proc.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,12 @@ def load_yaml_defaults(path: str) -> dict[str, Any]:
     """Read a YAML preset (or a run's config.yaml); unknown keys and wrong types are errors naming the file."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file {p} does not exist; check the path given to --config")
+        near = [str(q) for q in sorted(p.parent.glob("*.y*ml"))] if p.parent.is_dir() else []
+        close = difflib.get_close_matches(str(p), near, n=2, cutoff=0.6)
+        hint = (
+            f" (did you mean {' or '.join(close)}?)" if close else f" (the presets: {p.parent}/*.yaml)" if near else ""
+        )
+        raise UserError(f"config file {p} does not exist{hint}")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
