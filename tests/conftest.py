@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -282,3 +283,26 @@ def same_weights(a: Path, b: Path) -> bool:
     """Two checkpoints hold exactly the same weights."""
     wa, wb = (torch.load(p, map_location="cpu", weights_only=True)["state_dict"] for p in (a, b))
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+def render(page: Path, tmp_path: Path) -> str:
+    """The page's DOM after it loaded in headless Chromium (skipped without one; CI installs it)."""
+    if CHROMIUM is None:
+        pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium)")
+    proc = subprocess.run(
+        [
+            CHROMIUM,
+            *"--headless --no-sandbox --disable-gpu --no-first-run --disable-background-networking".split(),
+            *"--disable-component-update --disable-sync --virtual-time-budget=10000 --dump-dom".split(),
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout

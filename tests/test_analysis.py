@@ -5,10 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import re
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from PIL import Image
 import evaluate
 import main
 import val
-from conftest import FAST_RUN, ROOT, make_layout
+from conftest import FAST_RUN, ROOT, make_layout, render
 from utils import UserError
 
 
@@ -216,29 +214,6 @@ def test_eval_size_evaluates_val_and_test_at_its_resolution(tiny_data, tmp_path)
     assert again["val_top1"] == pytest.approx(best["val_top1"])
     with pytest.raises(UserError, match="--eval_size 40: vit_tiny is built for 32x32"):
         main.main([*FAST_RUN, *common, "--arch", "vit_tiny", "--eval_size", "40"])
-
-
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-
-
-def render(page: Path, tmp_path: Path) -> str:
-    """The page's DOM after it loaded in headless Chromium (skipped without one; CI installs it)."""
-    if CHROMIUM is None:
-        pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium)")
-    proc = subprocess.run(
-        [
-            CHROMIUM,
-            *"--headless --no-sandbox --disable-gpu --no-first-run --disable-background-networking".split(),
-            *"--disable-component-update --disable-sync --virtual-time-budget=10000 --dump-dom".split(),
-            f"--user-data-dir={tmp_path / 'chromium'}",
-            page.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
 
 
 def test_the_run_page_opens_in_a_browser_with_every_image_and_table_row(analysed_run, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 import main
-from conftest import ROOT
+from conftest import CHROMIUM, ROOT, render
 from tin.config.cli import load_yaml_defaults
 
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -18,8 +19,10 @@ PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
 def test_every_preset_runs_a_few_steps(preset, tiny_data, tmp_path):
+    """The recipe as written; only the data (the fixture), the length and the batch are shrunk. A
+    preset that makes its run page (the recommended ones: a cheaper page, never none) makes it here."""
     recipe = load_yaml_defaults(str(preset))
-    # The recipe as written; only the data (the fixture), the length and the batch are shrunk.
+    page = recipe.get("analysis") == "page"
     run = main.main(
         [
             "--config",
@@ -28,9 +31,20 @@ def test_every_preset_runs_a_few_steps(preset, tiny_data, tmp_path):
             str(tiny_data),
             "--output_dir",
             str(tmp_path),
-            *"--epochs 1 --warmup_epochs 0 --steps_per_epoch 2 --batch_size 4 --workers 0 --wandb disabled --patience 0 --no_analysis".split(),
+            *"--epochs 1 --warmup_epochs 0 --steps_per_epoch 2 --batch_size 4 --workers 0 --wandb disabled --patience 0".split(),
+            *([] if page else ["--no_analysis"]),
         ]
     )
+    if page:
+        assert (run / "curves.png").is_file() and (run / "per_class_accuracy.csv").is_file()
+        assert not (run / "tsne.png").exists() and not (run / "features").exists()  # what "page" leaves out
+        if CHROMIUM:  # opened as a user opens it (CI installs Chromium)
+            dom = render(run / "index.html", tmp_path)
+            images = int(re.search(r'data-images="(\d+)"', dom).group(1))
+            assert "Per-class accuracy" in dom and images >= 2
+            assert int(re.search(r'data-loaded="(\d+)"', dom).group(1)) == images  # every picture embedded, loaded
+        else:
+            assert "Per-class accuracy" in (run / "index.html").read_text()
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert (run / "best.pth.tar").is_file()
     shrunk = {"dataset", "data_dir", "epochs", "warmup_epochs", "batch_size", "workers", "patience"}
@@ -122,3 +136,9 @@ def test_the_gpu_preset_spends_its_minutes_training():
     minutes = recipe["save_every_min"]
     assert minutes > 0 and f"loses at most {minutes:g} minutes of training plus one epoch" in text
     assert "workers" not in recipe and "NOT MEASURED" in text
+
+
+def test_the_recommended_presets_end_with_their_page():
+    for name in ("cpu_speedrun", "gpu_speedrun", "budget_1m"):
+        recipe = load_yaml_defaults(str(ROOT / "configs" / f"{name}.yaml"))
+        assert not recipe.get("no_analysis") and recipe.get("analysis") == "page", name

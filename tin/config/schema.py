@@ -295,7 +295,19 @@ class Config:
     )
     steps_per_epoch: int = _opt("cap on training batches per epoch (0 = all); for smoke tests", default=0)
     no_analysis: bool = _opt(
-        "skip the end-of-run analysis (plots, confusions, features)", default=False, flag=True, resume=True
+        "skip the end-of-run analysis and its page (smoke tests; analyze.py run RUN makes them later)",
+        default=False,
+        flag=True,
+        resume=True,
+    )
+    analysis: str = _opt(
+        "the end-of-run analysis: full (the run page with curves, per-class accuracy, confusions, mistakes, "
+        "t-SNE, and the saved features) or page (the same page without the t-SNE and the saved features: "
+        "seconds less, what the time-budgeted presets use)",
+        default="full",
+        choices=("full", "page"),
+        resume=True,
+        before="full",
     )
     resume: str = _opt("continue the run in this run folder (or from this checkpoint)", default="", resume=True)
     wandb: str = _opt(

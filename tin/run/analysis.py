@@ -221,13 +221,15 @@ def analyze_run(
     tsne_samples: int = 2000,
     workers: int | None = None,
     device: torch.device | str = "cpu",
+    full: bool = True,
 ) -> Path:
-    """Curves, per-class accuracy, confusions, features and t-SNE of a run folder; the model runs
-    on `device` (main.py passes the training device, so a GPU run is analysed on the GPU)."""
+    """Curves, per-class accuracy, confusions, mistakes and the run page of a run folder, and with
+    `full` the penultimate features (saved) and their t-SNE; the model runs on `device` (main.py
+    passes the training device, so a GPU run is analysed on the GPU)."""
 
     run_dir = Path(run_dir)
     out = Path(output_dir) if output_dir else run_dir
-    (out / "features").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     if (run_dir / "metrics.csv").is_file():
         plot_curves(run_dir / "metrics.csv", out / "curves.png")
     ckpt = load_checkpoint(run_dir / "best.pth.tar")
@@ -241,9 +243,11 @@ def analyze_run(
     model.to(device)
     val_loader, _ = batch_manager.eval_loaders(data, cfg.eval_px, 256, cfg.workers, pin_memory=device.type == "cuda")
     dtype = hardware.decide_runtime(device, cfg.amp, cfg.amp_dtype).amp_dtype
-    res = infer(model, val_loader, Normalize().to(device), device, dtype, features=True)
-    for key in ("logits", "labels", "features"):
-        torch.save(res[key], out / "features" / f"{key}.pt")
+    res = infer(model, val_loader, Normalize().to(device), device, dtype, features=full)
+    if full:
+        (out / "features").mkdir(exist_ok=True)
+        for key in ("logits", "labels", "features"):
+            torch.save(res[key], out / "features" / f"{key}.pt")
     probs = res["logits"].softmax(1)
     preds, labels = probs.argmax(1), res["labels"]
     per_class = per_class_accuracy(preds, labels, data.classes, data.names)
@@ -259,7 +263,8 @@ def analyze_run(
         top = f"the {len(hard)} classes in the most confusions (rows normalised among them, clustered)"
         plot_confusion(cm[np.ix_(hard, hard)], [class_names[i] for i in hard], out / "confusion_top.png", top)
     write_csv(top_confusions(cm, data.classes, data.names), out / "top_confusions.csv")
-    plot_tsne(res["features"], labels, out / "tsne.png", tsne_samples, names=class_names)
+    if full:
+        plot_tsne(res["features"], labels, out / "tsne.png", tsne_samples, names=class_names)
     wrong = torch.nonzero(preds != labels).flatten()
     worst = wrong[probs[wrong].max(1).values.argsort(descending=True)][:24].tolist()
     captions = [

@@ -75,7 +75,7 @@ def fit(run: Run) -> None:
     final = end_pass(run)
     console.log_done(run, final)
     if not cfg.no_analysis and parts.loaders.val is not None and parts.ctx.is_main:
-        analyze(run.run_dir, cfg.workers, parts.device)
+        analyze(run.run_dir, cfg.workers, parts.device, full=cfg.analysis == "full")
 
 
 def ended_before(run: Run) -> bool:
@@ -310,9 +310,10 @@ def resume_command(run_dir: Path) -> str:
     return f"bash docker/run_docker.sh -- python main.py --resume {run_dir}   (on the host, in the repository, with the run_docker.sh options this run was started with)"
 
 
-def analyze(run_dir: Path, workers: int, device: torch.device) -> None:
-    """End-of-run plots and confusions; a failure here must not turn a finished run into an error."""
+def analyze(run_dir: Path, workers: int, device: torch.device, full: bool = True) -> None:
+    """End-of-run plots, confusions and the run page (`full`: with the t-SNE and the saved features);
+    a failure here must not turn a finished run into an error."""
     try:
-        analysis.analyze_run(run_dir, workers=workers, device=device)
+        analysis.analyze_run(run_dir, workers=workers, device=device, full=full)
     except Exception as exc:  # noqa: BLE001 - reported, and the trained run stays complete
         log.warning("analysis failed (%s: %s); retry with: python analyze.py run %s", type(exc).__name__, exc, run_dir)
