@@ -243,3 +243,28 @@ def test_a_mistyped_preset_is_named_with_the_one_meant(tmp_path):
         cli.load_yaml_defaults(str(tmp_path / "demo.yml"))
     proc = subprocess.run([sys.executable, "sweep.py", "configs/demo.yml"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0 and "did you mean configs/demo.yaml" in proc.stderr and "--config" not in proc.stderr
+
+
+def test_main_py_help_is_grouped_as_the_readme_reference():
+    """Every flag in exactly one group of --help, and each group lists the flags the README's
+    reference table lists for it (the original project's flags: the table above it)."""
+    names = [f.name for f in dataclasses.fields(schema.Config)]
+    grouped = [n for names_ in schema.HELP_GROUPS.values() for n in names_]
+    assert sorted(grouped) == sorted(names) and len(grouped) == len(set(grouped))
+    reference = README.split("## Reference", 1)[1]
+    seed_table, by_group = reference.split("| group |", 1)
+    first_cells = [r.strip("|").split("|")[0] for r in seed_table.splitlines() if r.startswith("| `--")]
+    seed_flags = {f for cell in first_cells for f in re.findall(r"`--([a-z_]+)`", cell)}
+    assert seed_flags == set(schema.HELP_GROUPS["the original project's flags"])
+    rows = [r for r in by_group.split("\n\n", 1)[0].splitlines() if r.startswith("| ") and not r.startswith("|--")]
+    readme_groups = {}
+    for row in rows:
+        title = row.strip("|").split("|")[0].strip()
+        found = dict.fromkeys(re.findall(r"--([a-z][a-z0-9_]*)", row))
+        readme_groups[title] = [f for f in found if f in names and f not in seed_flags]
+    for title, flags in schema.HELP_GROUPS.items():
+        if title != "the original project's flags":
+            assert sorted(readme_groups[title]) == sorted(flags), title
+    help_text = subprocess.run([sys.executable, "main.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    titles = [line[:-1] for line in help_text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert titles == ["options", *schema.HELP_GROUPS]

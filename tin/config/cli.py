@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from tin.config.checks import validate
-from tin.config.schema import PATHS, RESOLVED_KEY, Config, base_type, choices_of, upgrade_saved
+from tin.config.schema import HELP_GROUPS, PATHS, RESOLVED_KEY, Config, base_type, choices_of, upgrade_saved
 from utils import UserError, with_guess
 
 
@@ -42,15 +42,18 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS if suppress else None,
     )
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file whose keys become the defaults")
+    groups = {title: parser.add_argument_group(title) for title in HELP_GROUPS}
+    group_of = {name: groups[title] for title, names in HELP_GROUPS.items() for name in names}
     for f in fields(Config):
+        group = group_of.get(f.name, parser)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         meta, name = f.metadata, f"--{f.name}"
         kwargs: dict[str, Any] = {"default": "auto" if default is None else default, "help": meta["help"]}
         if suppress:
             kwargs["default"] = argparse.SUPPRESS
         if meta.get("onoff"):  # --amp [auto|on|off], --amp = on, --no-amp = off
-            parser.add_argument(name, nargs="?", const="on", choices=choices_of(f), **kwargs)
-            parser.add_argument(
+            group.add_argument(name, nargs="?", const="on", choices=choices_of(f), **kwargs)
+            group.add_argument(
                 f"--no-{f.name}",
                 dest=f.name,
                 action="store_const",
@@ -72,7 +75,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
             kwargs["type"] = _auto_number(kind) if default is None else kind
             if "choices" in meta:
                 kwargs["choices"] = choices_of(f)
-        parser.add_argument(name, **kwargs)
+        group.add_argument(name, **kwargs)
     return parser
 
 

@@ -376,6 +376,49 @@ class Config:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
+# main.py --help's groups, in the README reference's order (tests/test_readme.py checks that they list
+# the same flags): the original project's flags first, then by what they set.
+HELP_GROUPS: dict[str, tuple[str, ...]] = {
+    "the original project's flags": (
+        "arch",
+        "lr_base",
+        "batch_size",
+        "epochs",
+        "drop_rate",
+        "attn_drop_rate",
+        "drop_path_rate",
+    ),
+    "model": ("pretrained", "pretrained_path", "max_params", "fit_params", "list_archs", "format"),
+    "distillation": ("teacher", "teacher_pretrained_path", "kd_alpha", "kd_temperature", "kd_views"),
+    "data": (
+        *("dataset", "data_dir", "cache_dir", "no_cache", "skip_bad_images", "val_split", "trainval"),
+        *("img_size", "min_img_size", "resize_until", "eval_size", "workers", "data_on_device"),
+    ),
+    "optimizer": ("opt", "momentum", "nesterov", "weight_decay", "lr_scale_batch"),
+    "schedule (per update)": (
+        "sched",
+        "warmup_epochs",
+        "min_lr",
+        "step_size",
+        "gamma",
+        "milestones",
+        "patience",
+        "time_budget",
+    ),
+    "regularisation": ("label_smoothing", "grad_clip", "accum_steps", "ema", "ema_decay", "best_on"),
+    "augmentation": (
+        *("aug_backend", "aug_schedule", "aug_strength", "aug_ops", "randaugment", "randaugment_n", "randaugment_m"),
+        *("mixup_alpha", "cutmix_alpha", "mix_prob"),
+    ),
+    "evaluation": ("tta", "test_preds", "eval_every"),
+    "device and speed": ("device", "amp", "amp_dtype", "channels_last", "deterministic", "sync_bn", "compile"),
+    "run control": (
+        *("output_dir", "name", "tags", "seed", "keep_last", "save_every_min", "progress_every", "steps_per_epoch"),
+        *("no_analysis", "analysis", "resume", "wandb", "wandb_project"),
+    ),
+}
+
+
 # --------------------------------------------------------------------------- argparse from the fields
 def choices_of(f: dataclasses.Field) -> tuple | None:
     """A field's allowed values (None: any), computed now when declared as a function."""
