@@ -15,7 +15,7 @@ from PIL import Image
 import evaluate
 import main
 import val
-from conftest import FAST_RUN, ROOT, make_layout, render
+from conftest import FAST_ARCH, FAST_RUN, ROOT, make_layout, render
 from utils import UserError
 
 
@@ -58,7 +58,7 @@ def test_end_of_run_analysis_writes_every_output(analysed_run):
     logits, labels, feats = (
         torch.load(analysed_run / "features" / f"{k}.pt") for k in ("logits", "labels", "features")
     )
-    assert logits.shape == (20, 4) and labels.shape == (20,) and feats.shape == (20, 512)
+    assert logits.shape == (20, 4) and labels.shape == (20,) and feats.shape == (20, 128)  # resnet9_w16's width
     assert "worst classes:" in (analysed_run / "log.txt").read_text()
 
 
@@ -180,7 +180,7 @@ def test_report_compares_runs_and_skips_unfinished_folders(trained_run, analysed
     lines = report.splitlines()
     header, rows = lines[2], [line for line in lines[4:] if line.startswith("| ")][:2]
     assert header.startswith("| run | name | seed | data | arch | params | gflops | epochs | val_top1")
-    assert all(r.split(" | ")[4] == "resnet18" for r in rows) and lines[4 + len(rows)] == ""  # one row per run
+    assert all(r.split(" | ")[4] == FAST_ARCH for r in rows) and lines[4 + len(rows)] == ""  # one row per run
     assert all(r.split(" | ")[3].startswith("tiny-imagenet, 4 classes") for r in rows)  # what each trained on
     assert "Skipped (not finished runs): half" in report
     _png(tmp_path / "r" / "report_val_top1.png")

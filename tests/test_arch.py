@@ -73,7 +73,19 @@ def test_small_image_stems_keep_resolution_and_cost_what_they_say():
 def test_budget_model_is_under_one_million_and_the_budget_is_enforced(tiny_data, tmp_path):
     assert arch.model_stats(arch.build_model("budget_cnn", 200), 64)[0] < 1_000_000
     with pytest.raises(UserError, match="over --max_params 1,000,000"):
-        main.main([*FAST_RUN, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--max_params", "1000000"])
+        main.main(
+            [
+                *FAST_RUN,
+                "--arch",
+                "resnet18",
+                "--data_dir",
+                str(tiny_data),
+                "--output_dir",
+                str(tmp_path),
+                "--max_params",
+                "1000000",
+            ]
+        )
     assert not any(tmp_path.iterdir())  # refused before a run folder exists
     run = main.main(
         [
@@ -106,7 +118,7 @@ def test_fit_params_trains_the_widest_of_a_family_that_fits_and_evaluate_py_read
     assert yaml.safe_load((run / "config.yaml").read_text())["arch"] == "resnet9_w8"
     assert evaluate.run(["--checkpoint", str(run), "--output_dir", str(tmp_path / "eval")])["val_top1"] >= 0
     with pytest.raises(UserError, match="--fit_params sizes a family by its width.*--arch resnet18 does not"):
-        main.main([*args, "--fit_params", "50000"])
+        main.main([*args, "--arch", "resnet18", "--fit_params", "50000"])
     with pytest.raises(UserError, match="even resnet9_w4 has"):
         main.main([*args, "--arch", "resnet9", "--fit_params", "1000"])
 

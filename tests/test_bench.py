@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FAST_RUN, ROOT, bench_module
+from conftest import FAST_ARCH, FAST_RUN, ROOT, bench_module
 from tin.runtime import hardware
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1"}
@@ -75,7 +75,7 @@ def test_step_bench_with_a_teacher_compares_the_step_with_and_without_it(trained
     text = _bench("step.py", *args)
     assert "| trainer img/s without the teacher | with it | with ÷ without" in text
     r = json.loads(out.read_text())
-    assert r["untaught_ips"] > 0 and len(r["taught_ratios"]) == 2 and r["teachers"][0]["arch"] == "resnet18"
+    assert r["untaught_ips"] > 0 and len(r["taught_ratios"]) == 2 and r["teachers"][0]["arch"] == FAST_ARCH
 
 
 def test_precision_bench_prints_one_row_per_arch(tmp_path):

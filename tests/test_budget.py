@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -204,6 +205,23 @@ def test_too_short_a_budget_is_a_clear_error(tiny_data, tmp_path, machine):
     machine(update_s=1.0)
     with pytest.raises(main.UserError, match="--time_budget 0.01 min leaves no time to train"):
         _budgeted(tiny_data, tmp_path, "0.01")
+
+
+def test_measuring_stops_inside_the_budget_and_names_a_budget_that_trains(tiny_data, tmp_path, monkeypatch):
+    """`--time_budget 1` on a machine where an update takes 10 s: measuring alone (8 updates per
+    training size, then an evaluation) would take minutes. It stops once the minute is spent, before
+    any run folder, and names the smallest budget that would train here."""
+    clock = MachineClock(10.0, 0.0, 0.0, 10**9, 0.0)
+    monkeypatch.setattr(budget, "clock", clock)
+    hook = register_optimizer_step_post_hook(lambda *args: clock.update())
+    try:
+        with pytest.raises(main.UserError, match="--time_budget 1 min is spent before training could start") as err:
+            _budgeted(tiny_data, tmp_path / "runs", "1")
+    finally:
+        hook.remove()
+    assert clock.updates == 8 and clock.now == 80  # the one training size measured, then it stopped
+    suggested = float(re.search(r"give at least --time_budget ([\d.]+)", str(err.value)).group(1))
+    assert suggested * 60 > clock.now and not (tmp_path / "runs").exists()
 
 
 def test_a_warmup_longer_than_the_planned_run_shrinks_with_the_plan_and_says_so(tiny_data, tmp_path, machine):

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 import main
-from conftest import FAST_RUN, ROOT, TinyNet, loaders_for, make_layout, tiny_parts, train_epoch
+from conftest import FAST_ARCH, FAST_RUN, ROOT, TinyNet, loaders_for, make_layout, tiny_parts, train_epoch
 from tin import optim
 from tin.checkpoint import load_checkpoint
 from utils import UserError
@@ -132,7 +133,7 @@ def test_ema_weights_are_evaluated_saved_and_load_back(tiny_data, tmp_path):
     assert all(r["ema_val_top1"] != "" for r in rows)
     last, best = (torch.load(run / n, weights_only=True) for n in ("last.pth.tar", "best.pth.tar"))
     ema_sd = {k.removeprefix("module."): v for k, v in last["ema"].items()}
-    key = "conv1.weight"
+    key = next(k for k, v in last["state_dict"].items() if v.dtype.is_floating_point and v.dim() == 4)  # the first conv
     assert not torch.equal(ema_sd[key], last["state_dict"][key])  # EMA differs from the model
     best_epoch = json.loads((run / "best_results.json").read_text())["best_epoch"]
     metrics = evaluate.run(["--checkpoint", str(run / "best.pth.tar"), "--output_dir", str(tmp_path / "v")])
@@ -241,7 +242,10 @@ def test_resume_continues_the_same_wandb_run(tiny_data, tmp_path):
         [*FAST_RUN, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--epochs", "1", "--wandb", "offline"]
     )
     main.main(["--resume", str(run)])  # already finished: resumes, trains nothing, closes cleanly
-    ids = {p.name.rsplit("-", 1)[-1] for p in (run / "wandb").glob("offline-run-*")}
+    # offline-run-<time>-<id>, with -1, -2 appended when two processes start within one second
+    ids = {
+        re.match(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)", p.name).group(1) for p in (run / "wandb").glob("offline-run-*")
+    }
     assert len(list((run / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1
     assert ids == {torch.load(run / "last.pth.tar", weights_only=True)["wandb_id"]}
 
@@ -276,9 +280,9 @@ def test_a_new_run_can_start_from_a_finished_runs_weights_head_included(trained_
 
     best = trained_run / "best.pth.tar"
     saved = torch.load(best, weights_only=True)["state_dict"]
-    model = arch.build_model("resnet18", 4, img_size=32, pretrained_path=str(best))
+    model = arch.build_model(FAST_ARCH, 4, img_size=32, pretrained_path=str(best))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())  # the classifier too
-    with pytest.raises(UserError, match="holds a resnet18 run's weights, not resnet34's; pass --arch resnet18"):
+    with pytest.raises(UserError, match=f"holds a {FAST_ARCH} run's weights, not resnet34's; pass --arch {FAST_ARCH}"):
         arch.build_model("resnet34", 4, img_size=32, pretrained_path=str(best))
 
 

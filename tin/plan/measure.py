@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import tempfile
 from pathlib import Path
 
@@ -35,20 +36,24 @@ def measure_costs(
     final_tta: bool = False,
     warmup: int = 3,
     timed: int = 5,
+    deadline: float | None = None,
 ) -> Costs:
     """Time the real step at each size (warm-up, then `timed` updates, timed from the first batch's
     arrival: the loader's start is an epoch's, not an update's), an evaluation (flipped with `tta`;
     `final_tta`: a flipped one too, for the end's pass of --tta final) and a checkpoint, then put
     every piece of state back: the run afterwards is exactly the run it would have been without the
-    measurement."""
+    measurement. Past `deadline` (budget.clock()'s time) it stops between pieces: OutOfTime."""
     saved = _snapshot(parts)
+    started = budget.clock()
     try:
         update_s, starts = {}, []
-        for size in sorted(set(sizes)):
+        for i, size in enumerate(sorted(set(sizes))):
             _train(parts, warmup, size)
             stats = _train(parts, timed, size)
             starts.append(stats["first_batch_seconds"])
             update_s[size] = (stats["train_seconds"] - stats["first_batch_seconds"]) / timed
+            if deadline is not None and budget.clock() > deadline:
+                raise OutOfTime(budget.clock() - started, (i + 1) / (len(set(sizes)) + 1), update_s)
         per_image = _inference_seconds_per_image(parts, tta)
         flipped = _inference_seconds_per_image(parts, True) if final_tta else 0.0
         n_val = len(parts.loaders.data.val) if parts.loaders.val is not None else 0
@@ -63,6 +68,15 @@ def measure_costs(
         epoch_start_s=sorted(starts)[len(starts) // 2] if starts else 0.0,
         final_s=(n_val + test_images) * flipped,
     )
+
+
+class OutOfTime(Exception):
+    """Measuring ran past the budget: `seconds` spent on it, the `share` of it done, the seconds per
+    update measured so far."""
+
+    def __init__(self, seconds: float, share: float, update_s: dict[int, float]) -> None:
+        super().__init__(f"measuring ran out of time after {seconds:.0f} s")
+        self.seconds, self.share, self.update_s = seconds, share, update_s
 
 
 def _train(parts: train.Parts, updates: int, size: int) -> dict:
@@ -142,7 +156,19 @@ def plan_run(cfg: Config, parts: train.Parts, elapsed_s: float) -> Plan:
     sizes = sorted({size_at(e, base.epochs) for e in range(base.n_epochs)})
     test_images = len(parts.loaders.data.test) if parts.loaders.test is not None else 0
     final_tta = cfg.tta_end and not cfg.tta_each  # --tta final
-    costs = measure_costs(parts, sizes, ema=cfg.ema, tta=cfg.tta_each, test_images=test_images, final_tta=final_tta)
+    deadline = start + budget_s * (1 - MARGIN) - elapsed_s
+    try:
+        costs = measure_costs(
+            parts, sizes, ema=cfg.ema, tta=cfg.tta_each, test_images=test_images, final_tta=final_tta, deadline=deadline
+        )
+    except OutOfTime as out:
+        spent = elapsed_s + budget.clock() - start
+        needed = elapsed_s + out.seconds / out.share + 8 * max(out.update_s.values())  # measuring, then a few updates
+        raise UserError(
+            f"--time_budget {cfg.time_budget:g} min is spent before training could start: {spent:.0f} s went on "
+            f"start-up and measuring this run here, and measuring it takes about {out.seconds / out.share:.0f} s on "
+            f"this machine; give at least --time_budget {_minutes(needed / (1 - MARGIN))}"
+        ) from None
     left = budget_s * (1 - MARGIN) - elapsed_s - (budget.clock() - start)
     test_every_epoch = cfg.test_preds == "best"
     updates, predicted = plan_updates(
@@ -157,9 +183,11 @@ def plan_run(cfg: Config, parts: train.Parts, elapsed_s: float) -> Plan:
     )
     if updates < 1:
         one = min(costs.update_s.values()) + costs.epoch_end_s + costs.eval_s + costs.test_s + costs.final_s
+        spent = elapsed_s + budget.clock() - start
         raise UserError(
-            f"--time_budget {cfg.time_budget:g} min leaves no time to train: {elapsed_s + budget.clock() - start:.0f} s went "
-            f"on start-up and measuring, and one update with its evaluation takes {one:.0f} s here; give more minutes"
+            f"--time_budget {cfg.time_budget:g} min leaves no time to train: {spent:.0f} s went on start-up and "
+            f"measuring, and one update with its evaluation takes {one:.0f} s here; give at least --time_budget "
+            f"{_minutes((spent + one) / (1 - MARGIN))}"
         )
     plan = dataclasses.replace(
         base,
@@ -189,3 +217,8 @@ def plan_run(cfg: Config, parts: train.Parts, elapsed_s: float) -> Plan:
         elapsed_s + budget.clock() - start,
     )
     return plan
+
+
+def _minutes(seconds: float) -> str:
+    """A budget to suggest: `seconds` rounded up to a tenth of a minute."""
+    return f"{math.ceil(seconds / 6) / 10:g}"
