@@ -35,8 +35,12 @@ demo: venv
 train: venv
 	$(PY) main.py $(ARGS)
 
+# The suite in TEST_WORKERS processes (pytest-xdist), each torch (and every process a test starts) on one
+# thread: most of a test's time is a single-threaded start-up, so two processes on two cores take ~0.7x
+# the time of one process with two threads. One worker per core, four at most; TEST_WORKERS=0: one process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ "$$n" -gt 4 ] && n=4; echo $$n)
 test: venv
-	$(PY) -m pytest -m "not slow" $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) $(ARGS)
 
 test-slow: venv
 	$(PY) -m pytest -m slow $(ARGS)

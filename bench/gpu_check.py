@@ -690,6 +690,7 @@ def run_checks(args, work: Path, chosen: list[str]) -> int:
         for proc in CHILDREN:
             if proc.poll() is None:
                 proc.kill()
+                proc.wait(timeout=30)  # its loader workers notice and follow within seconds
         REPORT["status"] = f"stopped by SIGTERM during {current}: the rows above are complete, the rest did not run"
         write_report()
         print(REPORT["status"], file=sys.stderr)
