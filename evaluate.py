@@ -106,8 +106,21 @@ def run(argv: list[str] | None = None) -> dict[str, float]:
             test_probs.append(infer(model, test_loader, normalize, device, dtype, tta=tta)["logits"].softmax(1))
     probs = combine(val_probs, args.ensemble)
     metrics = metrics_from_probs(probs, labels)
+    members = [
+        {"checkpoint": str(m.path), **metrics_from_probs(p, labels)} for m, p in zip(models, val_probs, strict=True)
+    ]
+    if len(models) > 1:  # what the ensemble adds is read against what each member scores alone
+        for i, member in enumerate(members, 1):
+            log.info(
+                "member %d: %s | val top-1 %.2f%%  top-5 %.2f%%",
+                i,
+                member["checkpoint"],
+                member["val_top1"],
+                member["val_top5"],
+            )
     out_dir = output_folder(args)
     summary = {"checkpoints": [str(c) for c in args.checkpoint], "tta": args.tta, "ensemble": args.ensemble, **metrics}
+    summary["members"] = members
     (out_dir / "val_metrics.json").write_text(json.dumps(summary, indent=2))
     write_csv(per_class_accuracy(probs.argmax(1), labels, data.classes, data.names), out_dir / "per_class_accuracy.csv")
     where = "no unlabelled test split"
@@ -140,8 +153,9 @@ def output_folder(args) -> Path:
         return out
     files = [checkpoint_file(c) for c in args.checkpoint]
     name = files[0].name.removesuffix(".pth.tar")
-    if len(files) > 1:
-        name = f"ensemble{len(files)}_{args.ensemble}_" + "+".join(f.parent.name.split("_", 2)[-1] for f in files)[:60]
+    if len(files) > 1:  # each member by its run folder's time and name: two resnet18 runs stay apart
+        members = "+".join(f.parent.name.split("_", 1)[-1] for f in files)
+        name = f"ensemble{len(files)}_{args.ensemble}_{members[:80]}"
     name += "_tta" if args.tta == "flip" else ""
     root = files[0].parent / "eval"
     for n in range(1, 1000):

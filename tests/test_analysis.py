@@ -136,6 +136,15 @@ def test_flip_tta_runs_and_ensembles_mix_archs_and_sizes(trained_run, tiny_data,
         ]
     )
     assert 0 <= mixed["val_top1"] <= 100 and len(_rows(tmp_path / "m" / "test_preds.csv")) == 9
+    members = json.loads((tmp_path / "m" / "val_metrics.json").read_text())["members"]  # each one alone, too
+    assert [m["checkpoint"] for m in members] == [str(trained_run / "best.pth.tar"), str(other / "best.pth.tar")]
+    assert members[0]["val_top1"] == pytest.approx(
+        evaluate.run([str(trained_run), "--out", str(tmp_path / "a")])["val_top1"]
+    )
+    again = evaluate.run([str(trained_run), str(other)])  # the default folder names both runs, time and name
+    assert again == pytest.approx(mixed)
+    names = [p.name for p in (trained_run / "eval").iterdir() if p.name.startswith("ensemble2_mean_")]
+    assert any(trained_run.name.split("_", 1)[1] in n and other.name.split("_", 1)[1] in n for n in names), names
 
 
 def test_checkpoints_with_other_classes_are_not_ensembled(trained_run, tmp_path):
