@@ -274,6 +274,12 @@ def test_a_search_prunes_resumes_from_its_study_and_never_reads_val(tmp_path, mo
     assert [r["val_top1"] for r in _rows(final)][:-1] == [""] * 3  # val evaluated once, after the last epoch
     text = (sw / "search.md").read_text()
     assert "Retrained on all of train, reported once on val" in text and "| baseline | 1/1 |" in text
+    importances = text.split("## Parameter importances", 1)[1]
+    assert "Not computed" in importances or "a rough hint, not a finding" in importances  # 3 trials: no finding
+    runs = [c.parent for c in sw.rglob("config.yaml") if (c.parent / "log.txt").is_file()]
+    trials = [p for p in runs if yaml.safe_load((p / "config.yaml").read_text())["val_split"]]
+    done = [line for p in trials for line in (p / "log.txt").read_text().splitlines() if " done: " in line][-1]
+    assert "held-out top-1 (on 0.25 of train, not the val split)" in done and "submit" not in done
 
 
 def _fake_run(folder: Path, seed: int, top1: float, dataset: dict | None, data_dir: str = "data/x") -> Path:

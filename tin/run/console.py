@@ -101,8 +101,10 @@ def log_done(run: Run, final: dict | None = None) -> None:
     of it in updates, and the submission, checked."""
     b, plan, final = run.state.best, run.clock.plan, final or {}
     best = "trained on train + val (no val metrics)"
+    held_out = run.cfg.val_split  # a search's trial: its "val" is a held-out part of train
     if b.get("val_top1") is not None:
-        best = f"best val top-1 {b['val_top1']:.2f}% (top-5 {b['val_top5']:.2f}%) at epoch {b['best_epoch']}"
+        what = f"held-out top-1 (on {held_out:g} of train, not the val split)" if held_out else "val top-1"
+        best = f"best {what} {b['val_top1']:.2f}% (top-5 {b['val_top5']:.2f}%) at epoch {b['best_epoch']}"
     if "val_top1_tta" in final:
         best += f", with flip TTA {final['val_top1_tta']:.2f}% (top-5 {final['val_top5_tta']:.2f}%)"
     data, preds = run.parts.loaders.data, run.run_dir / "best_test_preds.csv"
@@ -110,6 +112,8 @@ def log_done(run: Run, final: dict | None = None) -> None:
     if data.test is not None and run.parts.ctx.is_main:  # the submission, checked before it is called one
         rows = submission.check_predictions(preds, data.test.ids, data.classes)
         out = f"submit {preds} ({rows:,} rows, checked)"
+        if held_out:  # trained on part of train: retrain on all of it before submitting
+            out = f"test predictions {preds} ({rows:,} rows; trained without the held-out {held_out:g} of train)"
     within = f" (--time_budget {plan.budget_s:.0f}s)" if plan.budget_s else ""
     wall = run.clock.elapsed()
     share = update_seconds(run.state.history) / wall if wall > 0 else 0.0

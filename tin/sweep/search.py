@@ -571,6 +571,9 @@ def _states(trials) -> str:
     return ", ".join(f"{n} {s}" for s, n in counts.items())
 
 
+FEW_TRIALS = 20  # below this many finished trials, importances come with a caveat
+
+
 def _importances(study) -> list[str]:
     """Optuna's parameter importances (fANOVA over the finished trials), or why there are none."""
     import warnings
@@ -589,6 +592,11 @@ def _importances(study) -> list[str]:
     if any("will be equal" in n for n in notes):  # a table of equal shares would look like a finding
         return [f"Not computed: {' '.join(notes)}"]
     table = [{"option": k, "importance": round(v, 3)} for k, v in found.items()]
+    finished = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    if finished < FEW_TRIALS:  # fANOVA on a handful of points is mostly noise: say so beside the table
+        notes.insert(
+            0, f"From {finished} finished trials only: a rough hint, not a finding (tens of trials make it one)."
+        )
     return experiments.markdown_table(table, ["option", "importance"]) + ([""] + notes if notes else [])
 
 
