@@ -353,7 +353,8 @@ def source_facts(sources: list[dict]) -> list[tuple[str, str]]:
         changed = f", with uncommitted changes (diff digest {first['diff_digest']})" if first.get("dirty") else ""
         code = f"git {first['git'][:12]}{changed}; {code}"
     versions = f"python {first['python']}, torch {first['torch']}, timm {first['timm']}"
-    versions += f", CUDA {first['cuda']}" if first.get("cuda") else ", CPU build"
+    versions += f", torch's CUDA {first['cuda']} build" if first.get("cuda") else ", a CPU build of torch"
+    versions += f"; GPU {first['gpu']}" if first.get("gpu") else "; no GPU"
     facts = [("code", code), ("versions", versions), ("command", first["command"])]
     if len(sources) > 1:
         same = all(s.get("code_digest") == first["code_digest"] for s in sources)
