@@ -71,7 +71,7 @@ def known_flags() -> set[str]:
     for script in ("docker/run_docker.sh", "docker/build_docker.sh"):
         flags |= _help_flags("bash", script, "--help")
     torchrun = {"--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_backend", "--rdzv_endpoint", "--standalone"}
-    others = {"--gpus-per-task"}  # SLURM's, named where it matters
+    others = {"--gpus-per-task", "--index-url"}  # SLURM's and pip's, named where they matter
     return flags | torchrun | others
 
 
