@@ -141,9 +141,9 @@ def test_flip_tta_runs_and_ensembles_mix_archs_and_sizes(trained_run, tiny_data,
     assert members[0]["val_top1"] == pytest.approx(
         evaluate.run([str(trained_run), "--out", str(tmp_path / "a")])["val_top1"]
     )
-    again = evaluate.run([str(trained_run), str(other)])  # the default folder names both runs, time and name
+    again = evaluate.run([str(other), str(trained_run)])  # the default folder (in other/eval) names both runs
     assert again == pytest.approx(mixed)
-    names = [p.name for p in (trained_run / "eval").iterdir() if p.name.startswith("ensemble2_mean_")]
+    names = [p.name for p in (other / "eval").iterdir() if p.name.startswith("ensemble2_mean_")]
     assert any(trained_run.name.split("_", 1)[1] in n and other.name.split("_", 1)[1] in n for n in names), names
 
 

@@ -3,8 +3,10 @@ the fix; outputs never overwritten; the submission checked before it is called o
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,6 +56,7 @@ def test_a_header_only_or_foreign_submission_is_refused(tmp_path):
 
 
 def test_evaluate_py_never_overwrites_and_takes_a_run_folder(trained_run, tmp_path):
+    trained_run = Path(shutil.copytree(trained_run, tmp_path / trained_run.name, ignore=shutil.ignore_patterns("eval")))
     before = (trained_run / "best_test_preds.csv").read_text()
     evaluate.run(["--checkpoint", str(trained_run)])  # a run folder, as --resume takes one
     evaluate.run(["--checkpoint", str(trained_run), "--tta"])  # --tta alone means flip, as in main.py
