@@ -22,7 +22,7 @@ from tin.run.submission import write_csv, write_predictions
 from tin.runtime import hardware
 from transforms import Normalize
 from utils import UserError
-from val import combine, infer, metrics_from_probs, per_class_accuracy
+from val import TTA_OPTION, combine, infer, metrics_from_probs, per_class_accuracy
 
 log = logging.getLogger("tin")
 
@@ -48,14 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="a new folder for the outputs (default: FIRST_RUN/eval/<checkpoints and options>, never overwritten)",
     )
-    p.add_argument(
-        "--tta",
-        nargs="?",
-        const="flip",
-        default="none",
-        choices=("none", "flip"),
-        help="test-time augmentation: --tta (or --tta flip) averages each image with its mirror image, as main.py --tta",
-    )
+    p.add_argument("--tta", **TTA_OPTION)
     p.add_argument(
         "--ensemble",
         choices=("mean", "max_conf"),

@@ -66,14 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("inputs", nargs="*", metavar="RUN_OR_CHECKPOINT_OR_IMAGES")
     p.add_argument("--checkpoint", nargs="+", default=None, help="checkpoints, as evaluate.py takes them")
     p.add_argument("--topk", type=int, default=5, help="classes per image in the CSV (default 5)")
-    p.add_argument(
-        "--tta",
-        nargs="?",
-        const="flip",
-        default="none",
-        choices=("none", "flip"),
-        help="test-time augmentation: --tta (or --tta flip) averages each image with its mirror image, as main.py --tta",
-    )
+    p.add_argument("--tta", **val.TTA_OPTION)
     p.add_argument("--out", default="predictions.csv", help="the CSV to write (default predictions.csv)")
     p.add_argument("--batch_size", type=int, default=None, help="images per batch (default: twice the run's)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -33,6 +33,16 @@ METRICS: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], f
 }
 
 
+# --tta for the scripts that evaluate saved runs (evaluate.py, predict.py): one definition, one meaning
+TTA_OPTION = {
+    "nargs": "?",
+    "const": "flip",
+    "default": "none",
+    "choices": ("none", "flip"),
+    "help": "test-time augmentation: --tta (or --tta flip) averages each image with its mirror image, as main.py --tta",
+}
+
+
 def _logits(model, x: torch.Tensor, tta: bool) -> torch.Tensor:
     """Float logits; with tta, the log of the mean softmax over the image and its horizontal flip."""
     logits = model(x).float()

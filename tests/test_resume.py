@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import PINNED, ROOT, TIMING, same_weights
 from tin.engine.state import TrainState
@@ -122,6 +123,8 @@ def test_sigint_saves_mid_epoch_and_resumes_exactly(reference, tiny_data, tmp_pa
         assert _start(["--resume", str(run), "--workers", "2"], log).wait(300) == 0
     assert _rows(run) == _rows(reference)
     assert same_weights(run / "last.pth.tar", reference / "last.pth.tar")
+    started, resumed = yaml.safe_load((run / "config.yaml").read_text())["resolved"]["sources"]  # both kept
+    assert "--resume" not in started["command"] and resumed["command"].startswith(f"python main.py --resume {run}")
 
 
 # the other augmentation backend (albumentations in the workers, seeded per image) and progressive
